@@ -1,0 +1,56 @@
+"""Build the OpenAI-compatible ASGI app over any :class:`ModelBackend`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from moestack.api.backend import ModelBackend
+from moestack.api.body_limit import BodyLimitMiddleware
+from moestack.api.chat.routes import router as chat_router
+from moestack.api.chat.serving import ChatServing
+from moestack.api.completions.routes import router as completions_router
+from moestack.api.completions.serving import CompletionServing
+from moestack.api.errors import install_error_handlers
+from moestack.api.generation import GenerationService, UsageSink
+from moestack.api.models.routes import router as models_router
+from moestack.config.schema import MoestackConfig
+from moestack.metering.metrics import GatewayMetrics
+
+
+def build_api(config: MoestackConfig, backend: ModelBackend,
+              sinks: Sequence[UsageSink] = ()) -> FastAPI:
+    """The gateway's HTTP app: OpenAI routes, /health, /metrics, errors, body limit."""
+    app = FastAPI(title="moestack", version="0.1.0",
+                  description="OpenAI-compatible API of moestack.")
+    metrics = GatewayMetrics()
+    service = GenerationService(config, backend, [metrics, *sinks])
+    app.state.config = config
+    app.state.created = int(time.time())
+    app.state.metrics = metrics
+    app.state.service = service
+    app.state.chat = ChatServing(service)
+    app.state.completions = CompletionServing(service)
+    install_error_handlers(app)
+    app.include_router(chat_router)
+    app.include_router(completions_router)
+    app.include_router(models_router)
+
+    @app.get("/health")
+    async def health(request: Request):
+        problems = {m: why for m, why in (await backend.check_health()).items() if why}
+        if problems:
+            return JSONResponse({"status": "unhealthy", "models": problems}, status_code=503)
+        return {"status": "ok"}
+
+    if config.monitoring.metrics_enabled:
+        @app.get("/metrics")
+        async def metrics_endpoint():
+            return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.gateway.max_body_bytes)
+    return app

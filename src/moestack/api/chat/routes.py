@@ -1,0 +1,22 @@
+"""HTTP route of POST /v1/chat/completions: translation between HTTP and ChatServing only."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from moestack.api.chat.protocol import ChatCompletion, ChatCompletionRequest
+from moestack.api.protocol import ErrorResponse
+
+router = APIRouter()
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 413, 429, 503)}
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    result = await request.app.state.chat.create(body)
+    if isinstance(result, AsyncIterator):
+        return StreamingResponse(result, media_type="text/event-stream")
+    return JSONResponse(result.model_dump(exclude_none=True))

@@ -1,0 +1,20 @@
+"""The configuration tree (pydantic) and its YAML loader."""
+
+from moestack.config.loader import embedded_default_path, load_config, parse_config
+from moestack.config.schema import (
+    FakeEngineSettings,
+    GatewayConfig,
+    ModelConfig,
+    MoestackConfig,
+    MonitoringConfig,
+    ParallelismConfig,
+    RayConfig,
+    StorageConfig,
+    TinyModelSource,
+)
+
+__all__ = [
+    "FakeEngineSettings", "GatewayConfig", "ModelConfig", "MoestackConfig", "MonitoringConfig",
+    "ParallelismConfig", "RayConfig", "StorageConfig", "TinyModelSource", "embedded_default_path",
+    "load_config", "parse_config",
+]

@@ -1,0 +1,112 @@
+"""The one exception hierarchy of moestack.
+
+Every error a client can see is a :class:`MoestackError` subclass carrying the HTTP status and the
+OpenAI error ``type``/``code`` it maps to; the API layer renders it as
+``{"error": {"message", "type", "param", "code"}}``. Errors that only operators see (bad config)
+derive from :class:`MoestackError` too, so one ``except MoestackError`` covers the package.
+"""
+
+from __future__ import annotations
+
+
+class MoestackError(Exception):
+    """Base of every moestack error."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_openai(self) -> dict:
+        return {"error": {"message": self.message, "type": self.error_type,
+                          "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def __reduce__(self):  # keep param/code when the error crosses a Ray process boundary
+        return (_rebuild, (type(self), self.message, self.param, self.code, dict(self.__dict__)))
+
+
+def _rebuild(cls, message, param, code, state):
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
+
+
+class ConfigError(MoestackError):
+    """The configuration is invalid; the message names the field and the reason."""
+
+    error_type = "configuration_error"
+
+
+class InvalidRequestError(MoestackError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class PromptTooLongError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class AuthenticationError(MoestackError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(MoestackError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "model_not_allowed"
+
+
+class NotFoundError(MoestackError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+
+class RequestTooLargeError(MoestackError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimitError(MoestackError):
+    """A rate limit was hit; ``retry_after_s`` becomes the ``Retry-After`` header."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, **kwargs):
+        super().__init__(message, **kwargs)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, int(-(-self.retry_after_s // 1))))}
+
+
+class InsufficientQuotaError(RateLimitError):
+    error_type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class EngineUnavailableError(MoestackError):
+    """The engine is down, overloaded or failed mid-request."""
+
+    status_code = 503
+    error_type = "service_unavailable_error"
+    code = "engine_unavailable"

@@ -1,0 +1,1 @@
+"""Metering: Prometheus metrics of the gateway (and, later, cost)."""

@@ -1,0 +1,1 @@
+"""Ray Serve deployments (Gateway, ModelServer) and the application builder."""

@@ -1,0 +1,142 @@
+"""Run the whole stack on a local (or existing) Ray cluster: ``moestack up``."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+from moestack.config.schema import MoestackConfig
+from moestack.engine.source import resolve_checkpoint
+
+Say = Callable[[str], None]
+
+DEPLOY_TIMEOUT_S = 900.0
+POLL_INTERVAL_S = 2.0
+
+
+class StackFailed(RuntimeError):
+    """The application could not be deployed; the message says which deployment and why."""
+
+
+def prepare_models(config: MoestackConfig, say: Say) -> None:
+    """Build missing tiny checkpoints here, with progress, before replicas look for them."""
+    for model in config.models:
+        if model.engine == "vllm" and model.tiny is not None:
+            say(f"model {model.name}: tiny {model.tiny.arch} checkpoint (seed {model.tiny.seed})")
+            path = resolve_checkpoint(model, config.cache_dir, progress=lambda m: say("  " + m))
+            say(f"  ready at {path}")
+
+
+def start_ray(config: MoestackConfig, verbose: bool) -> None:
+    import ray
+
+    kwargs = {"include_dashboard": False, "log_to_driver": verbose,
+              "logging_level": "INFO" if verbose else "WARNING"}
+    if config.ray.address:
+        ray.init(address=config.ray.address, **kwargs)
+        return
+    if config.monitoring.ray_metrics_export_port:
+        kwargs["_metrics_export_port"] = config.monitoring.ray_metrics_export_port
+    if config.ray.temp_dir:
+        kwargs["_temp_dir"] = str(config.ray.temp_dir)
+    ray.init(num_cpus=config.ray.num_cpus, **kwargs)
+
+
+def deploy(config: MoestackConfig, say: Say, timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
+    """Deploy the app and wait until it runs, printing each deployment's status as it changes."""
+    from ray import serve
+
+    from moestack.serve.app import APP_NAME, build_app
+
+    serve.start(http_options={"host": config.gateway.host, "port": config.gateway.port})
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        except Exception as exc:  # reported by the polling loop below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="moestack-deploy", daemon=True)
+    thread.start()
+    started, last = time.monotonic(), None
+    while thread.is_alive() or not errors:
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None:
+            states = {name: d.status.value for name, d in app.deployments.items()}
+            line = ", ".join(f"{n}: {s}" for n, s in sorted(states.items()))
+            if line != last:
+                say(f"  [{time.monotonic() - started:5.0f} s] {line}")
+                last = line
+            if app.status.value == "DEPLOY_FAILED":
+                details = "; ".join(f"{n}: {d.message}" for n, d in app.deployments.items()
+                                    if d.message)
+                raise StackFailed(f"deployment failed: {details or app.message}")
+            if app.status.value == "RUNNING" and not thread.is_alive():
+                return
+        if time.monotonic() - started > timeout_s:
+            raise StackFailed(f"the app was not running after {timeout_s:g} s")
+        time.sleep(POLL_INTERVAL_S)
+    raise StackFailed(f"deployment failed: {errors[0]}")
+
+
+def shutdown() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+def banner(config: MoestackConfig) -> str:
+    base = f"http://{config.gateway.host}:{config.gateway.port}"
+    model = config.models[0].name
+    body = ('{"model": "%s", "messages": [{"role": "user", "content": "Hello!"}], '
+            '"max_tokens": 16}' % model)
+    py = ("from openai import OpenAI; c = OpenAI(base_url='%s/v1', api_key='none'); "
+          "print(c.chat.completions.create(model='%s', max_tokens=16, messages=[{'role': "
+          "'user', 'content': 'Hello!'}]).choices[0].message.content)" % (base, model))
+    models = ", ".join(m.name for m in config.models)
+    return (f"moestack is up at {base}/v1  (models: {models})\n\n"
+            f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+            f"    -d '{body}'\n\n"
+            f"  python -c \"{py}\"\n\n"
+            f"  health: {base}/health   metrics: {base}/metrics\n"
+            "Press Ctrl-C to stop.")
+
+
+def up(config: MoestackConfig, say: Say = print, verbose: bool = False) -> int:
+    """Start everything, serve until SIGINT/SIGTERM, then stop everything. Returns an exit code."""
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        prepare_models(config, say)
+        say(f"starting Ray ({config.ray.address or f'local, {config.ray.num_cpus} CPUs'})")
+        start_ray(config, verbose)
+        say("deploying the Serve app (loading models) ...")
+        deploy(config, say)
+        say(banner(config))
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        say("\nstopping ...")
+        return 0
+    except StackFailed as exc:
+        say(f"error: {exc}")
+        return 1
+    finally:
+        # A second Ctrl-C must not leave Ray half stopped.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            shutdown()
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, previous)
+        say("stopped.")

@@ -1,0 +1,48 @@
+"""The gateway's ASGI app over in-process fake engines, reachable with the official client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI
+
+from moestack.api.app import build_api
+from moestack.api.backend import LocalBackend
+from moestack.config import MoestackConfig
+from moestack.engine import build_engine
+from moestack.engine.protocol import Engine
+
+BASE_URL = "http://moestack.test"
+
+
+@dataclass
+class LocalStack:
+    app: FastAPI
+    engines: dict[str, Engine]
+    http: httpx.AsyncClient
+
+    def openai(self, api_key: str = "unused", **kwargs):
+        """An ``openai.AsyncOpenAI`` client talking to this app in-process."""
+        import openai
+
+        return openai.AsyncOpenAI(base_url=f"{BASE_URL}/v1", api_key=api_key,
+                                  http_client=self.http, max_retries=0, **kwargs)
+
+
+@asynccontextmanager
+async def local_stack(config: MoestackConfig, sinks=()) -> AsyncIterator[LocalStack]:
+    """Start one engine per model in this process and serve the API over ASGI."""
+    engines = {m.name: build_engine(m, config.cache_dir) for m in config.models}
+    for engine in engines.values():
+        await engine.start()
+    app = build_api(config, LocalBackend(engines), sinks)
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+            yield LocalStack(app, engines, http)
+    finally:
+        for engine in engines.values():
+            engine.stop()

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from moestack.config import embedded_default_path, load_config, parse_config
+from moestack.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_embedded_default_is_the_tiny_deepseek_on_cpu():
+    config = load_config()
+    (model,) = config.models
+    assert model.tiny is not None and model.tiny.arch == "deepseek-v3"
+    assert model.engine == "vllm" and model.accelerator == "cpu"
+    assert (config.gateway.host, config.gateway.port) == ("127.0.0.1", 8000)
+    assert config.storage.url.startswith("sqlite:///")
+
+
+def test_deploy_local_yaml_is_the_embedded_default():
+    assert (REPO / "deploy" / "local.yaml").resolve() == embedded_default_path().resolve()
+
+
+def test_error_names_every_bad_field_and_why(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - name: m\n    tiny: {arch: gpt2}\n"
+                   "    parallelism: {tensor_parallel_size: 0, tp: 2}\ngateway: {port: 70000}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    msg = str(info.value)
+    assert "models[0].tiny.arch" in msg and "'gpt2'" in msg
+    assert "models[0].parallelism.tensor_parallel_size" in msg
+    assert "models[0].parallelism.tp: unknown field" in msg
+    assert "gateway.port" in msg
+
+
+def test_rejects_model_with_both_or_neither_source():
+    with pytest.raises(ConfigError, match="exactly one of `path`"):
+        parse_config({"models": [{"name": "m"}]})
+    with pytest.raises(ConfigError, match="exactly one of `path`"):
+        parse_config({"models": [{"name": "m", "path": "/x", "tiny": {"arch": "mixtral"}}]})
+
+
+def test_rejects_duplicate_model_names():
+    with pytest.raises(ConfigError, match="repeated: m"):
+        parse_config({"models": [{"name": "m", "engine": "fake"}] * 2})
+
+
+def test_rejects_empty_model_list_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="models"):
+        parse_config({"models": []})
+    f = tmp_path / "list.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(f)
+
+
+def test_reports_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    f = tmp_path / "broken.yaml"
+    f.write_text("models: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(f)
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    f = tmp_path / "sub" / "c.yaml"
+    f.parent.mkdir()
+    f.write_text("models:\n  - {name: m, path: ckpt}\nstorage: {url: 'sqlite:///data/m.db'}\n"
+                 "pricing_file: pricing.yaml\n")
+    config = load_config(f)
+    assert config.models[0].path == f.parent / "ckpt"
+    assert config.pricing_file == f.parent / "pricing.yaml"
+    assert config.storage.url == f"sqlite:///{f.parent / 'data' / 'm.db'}"
+
+
+def test_world_size_multiplies_parallel_degrees():
+    config = parse_config({"models": [{"name": "m", "engine": "fake", "parallelism": {
+        "tensor_parallel_size": 4, "pipeline_parallel_size": 2, "data_parallel_size": 2}}]})
+    assert config.models[0].parallelism.world_size == 16
