@@ -24,3 +24,18 @@ def build_app(config: MoestackConfig) -> Application:
         name="Gateway", num_replicas=config.gateway.num_replicas, max_ongoing_requests=2048,
         ray_actor_options={"num_cpus": 0})
     return gateway.bind(config.model_dump(mode="json"), servers)
+
+
+def app_builder(args: dict) -> Application:
+    """Application builder for ``serve run`` / RayService ``serveConfigV2`` import paths.
+
+    ``import_path: moestack.serve.app:app_builder`` with ``args: {config: /path/to.yaml}`` (or
+    ``args: {config_yaml: "<the YAML text>"}``); no args means the embedded default.
+    """
+    import yaml
+
+    from moestack.config import load_config, parse_config
+
+    if "config_yaml" in args:
+        return build_app(parse_config(yaml.safe_load(args["config_yaml"]), source="config_yaml"))
+    return build_app(load_config(args.get("config")))
