@@ -51,14 +51,34 @@ class UsageSink(Protocol):
     def record(self, record: RequestRecord) -> None: ...
 
 
+class AdmissionTicket(Protocol):
+    request: GenerationRequest
+    """The request to send to the engine (e.g. with the tenant's priority set)."""
+
+    async def settle(self, record: RequestRecord) -> RequestRecord:
+        """Settle what admission reserved with the real usage; returns the record to emit."""
+
+
+class Admission(Protocol):
+    """Runs before the backend is called (auth, limits, budget reservation, fair queue).
+
+    Raises the error to answer (401/403/429) or returns a ticket the service settles exactly once,
+    in the same shielded path that emits the usage record.
+    """
+
+    async def admit(self, model: str, request: GenerationRequest, endpoint: str,
+                    stream: bool) -> AdmissionTicket: ...
+
+
 class GenerationService:
     """Runs generations through a :class:`ModelBackend` and reports them to sinks."""
 
     def __init__(self, config: MoestackConfig, backend: ModelBackend,
-                 sinks: Sequence[UsageSink] = ()):
+                 sinks: Sequence[UsageSink] = (), admission: Admission | None = None):
         self.config = config
         self.backend = backend
         self.sinks = list(sinks)
+        self.admission = admission
 
     def check_model(self, model: str) -> None:
         if self.config.model(model) is None:
@@ -69,25 +89,41 @@ class GenerationService:
         """Open a generation and wait for its first chunk; raises if it fails before that."""
         self.check_model(model)
         started = time.monotonic()
-        agen = self.backend.generate(model, request)
+        ticket = None
+        if self.admission is not None:
+            ticket = await self.admission.admit(model, request, endpoint, stream)
+            request = ticket.request
         timeout_s = self.config.gateway.first_token_timeout_s
+        emit = (request, model, endpoint, stream, started, None, None)
         try:
+            agen = self.backend.generate(model, request)
             first = await asyncio.wait_for(anext(agen), timeout=timeout_s)
         except StopAsyncIteration:
             err = EngineUnavailableError("the engine ended the request without output")
-            self._emit(request, model, endpoint, stream, started, None, None, err)
+            await self._emit(*emit, err, ticket)
             raise err from None
         except asyncio.TimeoutError:
             await agen.aclose()
             err = EngineUnavailableError(f"no output from the engine within {timeout_s:g} s")
-            self._emit(request, model, endpoint, stream, started, None, None, err)
+            await self._emit(*emit, err, ticket)
             raise err from None
         except MoestackError as err:
-            self._emit(request, model, endpoint, stream, started, None, None, err)
+            await self._emit(*emit, err, ticket)
             raise
-        return self._rest(agen, first, request, model, endpoint, stream, started)
+        except asyncio.CancelledError:
+            with anyio.CancelScope(shield=True):  # client gone before the first token
+                await agen.aclose()
+                await self._emit(*emit, _ClientClosed(), ticket)
+            raise
+        except Exception:
+            # A bug, not an engine error: still record it (and release what admission holds),
+            # then let the app's last-resort handler answer 500.
+            await self._emit(*emit, MoestackError("internal error", code="internal_error"),
+                             ticket)
+            raise
+        return self._rest(agen, first, request, model, endpoint, stream, started, ticket)
 
-    async def _rest(self, agen, first, request, model, endpoint, stream, started):
+    async def _rest(self, agen, first, request, model, endpoint, stream, started, ticket):
         ttft_s = time.monotonic() - started
         last, error, closed = first, None, True
         try:
@@ -106,7 +142,8 @@ class GenerationService:
                 await agen.aclose()
                 if closed and last.finish_reason is None:
                     error = _ClientClosed()
-                self._emit(request, model, endpoint, stream, started, ttft_s, last, error)
+                await self._emit(request, model, endpoint, stream, started, ttft_s, last, error,
+                                 ticket)
 
     async def complete(self, model: str, request: GenerationRequest,
                        endpoint: str) -> tuple[str, GenerationChunk]:
@@ -118,7 +155,8 @@ class GenerationService:
             last = chunk
         return "".join(parts), last
 
-    def _emit(self, request, model, endpoint, stream, started, ttft_s, last, error) -> None:
+    async def _emit(self, request, model, endpoint, stream, started, ttft_s, last, error,
+                    ticket=None) -> None:
         status = 200 if error is None else (
             CLIENT_CLOSED if isinstance(error, _ClientClosed) else error.status_code)
         rec = RequestRecord(
@@ -128,6 +166,8 @@ class GenerationService:
             cached_prompt_tokens=last.cached_prompt_tokens if last else 0,
             ttft_s=ttft_s, e2e_s=time.monotonic() - started,
             error_code=getattr(error, "code", None))
+        if ticket is not None:
+            rec = await ticket.settle(rec)
         for sink in self.sinks:
             try:
                 sink.record(rec)

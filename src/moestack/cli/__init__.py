@@ -8,7 +8,9 @@ import sys
 
 from moestack.errors import ConfigError
 
-COMMAND_MODULES = ("moestack.cli.up", "moestack.cli.model", "moestack.cli.config_cmd")
+COMMAND_MODULES = ("moestack.cli.up", "moestack.cli.model", "moestack.cli.config_cmd",
+                   "moestack.cli.loadtest", "moestack.cli.plan", "moestack.cli.k8s",
+                   "moestack.cli.tenants", "moestack.cli.usage", "moestack.cli.cost")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,15 +28,20 @@ def load_config(path: str | Path | None = None) -> MoestackConfig:
     Raises :class:`ConfigError` naming each bad field.
     """
     path = Path(path) if path is not None else embedded_default_path()
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (models, ...)")
     return parse_config(raw, base_dir=path.parent, source=str(path))
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """Parse a YAML file; unreadable or malformed files raise :class:`ConfigError`."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
 
 
 def parse_config(raw: dict[str, Any], base_dir: Path | None = None,
@@ -77,6 +83,11 @@ def _resolve(path: Path | None, base: Path) -> Path | None:
 def _resolve_paths(config: MoestackConfig, base: Path) -> MoestackConfig:
     models = [m.model_copy(update={"path": _resolve(m.path, base)}) for m in config.models]
     url = config.storage.url
+    if env := config.storage.url_env:
+        if not os.environ.get(env):
+            raise ConfigError(f"storage.url_env names the environment variable {env}, "
+                              "which is not set")
+        url = os.environ[env]
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         db = url.removeprefix("sqlite:///")
         if db and db != ":memory:":
@@ -85,6 +96,7 @@ def _resolve_paths(config: MoestackConfig, base: Path) -> MoestackConfig:
         "models": models,
         "pricing_file": _resolve(config.pricing_file, base),
         "cache_dir": _resolve(config.cache_dir, base),
-        "storage": config.storage.model_copy(update={"url": url}),
+        # url_env is resolved once: the loaded config no longer depends on the environment.
+        "storage": config.storage.model_copy(update={"url": url, "url_env": None}),
         "ray": config.ray.model_copy(update={"temp_dir": _resolve(config.ray.temp_dir, base)}),
     })

@@ -49,6 +49,95 @@ class FakeEngineSettings(_Strict):
 
     ttft_s: float = Field(0.0, ge=0, description="Delay before the first token, in seconds.")
     token_interval_s: float = Field(0.0, ge=0, description="Delay between output tokens, seconds.")
+    token_interval_per_running_request_s: float = Field(0.0, ge=0, description="Extra delay "
+                                                        "between output tokens per request "
+                                                        "running on the engine, in seconds "
+                                                        "(larger batches decode slower).")
+    prefill_s_per_token: float = Field(0.0, ge=0, description="Simulated prefill time per prompt "
+                                       "token not found in the prefix cache, in seconds; "
+                                       "prefills of one replica run one at a time.")
+    prefix_cache_tokens: int = Field(0, ge=0, description="Capacity of the simulated prefix "
+                                     "cache in tokens (LRU over blocks); 0 disables it.")
+    prefix_block_tokens: int = Field(16, ge=1, description="Tokens per block of the simulated "
+                                     "prefix cache (only whole blocks are cached).")
+
+
+class RoutingConfig(_Strict):
+    """How the gateway picks a replica of this model (see moestack.routing for the policies)."""
+
+    policy: str = Field("least_outstanding_tokens", description="Routing policy by name: "
+                        "least_outstanding_tokens, prefix_affinity, tenant_least_outstanding_"
+                        "tokens, tenant_prefix_affinity, random.")
+    prefix_block_chars: int = Field(64, ge=1, description="Characters per hashed block of the "
+                                    "prompt prefix used for cache affinity.")
+    prefix_index_blocks: int = Field(100_000, ge=1, description="Prefix blocks remembered per "
+                                     "gateway replica (LRU) for cache affinity.")
+    load_guard_tokens: int = Field(4096, ge=0, description="Cache affinity ignores a replica "
+                                   "with more outstanding tokens than the least loaded "
+                                   "candidate plus this many tokens.")
+    prefix_weight: float = Field(2.0, ge=0, description="Weight of the prefix-match score "
+                                 "(0 to 1) against the load score in affinity policies.")
+    load_weight: float = Field(1.0, ge=0, description="Weight of the load score (0 to 1, "
+                               "1 = no outstanding tokens).")
+    tenant_replicas: int = Field(2, ge=1, description="Replicas each tenant is spread over in "
+                                 "tenant-aware policies (shuffle sharding by rendezvous hash).")
+    max_attempts_before_first_token: int = Field(3, ge=1, description="Attempts on different "
+                                                 "replicas while a request has produced no "
+                                                 "token yet (failover on a dead replica).")
+
+    @model_validator(mode="after")
+    def _known_policy(self) -> RoutingConfig:
+        from moestack.routing.policy import POLICIES  # the registry; imported late, no cycle
+
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {self.policy!r}; known: "
+                             f"{', '.join(sorted(POLICIES))}")
+        return self
+
+
+class ReplicaAutoscalingConfig(_Strict):
+    """Autoscaling of this model's replicas on LLM load signals (Ray Serve custom policy)."""
+
+    enabled: bool = Field(False, description="Autoscale between min and max replicas; off "
+                          "runs `num_replicas` fixed replicas.")
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 allows scale to zero "
+                              "(the first request then waits for a cold start, not an error).")
+    max_replicas: int = Field(4, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time "
+                                         "(default: min_replicas).")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Running plus queued "
+                                           "requests per replica to aim for.")
+    scale_down_load_ratio: float = Field(0.6, gt=0, le=1, description="Hysteresis: scale down "
+                                         "only while the load per remaining replica stays "
+                                         "under target_ongoing_requests times this ratio.")
+    kv_cache_high_ratio: float = Field(0.9, gt=0, le=1, description="Mean KV-cache usage "
+                                       "(0 to 1) above which one replica is added.")
+    kv_cache_low_ratio: float = Field(0.5, ge=0, le=1, description="Mean KV-cache usage under "
+                                      "which scale-down is allowed.")
+    ttft_slo_s: float | None = Field(None, gt=0, description="Time-to-first-token SLO in "
+                                     "seconds; a recent mean above it adds one replica.")
+    upscale_delay_s: float = Field(0.0, ge=0, description="How long scale-up must be wanted "
+                                   "before it happens, in seconds.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="How long scale-down must be "
+                                     "wanted before it happens, in seconds.")
+    scale_to_zero_delay_s: float = Field(300.0, ge=0, description="Idle time before the last "
+                                         "replica is removed (min_replicas 0), in seconds.")
+    look_back_period_s: float = Field(15.0, gt=0, description="Window Ray Serve averages "
+                                      "request counts over, in seconds.")
+    drain_timeout_s: float = Field(120.0, gt=0, description="On scale-down or rollout a replica "
+                                   "takes no new request and gets this long, in seconds, to "
+                                   "finish the ones it has.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ReplicaAutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be at least min_replicas")
+        if self.initial_replicas is not None and not (
+                self.min_replicas <= self.initial_replicas <= self.max_replicas):
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        if self.kv_cache_low_ratio >= self.kv_cache_high_ratio:
+            raise ValueError("kv_cache_low_ratio must be below kv_cache_high_ratio")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -72,6 +161,15 @@ class ModelConfig(_Strict):
                                                "holds: a CPU slot or a GPU.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per parallel worker in "
                                    "the replica's Ray placement group.")
+    shape: str | None = Field(None, description="Model shape for `moestack plan`: a catalog name "
+                              "(deepseek-v3, mixtral-8x7b, qwen3-30b-a3b, ...); unset reads the "
+                              "checkpoint's config.json.")
+    gpu: str | None = Field(None, description="GPU catalog entry the replica runs on (h100, "
+                            "h200, a100, l40s, b200): GPUs per node for placement, memory and "
+                            "price for `moestack plan`.")
+    gpus_per_node: int | None = Field(None, ge=1, description="GPUs on each node of the "
+                                      "cluster; a replica with more spans nodes (default: the "
+                                      "`gpu` catalog entry's, else 8).")
     num_replicas: int = Field(1, ge=1, description="Engine replicas of this model.")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica takes at once "
                                       "before Ray Serve queues more.")
@@ -81,6 +179,10 @@ class ModelConfig(_Strict):
                                         "vLLM AsyncEngineArgs, applied last.")
     fake: FakeEngineSettings = Field(default_factory=FakeEngineSettings,
                                      description="Fake engine timing (engine: fake only).")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Replica "
+                                   "routing policy.")
+    autoscaling: ReplicaAutoscalingConfig = Field(default_factory=ReplicaAutoscalingConfig,
+                                                  description="Replica autoscaling.")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -106,6 +208,90 @@ class StorageConfig(_Strict):
 
     url: str = Field("sqlite:///moestack.db", description="SQLAlchemy URL: SQLite file "
                      "(embedded default) or postgresql+psycopg2://... in production.")
+    url_env: str | None = Field(None, description="Environment variable holding the SQLAlchemy "
+                                "URL; when set it replaces `url` at load time (keeps database "
+                                "passwords out of config files; the Helm chart sets it).")
+
+
+class TokenPriceConfig(_Strict):
+    """USD per million tokens of one model, used to reserve and settle tenant budgets."""
+
+    usd_per_1m_prompt_tokens: float = Field(0.0, ge=0, description="USD per 1M prompt tokens.")
+    usd_per_1m_completion_tokens: float = Field(0.0, ge=0, description="USD per 1M completion "
+                                                "tokens.")
+
+
+class FairQueueConfig(_Strict):
+    """Weighted, token-based fair queue in front of each model (per gateway replica)."""
+
+    max_inflight_requests_per_model: int = Field(64, ge=1, description="Requests one gateway "
+                                                 "replica sends to a model at once; more wait in "
+                                                 "the fair queue, ordered by priority tier and "
+                                                 "virtual token counter. Set it near the model's "
+                                                 "batch capacity (replicas x vLLM max_num_seqs) "
+                                                 "divided by the gateway replicas.")
+
+
+class TenancyConfig(_Strict):
+    """Tenants, API keys, limits, budgets, fair scheduling and the usage ledger."""
+
+    enabled: bool = Field(False, description="Require a tenant API key on the OpenAI routes and "
+                          "apply limits, budgets and the ledger; off serves anyone unmetered "
+                          "(single-user setups). The embedded default config turns it on.")
+    admin_key_env: str = Field("MOESTACK_ADMIN_KEY", description="Environment variable holding "
+                               "the admin API key; the admin API is refused while it is unset.")
+    bootstrap_tenant: str | None = Field("default", description="`moestack up` creates this "
+                                         "tenant with one key (printed once) if no tenant "
+                                         "exists; unset creates none.")
+    lease_s: float = Field(60.0, gt=0, description="Lease of an in-flight ledger row, renewed by "
+                           "its gateway; a row whose gateway died is closed as `lost` after it.")
+    prices: dict[str, TokenPriceConfig] = Field(default_factory=dict, description="Per model "
+                                                "name: token prices for budgets.")
+    default_price: TokenPriceConfig = Field(default_factory=TokenPriceConfig, description="Token "
+                                            "prices of models absent from `prices`.")
+    fair_queue: FairQueueConfig = Field(default_factory=FairQueueConfig,
+                                        description="Fair scheduling across tenants.")
+
+    def price(self, model: str) -> TokenPriceConfig:
+        return self.prices.get(model, self.default_price)
+
+
+class EngineTokenCostConfig(_Strict):
+    """Replica-seconds one token of each kind takes with the engine saturated (batched).
+
+    Measured per model and accelerator with ``benchmarks/engine_token_cost.py``; the cost model
+    charges a request (uncached prompt tokens x prefill + completion tokens x decode) replica-
+    seconds at the replica's USD per second. Prompt tokens served from the prefix cache are free.
+    """
+
+    prefill_s_per_token: float = Field(1e-4, gt=0, description="Replica-seconds per uncached "
+                                       "prompt token (prefill).")
+    decode_s_per_token: float = Field(1e-3, gt=0, description="Replica-seconds per generated "
+                                      "token (decode).")
+
+
+class CostConfig(_Strict):
+    """How provisioned hardware is priced and attributed to tenants (see monitoring/METRICS.md)."""
+
+    usd_per_gpu_hour: dict[str, float] = Field(default_factory=dict, description="Per "
+                                               "accelerator kind (H100, ..., `cpu` per CPU): USD "
+                                               "per hour, replacing the pricing catalog's price.")
+    engine_token_cost: dict[str, EngineTokenCostConfig] = Field(
+        default_factory=dict, description="Per model name: measured engine cost per token kind.")
+    default_engine_token_cost: EngineTokenCostConfig = Field(
+        default_factory=EngineTokenCostConfig, description="Engine cost per token of models "
+        "absent from `engine_token_cost`.")
+    accrual_interval_s: float = Field(5.0, gt=0, description="How often the gateway reads the "
+                                      "resources Ray reports and accrues cluster cost, seconds.")
+
+    @model_validator(mode="after")
+    def _non_negative_prices(self) -> CostConfig:
+        if bad := sorted(k for k, v in self.usd_per_gpu_hour.items() if not v >= 0):
+            raise ValueError(f"usd_per_gpu_hour must be >= 0: {', '.join(bad)}")
+        return self
+
+    def token_cost(self, model: str) -> EngineTokenCostConfig:
+        return self.engine_token_cost.get(model, self.default_engine_token_cost)
 
 
 class MonitoringConfig(_Strict):
@@ -131,7 +317,11 @@ class MoestackConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1, description="Models to serve.")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="HTTP gateway.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Database.")
+    tenancy: TenancyConfig = Field(default_factory=TenancyConfig, description="Tenants, keys, "
+                                   "limits, budgets, fair queue, usage ledger.")
     pricing_file: Path | None = Field(None, description="Pricing catalog YAML.")
+    cost: CostConfig = Field(default_factory=CostConfig, description="Cost accrual, per-deployment "
+                             "price overrides and engine cost per token kind.")
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig,
                                          description="Metrics.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster.")

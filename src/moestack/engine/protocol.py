@@ -57,6 +57,8 @@ class GenerationRequest:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     priority: int = 0
     """Lower runs first, as in vLLM's priority scheduler; 0 is the default tier."""
+    tenant: str | None = None
+    """Tenant the request runs for (set by the gateway), for tenant-aware replica routing."""
 
     @property
     def prompt_param(self) -> str:

@@ -24,7 +24,7 @@ TinyArch = Literal["deepseek-v3", "mixtral"]
 TINY_ARCHS: tuple[TinyArch, ...] = get_args(TinyArch)
 
 # Bump when the builder's output changes, so cached checkpoints are rebuilt.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 VOCAB_SIZE = 1024
 MAX_POSITION_EMBEDDINGS = 4096
@@ -120,9 +120,18 @@ def _write_tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
+def _vocab(out: Path) -> dict[str, int]:
+    return json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
+
+
 def _token_ids(out: Path) -> dict[str, int]:
-    vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
+    vocab = _vocab(out)
     return {tok: vocab[tok] for tok in (BOS, EOS, PAD)}
+
+
+def _special_ids(out: Path) -> set[int]:
+    vocab = _vocab(out)
+    return {vocab[tok] for tok in SPECIAL_TOKENS}
 
 
 def _model_config(spec: TinySpec, ids: dict[str, int]):
@@ -157,7 +166,8 @@ def _write_weights(spec: TinySpec, out: Path) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = _model_config(spec, _token_ids(out))
+    ids = _token_ids(out)
+    config = _model_config(spec, ids)
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(spec.seed)
@@ -166,6 +176,10 @@ def _write_weights(spec: TinySpec, out: Path) -> int:
             for name, buffer in model.named_buffers():
                 if name.endswith("e_score_correction_bias"):
                     buffer.normal_(0.0, 0.01)
+            # Random weights would often pick a special token, which detokenizes to nothing:
+            # give the non-EOS specials zero logits so that outputs are visible text.
+            for token_id in _special_ids(out) - {ids[EOS]}:
+                model.lm_head.weight[token_id].zero_()
         model = model.to(torch.bfloat16)
         model.save_pretrained(out, safe_serialization=True)
     finally:

@@ -34,8 +34,10 @@ def engine_args_for(config: ModelConfig, checkpoint: Path) -> dict[str, Any]:
         "pipeline_parallel_size": par.pipeline_parallel_size,
         "data_parallel_size": par.data_parallel_size,
         "enable_expert_parallel": par.expert_parallel,
-        # One worker runs in the engine-core process; several need vLLM's multiprocessing workers.
-        "distributed_executor_backend": "uni" if par.world_size == 1 else "mp",
+        # One worker runs in the engine-core process. Several GPU workers are Ray actors in the
+        # replica's placement group (they may span nodes); several CPU workers are local processes.
+        "distributed_executor_backend": "uni" if par.world_size == 1
+        else "ray" if config.accelerator == "gpu" else "mp",
     }
     args.update(config.engine_args)
     return args
@@ -104,6 +106,7 @@ class VLLMEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError, VLLMServerError
         from vllm.sampling_params import RequestOutputKind
 
         if self._llm is None:
@@ -138,13 +141,13 @@ class VLLMEngine(Engine):
                     cached_prompt_tokens=out.num_cached_tokens or 0,
                     finish_reason=("stop" if o.finish_reason == "abort" else o.finish_reason)
                     if finished else None)
-        except ValueError as exc:  # vLLM's input validation
+        except (VLLMClientError, ValueError) as exc:  # vLLM's input validation
             raise InvalidRequestError(str(exc)) from exc
-        except (RuntimeError, asyncio.TimeoutError) as exc:  # EngineDeadError/EngineGenerateError
-            raise EngineUnavailableError(f"the engine failed: {exc}") from exc
+        except VLLMServerError as exc:  # EngineDeadError, EngineGenerateError
+            raise EngineUnavailableError(f"the engine failed: {type(exc).__name__}") from exc
         finally:
             self._in_flight -= 1
-            if not finished and self._llm is not None:
+            if not finished and self._llm is not None and not self._llm.errored:
                 await self._llm.abort(request.request_id)
 
     async def check_health(self) -> None:

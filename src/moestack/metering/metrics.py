@@ -1,46 +1,212 @@
-"""All Prometheus metrics of the gateway, declared in one place (documented in METRICS.md)."""
+"""All Prometheus metrics of the gateway, declared in one place (documented in
+``monitoring/METRICS.md``).
+
+:class:`GatewayMetrics` is a usage sink: every finished request is counted (tokens, status,
+latencies) and priced (:class:`~moestack.metering.cost.CostModel`). At each scrape the cluster's
+provisioned cost since the previous scrape is settled (:class:`CostAccountant`) into tenant and idle
+cost, so ``cluster = sum(tenant) + idle`` holds in every scrape.
+"""
 
 from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
 )
 
 from moestack.api.generation import RequestRecord
+from moestack.config.schema import MoestackConfig
+from moestack.metering.cost import (
+    NO_TENANT,
+    CostAccountant,
+    CostModel,
+    ProvisionedResources,
+    Settlement,
+)
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+
+ResourceSource = Callable[[], ProvisionedResources]
 
 
 class GatewayMetrics:
-    """Records every finished request; one instance (and registry) per gateway replica."""
+    """Records every finished request; one instance (and registry) per gateway replica.
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    ``config`` enables cost metering: requests are priced, per-tenant counters kept, and cluster
+    cost accrues from ``resources()`` (what is provisioned; default: what Ray reports when this
+    process is connected to Ray, else the configured replicas). With ``N`` gateway replicas each
+    accrues ``1/N`` of the cluster, so sums over replicas give the cluster.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 config: MoestackConfig | None = None, *, cost_model: CostModel | None = None,
+                 resources: ResourceSource | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         disable_created_metrics()  # `_created` series only add cardinality for our dashboards
         self.registry = registry or CollectorRegistry()
-        r = self.registry
+        self.config = config
+        self.cost_model = cost_model or (CostModel.from_config(config) if config else None)
+        self.accountant = CostAccountant()
+        self._resources = resources or (_default_resources(config) if config else None)
+        self._clock = clock
+        self._last_settle = clock()
+        self._lock = threading.Lock()
+        self._declare(self.registry)
+        if config is not None:
+            for m in config.models:
+                self.model_replicas.labels(m.name).set(m.num_replicas)
+                gpus = m.parallelism.world_size * m.num_replicas if m.accelerator == "gpu" else 0
+                self.model_gpus.labels(m.name).set(gpus)
+
+    def _declare(self, r: CollectorRegistry) -> None:
+        # -- requests and tokens -------------------------------------------------------------
         self.requests = Counter("moestack_requests", "Requests finished, by status code.",
                                 ["model", "endpoint", "status"], registry=r)
         self.tokens = Counter("moestack_tokens", "Tokens processed, by kind "
                               "(prompt, cached_prompt, completion).", ["model", "kind"],
                               registry=r)
+        self.tenant_requests = Counter("moestack_tenant_requests", "Requests finished per "
+                                       "tenant, by status code.", ["tenant", "model", "status"],
+                                       registry=r)
+        self.rejections = Counter("moestack_tenant_rejections", "Requests refused before "
+                                  "admission: 401 bad key, 403 model not allowed, 429 rate limit "
+                                  "or budget.", ["tenant", "status"], registry=r)
+        self.tenant_tokens = Counter("moestack_tenant_tokens", "Tokens per tenant, by kind "
+                                     "(prompt, cached_prompt, completion).",
+                                     ["tenant", "model", "kind"], registry=r)
+        # -- latency and load ----------------------------------------------------------------
         self.ttft = Histogram("moestack_time_to_first_token_seconds", "Time to first token.",
                               ["model"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.itl = Histogram("moestack_inter_token_latency_seconds", "Mean time between output "
+                             "tokens of one request (one observation per request).", ["model"],
+                             buckets=ITL_BUCKETS_S, registry=r)
         self.e2e = Histogram("moestack_e2e_request_latency_seconds", "End-to-end latency.",
                              ["model"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.queue_depth = Gauge("moestack_queue_depth_requests", "Requests waiting in the "
+                                 "gateway's fair queue for a model.", ["model"], registry=r)
+        self.model_replicas = Gauge("moestack_model_replicas", "Engine replicas of a model.",
+                                    ["model"], registry=r)
+        self.model_gpus = Gauge("moestack_model_gpus", "GPUs a model's replicas hold.",
+                                ["model"], registry=r)
+        # -- cost ----------------------------------------------------------------------------
+        self.cluster_gpus = Gauge("moestack_cluster_gpus", "GPUs provisioned in the cluster, by "
+                                  "accelerator kind.", ["accelerator"], registry=r)
+        self.cluster_cpus = Gauge("moestack_cluster_cpus", "CPUs of the cluster's CPU-only "
+                                  "nodes.", registry=r)
+        self.cluster_rate = Gauge("moestack_cluster_cost_usd_per_hour", "What the provisioned "
+                                  "cluster costs per hour (this gateway's share).", registry=r)
+        self.cluster_cost = Counter("moestack_cluster_cost_usd", "Cost of the provisioned "
+                                    "cluster, idle or busy (this gateway's share).", registry=r)
+        self.tenant_cost = Counter("moestack_tenant_cost_usd", "Cluster cost attributed to a "
+                                   "tenant by the engine work of its requests.",
+                                   ["tenant", "model"], registry=r)
+        self.idle_cost = Counter("moestack_idle_cost_usd", "Cluster cost no request used.",
+                                 registry=r)
+        self.baseline_cost = Counter("moestack_baseline_cost_usd", "What the same tokens would "
+                                     "have cost at a baseline API.", ["baseline", "tenant"],
+                                     registry=r)
+        self.tenant_charged = Counter("moestack_tenant_charged_usd", "What tenants were charged "
+                                      "against their budgets (tenancy token prices).",
+                                      ["tenant", "model"], registry=r)
+        self.budget_remaining = Gauge("moestack_tenant_budget_remaining_usd", "Budget a tenant "
+                                      "has left in its current period.", ["tenant"], registry=r)
+
+    # -- sink --------------------------------------------------------------------------------
 
     def record(self, rec: RequestRecord) -> None:
-        self.requests.labels(rec.model, rec.endpoint, str(rec.status_code)).inc()
-        self.tokens.labels(rec.model, "prompt").inc(rec.prompt_tokens)
-        self.tokens.labels(rec.model, "cached_prompt").inc(rec.cached_prompt_tokens)
-        self.tokens.labels(rec.model, "completion").inc(rec.completion_tokens)
+        tenant = rec.tenant or NO_TENANT
+        status = str(rec.status_code)
+        self.requests.labels(rec.model, rec.endpoint, status).inc()
+        self.tenant_requests.labels(tenant, rec.model, status).inc()
+        for kind, n in (("prompt", rec.prompt_tokens), ("cached_prompt", rec.cached_prompt_tokens),
+                        ("completion", rec.completion_tokens)):
+            self.tokens.labels(rec.model, kind).inc(n)
+            self.tenant_tokens.labels(tenant, rec.model, kind).inc(n)
         if rec.ttft_s is not None:
             self.ttft.labels(rec.model).observe(rec.ttft_s)
+            if rec.completion_tokens > 1:
+                gap = (rec.e2e_s - rec.ttft_s) / (rec.completion_tokens - 1)
+                self.itl.labels(rec.model).observe(max(0.0, gap))
         if rec.status_code == 200:
             self.e2e.labels(rec.model).observe(rec.e2e_s)
+        if self.cost_model is not None:
+            cost = self.cost_model.price(rec)
+            with self._lock:
+                self.accountant.add_work(tenant, rec.model, cost.self_hosted_usd)
+            for name, usd in cost.baseline_usd.items():
+                self.baseline_cost.labels(name, tenant).inc(usd)
+            price = self.config.tenancy.price(rec.model)
+            self.tenant_charged.labels(tenant, rec.model).inc(
+                (rec.prompt_tokens * price.usd_per_1m_prompt_tokens
+                 + rec.completion_tokens * price.usd_per_1m_completion_tokens) / 1e6)
+
+    # -- hooks for other gateway components ----------------------------------------------------
+
+    def track_queue_depth(self, model: str, waiting: Callable[[], int]) -> None:
+        """Report ``waiting()`` (requests queued for ``model``) at every scrape."""
+        self.queue_depth.labels(model).set_function(waiting)
+
+    def record_rejection(self, tenant: str, status: int) -> None:
+        self.rejections.labels(tenant, str(status)).inc()
+
+    def set_budget_remaining(self, tenant: str, usd: float) -> None:
+        self.budget_remaining.labels(tenant).set(usd)
+
+    # -- cost accrual --------------------------------------------------------------------------
+
+    def settle(self) -> Settlement | None:
+        """Accrue the cluster's cost since the last call and split it into tenant and idle."""
+        if self.cost_model is None or self._resources is None:
+            return None
+        res = self._resources()
+        usd_per_hour = res.usd_per_hour(self.cost_model.catalog) / self._gateway_replicas()
+        with self._lock:
+            now = self._clock()
+            elapsed_s, self._last_settle = max(0.0, now - self._last_settle), now
+            done = self.accountant.settle(usd_per_hour * elapsed_s / 3600)
+        self.cluster_rate.set(usd_per_hour)
+        self.cluster_cpus.set(res.cpus)
+        for kind, n in res.gpus.items():
+            self.cluster_gpus.labels(kind).set(n)
+        self.cluster_cost.inc(done.cluster_usd)
+        self.idle_cost.inc(done.idle_usd)
+        for (tenant, model), usd in done.tenant_usd.items():
+            self.tenant_cost.labels(tenant, model).inc(usd)
+        return done
+
+    def _gateway_replicas(self) -> int:
+        return self.config.gateway.num_replicas if self.config is not None else 1
 
     def exposition(self) -> bytes:
+        self.settle()
         return generate_latest(self.registry)
+
+
+def _default_resources(config: MoestackConfig) -> ResourceSource:
+    """Ray's node table when this process is connected to Ray (read at most once per
+    ``cost.accrual_interval_s``), else what the configured replicas reserve."""
+    from moestack.metering.cost import ray_resources
+
+    configured = ProvisionedResources.from_config(config)
+    cache: dict[str, tuple[float, ProvisionedResources]] = {}
+
+    def read() -> ProvisionedResources:
+        ray = sys.modules.get("ray")  # never imported: not connected to a Ray cluster
+        if ray is None or not ray.is_initialized():
+            return configured
+        now = time.monotonic()
+        if "ray" not in cache or now - cache["ray"][0] >= config.cost.accrual_interval_s:
+            cache["ray"] = (now, ray_resources())
+        return cache["ray"][1]
+
+    return read

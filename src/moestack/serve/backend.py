@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Mapping
 
 from ray.exceptions import RayActorError, RayTaskError
@@ -13,6 +14,9 @@ from moestack.engine.protocol import GenerationChunk, GenerationRequest
 from moestack.errors import EngineUnavailableError, ModelNotFoundError, MoestackError
 
 HEALTH_TIMEOUT_S = 10.0
+DEFAULT_MAX_ATTEMPTS = 3
+
+log = logging.getLogger(__name__)
 
 
 def _translate(exc: BaseException) -> MoestackError:
@@ -26,9 +30,19 @@ def _translate(exc: BaseException) -> MoestackError:
 _RAY_ERRORS = (RayTaskError, RayActorError, BackPressureError, DeploymentUnavailableError)
 
 
+def _replica_failed(exc: BaseException) -> bool:
+    """The replica died or its engine failed: another replica may serve the request."""
+    if isinstance(exc, RayTaskError):
+        return isinstance(exc.cause, EngineUnavailableError)
+    return isinstance(exc, RayActorError)
+
+
 class ServeBackend:
-    def __init__(self, handles: Mapping[str, DeploymentHandle]):
+    def __init__(self, handles: Mapping[str, DeploymentHandle],
+                 max_attempts: Mapping[str, int] | None = None):
         self.handles = dict(handles)
+        self.max_attempts = dict(max_attempts or {})
+        """Per model: attempts on replicas while no token has been produced (failover)."""
 
     def _handle(self, model: str) -> DeploymentHandle:
         try:
@@ -38,18 +52,32 @@ class ServeBackend:
 
     async def generate(self, model: str,
                        request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        stream = self._handle(model).options(stream=True).generate.remote(request)
-        finished = False
-        try:
-            async for chunk in stream:
-                finished = chunk.finish_reason is not None
-                yield chunk
-        except _RAY_ERRORS as exc:
-            finished = True
-            raise _translate(exc) from None
-        finally:
-            if not finished:
-                stream.cancel()  # client gone: cancels the replica's generator, which aborts
+        """Stream from a replica; if it fails before its first chunk, retry on another one.
+
+        Once a chunk was yielded a failure is final (the client has seen tokens): it becomes
+        :class:`EngineUnavailableError`, which the API turns into an error event.
+        """
+        handle = self._handle(model)
+        attempts = self.max_attempts.get(model, DEFAULT_MAX_ATTEMPTS)
+        for attempt in range(1, attempts + 1):
+            stream = handle.options(stream=True).generate.remote(request)
+            finished = streamed = False
+            try:
+                async for chunk in stream:
+                    streamed = True
+                    finished = chunk.finish_reason is not None
+                    yield chunk
+                return
+            except _RAY_ERRORS as exc:
+                finished = True
+                if streamed or attempt == attempts or not _replica_failed(exc):
+                    raise _translate(exc) from None
+                log.warning("request %s: replica failed before the first token (%s); "
+                            "retrying on another replica (attempt %d of %d)",
+                            request.request_id, type(exc).__name__, attempt + 1, attempts)
+            finally:
+                if not finished:
+                    stream.cancel()  # client gone: cancels the replica's generator, which aborts
 
     async def check_health(self) -> dict[str, str | None]:
         async def probe(handle: DeploymentHandle) -> str | None:

@@ -50,6 +50,12 @@ def deploy(config: MoestackConfig, say: Say, timeout_s: float = DEPLOY_TIMEOUT_S
 
     from moestack.serve.app import APP_NAME, build_app
 
+    from moestack.serve.placement import PlacementError, check_app_fits_cluster
+
+    try:  # Serve would wait forever for a placement group the cluster can never host
+        check_app_fits_cluster(config.models)
+    except PlacementError as exc:
+        raise StackFailed(exc.message) from None
     serve.start(http_options={"host": config.gateway.host, "port": config.gateway.port})
     errors: list[BaseException] = []
 
@@ -91,17 +97,46 @@ def shutdown() -> None:
         ray.shutdown()
 
 
-def banner(config: MoestackConfig) -> str:
+def ensure_bootstrap_key(config: MoestackConfig) -> str | None:
+    """With tenancy on and no tenant yet, create ``tenancy.bootstrap_tenant`` and return its key
+    (the only time it is ever shown); else None. Migrates the store as a side effect."""
+    if not config.tenancy.enabled:
+        return None
+    from moestack.tenancy.store import TenancyStore
+
+    store = TenancyStore.open(config.storage.url)
+    try:
+        if config.tenancy.bootstrap_tenant and not store.list_tenants():
+            return store.create_tenant(config.tenancy.bootstrap_tenant)[1].plaintext
+        return None
+    finally:
+        store.close()
+
+
+def banner(config: MoestackConfig, api_key: str | None = None) -> str:
     base = f"http://{config.gateway.host}:{config.gateway.port}"
     model = config.models[0].name
     body = ('{"model": "%s", "messages": [{"role": "user", "content": "Hello!"}], '
             '"max_tokens": 16}' % model)
-    py = ("from openai import OpenAI; c = OpenAI(base_url='%s/v1', api_key='none'); "
+    key_note = ""
+    if not config.tenancy.enabled:
+        shell_key, py_key = "none", "'none'"
+    elif api_key:
+        shell_key, py_key = api_key, repr(api_key)
+        key_note = (f"  API key of tenant `{config.tenancy.bootstrap_tenant}` (shown only now, "
+                    f"store it): {api_key}\n\n")
+    else:
+        shell_key, py_key = "$MOESTACK_API_KEY", "os.environ['MOESTACK_API_KEY']"
+        key_note = ("  export MOESTACK_API_KEY=<a tenant key>  (keys are shown once; make one "
+                    "with `moestack tenants create-key <tenant>`)\n\n")
+    py = ("import os; from openai import OpenAI; c = OpenAI(base_url='%s/v1', api_key=%s); "
           "print(c.chat.completions.create(model='%s', max_tokens=16, messages=[{'role': "
-          "'user', 'content': 'Hello!'}]).choices[0].message.content)" % (base, model))
+          "'user', 'content': 'Hello!'}]).choices[0].message.content)" % (base, py_key, model))
     models = ", ".join(m.name for m in config.models)
     return (f"moestack is up at {base}/v1  (models: {models})\n\n"
+            f"{key_note}"
             f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+            f"    -H \"Authorization: Bearer {shell_key}\" \\\n"
             f"    -d '{body}'\n\n"
             f"  python -c \"{py}\"\n\n"
             f"  health: {base}/health   metrics: {base}/metrics\n"
@@ -119,9 +154,10 @@ def up(config: MoestackConfig, say: Say = print, verbose: bool = False) -> int:
         prepare_models(config, say)
         say(f"starting Ray ({config.ray.address or f'local, {config.ray.num_cpus} CPUs'})")
         start_ray(config, verbose)
+        api_key = ensure_bootstrap_key(config)
         say("deploying the Serve app (loading models) ...")
         deploy(config, say)
-        say(banner(config))
+        say(banner(config, api_key))
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

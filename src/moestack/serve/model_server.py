@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from moestack.config.schema import ModelConfig
 from moestack.engine import build_engine
+from moestack.serve.placement import verify_replica_placement
 from moestack.engine.protocol import EngineStats, GenerationChunk, GenerationRequest
+from moestack.serve.autoscaling import KV_CACHE_METRIC, TTFT_METRIC, TtftWindow
 
 
 class ModelServer:
@@ -16,12 +19,35 @@ class ModelServer:
 
     async def __init__(self, model_config: dict[str, Any], cache_dir: str | None = None):
         self.config = ModelConfig.model_validate(model_config)
+        verify_replica_placement(self.config)
         self.engine = build_engine(self.config, Path(cache_dir) if cache_dir else None)
         await self.engine.start()
+        self.ttft = TtftWindow()
+        self.served = {"requests": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        started, first = time.monotonic(), True
         async for chunk in self.engine.generate(request):
+            if first:
+                self.ttft.record(time.monotonic() - started)
+                self.served["requests"] += 1
+                self.served["prompt_tokens"] += chunk.prompt_tokens
+                self.served["cached_prompt_tokens"] += chunk.cached_prompt_tokens
+                first = False
             yield chunk
+
+    def replica_report(self) -> dict[str, Any]:
+        """Which replica this is and what it served (requests, prompt and cached tokens)."""
+        from ray import serve
+
+        return {"replica": serve.get_replica_context().replica_id.unique_id, **self.served}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Per-replica custom metrics Ray Serve hands to the autoscaling policy."""
+        stats = {KV_CACHE_METRIC: self.engine.stats().kv_cache_usage_ratio}
+        if (ttft := self.ttft.mean()) is not None:
+            stats[TTFT_METRIC] = ttft
+        return stats
 
     async def check_health(self) -> None:
         """Called by Ray Serve periodically; raising marks the replica unhealthy."""

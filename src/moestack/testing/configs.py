@@ -14,6 +14,7 @@ def fake_model(name: str = "fake-moe", **overrides: Any) -> dict[str, Any]:
 def fake_config(*models: dict[str, Any], **sections: Any) -> MoestackConfig:
     """A :class:`MoestackConfig` serving ``models`` (default: one fake model)."""
     raw: dict[str, Any] = {"models": list(models) or [fake_model()],
-                           "storage": {"url": "sqlite:///:memory:"}}
+                           "storage": {"url": "sqlite:///:memory:"},
+                           "tenancy": {"enabled": False}}
     raw.update(sections)
     return parse_config(raw)

@@ -3,12 +3,18 @@
 It "tokenizes" by whitespace (one token per word, chat messages rendered with role markers), emits
 ``tok<N>`` words, obeys ``max_tokens``, the context length and ``stop``, and can be told to be slow
 or to fail, so gateways, routers and meters can be tested on a laptop.
+
+With ``fake.prefix_cache_tokens`` set it also simulates a prefix cache: prompts are cut into blocks
+of ``fake.prefix_block_tokens`` token ids, whole blocks already seen (LRU) count as
+``cached_prompt_tokens``, and only the rest pays ``fake.prefill_s_per_token``, one prefill at a
+time per engine, so routing policies change both cache hits and time to first token.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +50,9 @@ class FakeEngine(Engine):
         self.healthy = True
         self.requests_seen: list[GenerationRequest] = []
         self.aborted: list[str] = []
+        self.prefix_cache = FakePrefixCache(config.fake.prefix_cache_tokens,
+                                            config.fake.prefix_block_tokens)
+        self._prefill_lock = asyncio.Lock()
 
     @property
     def info(self) -> EngineInfo:
@@ -80,21 +89,24 @@ class FakeEngine(Engine):
         done = False
         self._in_flight += 1
         try:
+            cached = await self._prefill(ids)
             if timing.ttft_s:
                 await asyncio.sleep(timing.ttft_s)
             text_so_far = ""
             for n in range(1, max_tokens + 1):
                 if fault is not None and n > fault.after_tokens:
                     raise EngineUnavailableError(fault.message)
-                if n > 1 and timing.token_interval_s:
-                    await asyncio.sleep(timing.token_interval_s)
+                interval = (timing.token_interval_s
+                            + timing.token_interval_per_running_request_s * self._in_flight)
+                if n > 1 and interval:
+                    await asyncio.sleep(interval)
                 word = f"tok{n} "
                 text_so_far += word
                 stop_hit = any(s and s in text_so_far for s in request.sampling.stop)
                 done = stop_hit or n == max_tokens
                 yield GenerationChunk(
                     text="" if stop_hit else word, token_ids=(1000 + n,), prompt_tokens=len(ids),
-                    completion_tokens=n,
+                    completion_tokens=n, cached_prompt_tokens=cached,
                     finish_reason=("stop" if stop_hit else "length") if done else None)
                 if done:
                     return
@@ -108,7 +120,55 @@ class FakeEngine(Engine):
             raise EngineUnavailableError("fake engine is not running")
 
     def stats(self) -> EngineStats:
-        return EngineStats(running_requests=self._in_flight)
+        return EngineStats(running_requests=self._in_flight,
+                           kv_cache_usage_ratio=self.prefix_cache.usage_ratio)
+
+    async def _prefill(self, ids: list[int]) -> int:
+        """Look the prompt up in the prefix cache, "compute" the rest; returns cached tokens."""
+        cached = self.prefix_cache.lookup(ids)
+        if self._config.fake.prefill_s_per_token:
+            async with self._prefill_lock:
+                await asyncio.sleep((len(ids) - cached) * self._config.fake.prefill_s_per_token)
+        self.prefix_cache.insert(ids)
+        return cached
+
+
+class FakePrefixCache:
+    """Whole blocks of token ids keyed by their chained prefix, evicted least recently used."""
+
+    def __init__(self, capacity_tokens: int, block_tokens: int):
+        self.block_tokens = block_tokens
+        self.capacity_blocks = capacity_tokens // block_tokens
+        self._blocks: OrderedDict[tuple[int, ...], None] = OrderedDict()
+        self.queried_tokens = 0
+        self.hit_tokens = 0
+
+    @property
+    def usage_ratio(self) -> float:
+        return len(self._blocks) / self.capacity_blocks if self.capacity_blocks else 0.0
+
+    def _keys(self, ids: Sequence[int]) -> list[tuple[int, ...]]:
+        # Like vLLM: only whole blocks, and the last prompt token is always computed.
+        n = (len(ids) - 1) // self.block_tokens if self.capacity_blocks else 0
+        return [tuple(ids[:(i + 1) * self.block_tokens]) for i in range(n)]
+
+    def lookup(self, ids: Sequence[int]) -> int:
+        hits = 0
+        for key in self._keys(ids):
+            if key not in self._blocks:
+                break
+            self._blocks.move_to_end(key)
+            hits += 1
+        self.queried_tokens += len(ids)
+        self.hit_tokens += hits * self.block_tokens
+        return hits * self.block_tokens
+
+    def insert(self, ids: Sequence[int]) -> None:
+        for key in self._keys(ids):
+            self._blocks[key] = None
+            self._blocks.move_to_end(key)
+        while len(self._blocks) > self.capacity_blocks:
+            self._blocks.popitem(last=False)
 
 
 def hash_word(word: str) -> int:

@@ -14,6 +14,7 @@ from moestack.api.backend import LocalBackend
 from moestack.config import MoestackConfig
 from moestack.engine import build_engine
 from moestack.engine.protocol import Engine
+from moestack.tenancy.gate import TenancyGate
 
 BASE_URL = "http://moestack.test"
 
@@ -23,6 +24,8 @@ class LocalStack:
     app: FastAPI
     engines: dict[str, Engine]
     http: httpx.AsyncClient
+    tenancy: TenancyGate | None = None
+    """The tenancy layer when ``config.tenancy.enabled`` (its ``store`` creates tenants)."""
 
     def openai(self, api_key: str = "unused", **kwargs):
         """An ``openai.AsyncOpenAI`` client talking to this app in-process."""
@@ -38,11 +41,17 @@ async def local_stack(config: MoestackConfig, sinks=()) -> AsyncIterator[LocalSt
     engines = {m.name: build_engine(m, config.cache_dir) for m in config.models}
     for engine in engines.values():
         await engine.start()
-    app = build_api(config, LocalBackend(engines), sinks)
+    tenancy = TenancyGate.from_config(config) if config.tenancy.enabled else None
+    app = build_api(config, LocalBackend(engines), sinks, tenancy=tenancy)
     transport = httpx.ASGITransport(app=app)
     try:
+        if tenancy is not None:
+            tenancy.start()
         async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
-            yield LocalStack(app, engines, http)
+            yield LocalStack(app, engines, http, tenancy)
     finally:
+        if tenancy is not None:
+            await tenancy.stop()
+            tenancy.store.close()
         for engine in engines.values():
             engine.stop()

@@ -1,0 +1,183 @@
+"""Gateway capacity on this machine with a fast fake backend, moestack next to LiteLLM proxy.
+
+Three targets get the same streamed load (loadtest/scenarios/gateway-capacity.yaml: short
+requests, closed loop at a fixed concurrency), one after the other:
+
+1. backend alone: moestack's OpenAI app over the fake engine in one uvicorn process (the ceiling
+   of the load generator plus the backend on these cores);
+2. LiteLLM proxy (PyPI ``litellm[proxy]``, installed by this script into its own virtualenv under
+   the cache folder, never into moestack's environment) in front of that same backend process;
+3. moestack: ``moestack up`` with ``engine: fake`` (Ray Serve HTTP proxy -> Gateway deployment ->
+   ModelServer deployment running the fake engine).
+
+Printed: sustained streaming requests/s, TTFT/E2E percentiles, CPU milliseconds the server
+processes spent per request, and the ratios moestack / LiteLLM. The load generator runs on the
+same cores, so absolute figures are lower bounds of each server's capacity; the ratios compare
+like with like.
+
+    .venv/bin/python benchmarks/gateway_capacity.py [--requests 2000] [--concurrency 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from moestack.loadtest import load_scenario
+from moestack.loadtest.compare import TargetRun, measure, table, wait_http_ok
+from moestack.testing.stack_process import free_port, start_stack
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIO = ROOT / "loadtest" / "scenarios" / "gateway-capacity.yaml"
+LITELLM_SPEC = "litellm[proxy]"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOESTACK_CACHE_DIR") or Path.home() / ".cache" / "moestack")
+
+
+def litellm_venv() -> Path:
+    """A virtualenv with LiteLLM proxy, created on first use under the cache folder."""
+    venv = cache_dir() / "litellm-venv"
+    exe = venv / "bin" / "litellm"
+    if not exe.exists():
+        print(f"installing {LITELLM_SPEC} into {venv} (first run only) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--progress-bar",
+                        "off", LITELLM_SPEC], check=True)
+    return venv
+
+
+def start_backend(port: int, tmp: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moestack.loadtest.local_server", "--port", str(port)],
+        env={**os.environ, "TMPDIR": str(tmp)}, start_new_session=True)
+    wait_http_ok(f"http://127.0.0.1:{port}/health", timeout_s=60, proc=proc)
+    return proc
+
+
+def start_litellm(backend_port: int, tmp: Path, master_key: str
+                  ) -> tuple[subprocess.Popen, int]:
+    venv = litellm_venv()
+    port = free_port()
+    config = tmp / "litellm.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_list": [{"model_name": "fake-moe", "litellm_params": {
+            "model": "openai/fake-moe", "api_base": f"http://127.0.0.1:{backend_port}/v1",
+            "api_key": "none"}}],
+        "litellm_settings": {"telemetry": False, "drop_params": True},
+        # LiteLLM refuses to start without a master key; checking it is its cheapest auth path.
+        "general_settings": {"master_key": master_key},
+    }))
+    env = {**os.environ, "TMPDIR": str(tmp), "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+           "LITELLM_LOG": "ERROR", "DISABLE_SCHEMA_UPDATE": "true"}
+    env.pop("DATABASE_URL", None)
+    log = (tmp / "litellm.log").open("w")
+    proc = subprocess.Popen([str(venv / "bin" / "litellm"), "--config", str(config), "--host",
+                             "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/health/liveliness", timeout_s=180, proc=proc)
+    except TimeoutError:
+        stop(proc)
+        raise RuntimeError(f"LiteLLM did not start:\n{(tmp / 'litellm.log').read_text()[-3000:]}"
+                           ) from None
+    return proc, port
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def moestack_config(port: int, tmp: Path) -> dict:
+    return {"models": [{"name": "fake-moe", "engine": "fake", "max_model_len": 65536,
+                        "max_ongoing_requests": 1024}],
+            "gateway": {"host": "127.0.0.1", "port": port},
+            "storage": {"url": f"sqlite:///{tmp / 'moestack.db'}"},
+            "tenancy": {"enabled": False}, "ray": {"num_cpus": 2}}
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}x"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--requests", type=int, help="requests per target (default: scenario)")
+    p.add_argument("--concurrency", type=int, help="requests in flight (default: scenario)")
+    p.add_argument("--skip-litellm", action="store_true")
+    args = p.parse_args()
+    scenario = load_scenario(SCENARIO)
+    scenario = scenario.replace(**{k: v for k, v in (("num_requests", args.requests),
+                                                      ("max_concurrency", args.concurrency))
+                                   if v})
+    warm = scenario.replace(num_requests=100, seed=scenario.seed + 1)
+    tmp = Path(tempfile.mkdtemp(prefix="moestack-cap-"))
+    print(f"gateway capacity: {scenario.num_requests} streamed requests per target, "
+          f"{scenario.max_concurrency} in flight, {scenario.prompt_tokens.mean:g} prompt / "
+          f"{scenario.output_tokens.mean:g} output tokens; {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f} before the run", flush=True)
+    runs: list[TargetRun] = []
+    backend_port = free_port()
+    backend = start_backend(backend_port, tmp)
+    try:
+        url = f"http://127.0.0.1:{backend_port}/v1"
+        measure("warm-up", warm, url)
+        runs.append(measure("backend alone (uvicorn)", scenario, url, [backend.pid]))
+        print(table(runs[-1:]), flush=True)
+        if not args.skip_litellm:
+            master_key = "sk-" + secrets.token_hex(16)
+            litellm, port = start_litellm(backend_port, tmp, master_key)
+            try:
+                url = f"http://127.0.0.1:{port}/v1"
+                measure("warm-up", warm, url, api_key=master_key)
+                runs.append(measure("LiteLLM proxy -> backend", scenario, url,
+                                    [litellm.pid, backend.pid], api_key=master_key))
+                print(table(runs[-1:]), flush=True)
+            finally:
+                stop(litellm)
+    finally:
+        stop(backend)
+    # Ray puts AF_UNIX sockets under the stack's temp folder: keep its path short.
+    stack_tmp = Path(tempfile.mkdtemp(prefix="ms-"))
+    stack = start_stack(moestack_config(free_port(), stack_tmp), stack_tmp)
+    try:
+        measure("warm-up", warm, stack.base_url)
+        runs.append(measure("moestack (Ray Serve, fake)", scenario, stack.base_url,
+                            [stack.proc.pid]))
+    finally:
+        stack.stop()
+    print("\n" + table(runs))
+    by = {r.name.split(" ")[0]: r for r in runs}
+    mo, li = by.get("moestack"), by.get("LiteLLM")
+    if mo and li:
+        print(f"\nmoestack / LiteLLM: requests/s {ratio(mo.requests_per_s, li.requests_per_s)}, "
+              f"TTFT p50 {ratio(mo.latency('ttft', 'p50'), li.latency('ttft', 'p50'))}, "
+              f"TTFT p99 {ratio(mo.latency('ttft', 'p99'), li.latency('ttft', 'p99'))}, "
+              f"server CPU per request {ratio(mo.cpu_ms_per_request, li.cpu_ms_per_request)}")
+    backend_run = by["backend"]
+    if mo:
+        print(f"moestack / backend alone: requests/s "
+              f"{ratio(mo.requests_per_s, backend_run.requests_per_s)}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(stack_tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""Gateway overhead: the same load straight to vLLM's OpenAI server and through moestack.
+
+Both targets serve the same tiny random-weight DeepSeek-V3-shaped checkpoint on CPU with the same
+engine settings; the load (loadtest/scenarios/gateway-overhead.yaml: Poisson arrivals, streamed
+chat) is identical request for request:
+
+1. vLLM: ``python -m vllm.entrypoints.openai.api_server`` on the checkpoint;
+2. moestack: ``moestack up`` with a config on the same checkpoint (Ray Serve HTTP proxy ->
+   Gateway deployment -> ModelServer deployment with vLLM's AsyncLLM), tenancy off.
+
+Both servers run side by side (each idle while the other is measured) and are measured in
+alternating order over several rounds, so the drift of a shared machine's background load falls
+on both alike; each target's rounds are merged. Each round has two phases per target: the
+scenario's open-loop Poisson load (latency: the TTFT moestack adds at p50 and p99, in
+milliseconds) and a saturating closed loop (every request queued at once, ``max_concurrency`` in
+flight: throughput ratio moestack / vLLM). On a 2-core machine the engines, the gateway and the
+load generator share the cores, so added latency includes CPU contention, not only extra hops.
+Run it with a short TMPDIR (Ray's socket paths must stay under 108 bytes).
+
+    .venv/bin/python benchmarks/gateway_overhead.py [--rounds 3] [--requests 60] [--rate 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from moestack.engine.tiny import TinySpec, ensure_tiny_model
+from moestack.loadtest import load_scenario
+from moestack.loadtest.compare import TargetRun, measure, merge, table, wait_http_ok
+from moestack.testing.stack_process import free_port, start_stack
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIO = ROOT / "loadtest" / "scenarios" / "gateway-overhead.yaml"
+MODEL = "tiny-deepseek-v3"
+MAX_MODEL_LEN = 1024
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+
+
+def start_vllm(checkpoint: Path, tmp: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    log = (tmp / "vllm.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
+         "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
+         "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager"],
+        env={**os.environ, **ENGINE_ENV, "TMPDIR": str(tmp)}, stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/health", timeout_s=600, proc=proc)
+    except TimeoutError:
+        stop(proc)
+        raise RuntimeError(f"vLLM did not start:\n{(tmp / 'vllm.log').read_text()[-3000:]}"
+                           ) from None
+    return proc, port
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def moestack_config(port: int, tmp: Path) -> dict:
+    return {"models": [{"name": MODEL, "tiny": {"arch": "deepseek-v3", "seed": 0},
+                        "architecture": "DeepseekV3ForCausalLM", "max_model_len": MAX_MODEL_LEN,
+                        "env": ENGINE_ENV, "engine_args": {"enforce_eager": True}}],
+            "gateway": {"host": "127.0.0.1", "port": port},
+            "storage": {"url": f"sqlite:///{tmp / 'moestack.db'}"},
+            "tenancy": {"enabled": False}, "ray": {"num_cpus": 2}}
+
+
+def added(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None else f"{(a - b) * 1000:+.1f} ms"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--requests", type=int, help="requests per target (default: scenario)")
+    p.add_argument("--rate", type=float, help="arrival rate, requests/s (default: scenario)")
+    p.add_argument("--saturate-requests", type=int, default=96, help="requests of the "
+                   "saturating phase")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each measures both targets "
+                   "(alternating which goes first) and the figures merge all rounds")
+    args = p.parse_args()
+    scenario = load_scenario(SCENARIO)
+    if args.requests:
+        scenario = scenario.replace(num_requests=args.requests)
+    if args.rate:
+        scenario = scenario.replace(arrival={**scenario.arrival.model_dump(),
+                                             "rate_rps": args.rate})
+    saturate = scenario.replace(name="saturate", num_requests=args.saturate_requests,
+                                warmup_requests=0, seed=scenario.seed + 1,
+                                arrival={**scenario.arrival.model_dump(), "rate_rps": None})
+    checkpoint = ensure_tiny_model(TinySpec("deepseek-v3", 0), progress=print)
+    tmp = Path(tempfile.mkdtemp(prefix="moestack-ovh-"))
+    # Ray puts AF_UNIX sockets under the stack's temp folder: keep its path short.
+    stack_tmp = Path(tempfile.mkdtemp(prefix="ms-"))
+    print(f"gateway overhead: {args.rounds} rounds of {scenario.num_requests} Poisson + "
+          f"{saturate.num_requests} saturating streamed chat requests per target, "
+          f"{scenario.arrival.process} arrivals at {scenario.arrival.rate_rps} req/s, "
+          f"checkpoint {checkpoint.name}; {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f} before the run", flush=True)
+    vllm, port = start_vllm(checkpoint, tmp)
+    stack = None
+    rounds: dict[str, list[TargetRun]] = {}
+    try:
+        stack = start_stack(moestack_config(free_port(), stack_tmp), stack_tmp)
+        targets = [("vLLM", f"http://127.0.0.1:{port}/v1", vllm.pid),
+                   ("moestack", stack.base_url, stack.proc.pid)]
+        for i in range(args.rounds):
+            for name, url, pid in targets[::1 if i % 2 == 0 else -1]:
+                for phase, sc in (("Poisson", scenario), ("saturated", saturate)):
+                    sc = sc.replace(seed=sc.seed + 100 * i)
+                    run = measure(f"{name}, {phase}, round {i + 1}", sc, url, [pid])
+                    rounds.setdefault(f"{name}, {phase}", []).append(run)
+                    print(table([run]).splitlines()[-1], flush=True)
+    finally:
+        stop(vllm)
+        if stack is not None:
+            stack.stop()
+    runs = [merge(name, scenario if "Poisson" in name else saturate, rs)
+            for name, rs in rounds.items()]
+    by = {r.name: r for r in runs}
+    runs = [by["vLLM, Poisson"], by["vLLM, saturated"], by["moestack, Poisson"],
+            by["moestack, saturated"]]
+    vl, vl_sat, mo, mo_sat = runs
+    print("\n" + table(runs))
+    print(f"\nmoestack adds TTFT p50 {added(mo.latency('ttft', 'p50'), vl.latency('ttft', 'p50'))}"
+          f", p99 {added(mo.latency('ttft', 'p99'), vl.latency('ttft', 'p99'))}; "
+          f"ITL p50 {added(mo.latency('itl', 'p50'), vl.latency('itl', 'p50'))}; "
+          f"E2E p50 {added(mo.latency('e2el', 'p50'), vl.latency('e2el', 'p50'))}")
+    thr = lambda r: r.report["throughput"]["output_tokens_per_s"]  # noqa: E731
+    print(f"saturated throughput moestack / vLLM: requests/s "
+          f"{mo_sat.requests_per_s / vl_sat.requests_per_s:.3f}, "
+          f"output tokens/s {thr(mo_sat) / thr(vl_sat):.3f}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(stack_tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+{{/* Chart-scoped helpers of the moestack chart. */}}
+
+{{/* The chart name, or nameOverride. */}}
+{{- define "moestack.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Full name: fullnameOverride, or <release>-<chart> (just <release> when it contains the
+chart name). Truncated to 40 characters: KubeRay derives longer names (RayCluster, Services,
+pods) from the RayService name. */}}
+{{- define "moestack.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* chart label value. */}}
+{{- define "moestack.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels that select this release's objects. */}}
+{{- define "moestack.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "moestack.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Standard labels of every object. */}}
+{{- define "moestack.labels" -}}
+helm.sh/chart: {{ include "moestack.chart" . }}
+{{ include "moestack.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: moestack
+{{- end -}}
+
+{{/* Image reference. */}}
+{{- define "moestack.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "moestack.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "moestack.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Name of the Secret with the database URL and its key; empty when none is used. */}}
+{{- define "moestack.databaseSecretName" -}}
+{{- if .Values.database.existingSecret -}}
+{{- .Values.database.existingSecret -}}
+{{- else if or .Values.database.url .Values.database.postgresql.enabled -}}
+{{- printf "%s-database" (include "moestack.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "moestack.databaseSecretKey" -}}
+{{- if .Values.database.existingSecret -}}{{ .Values.database.secretKey }}{{- else -}}url{{- end -}}
+{{- end -}}
+
+{{/* Name of the Secret with the admin key; empty when the admin API stays off. */}}
+{{- define "moestack.adminSecretName" -}}
+{{- if .Values.adminKey.existingSecret -}}
+{{- .Values.adminKey.existingSecret -}}
+{{- else if .Values.adminKey.value -}}
+{{- printf "%s-admin" (include "moestack.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "moestack.adminSecretKey" -}}
+{{- if .Values.adminKey.existingSecret -}}{{ .Values.adminKey.secretKey }}{{- else -}}admin-key{{- end -}}
+{{- end -}}
+
+{{/* Environment variable that carries the database URL into the moestack config. */}}
+{{- define "moestack.databaseUrlEnv" -}}MOESTACK_DATABASE_URL{{- end -}}
+
+{{/* The moestack configuration the pods run: .Values.moestack with what the chart decides. */}}
+{{- define "moestack.config" -}}
+{{- $cfg := deepCopy .Values.moestack -}}
+{{- $gateway := default (dict) $cfg.gateway -}}
+{{- $_ := set $gateway "host" "0.0.0.0" -}}
+{{- $_ := set $cfg "gateway" $gateway -}}
+{{- if include "moestack.databaseSecretName" . -}}
+{{- $storage := default (dict) $cfg.storage -}}
+{{- $_ := set $storage "url_env" (include "moestack.databaseUrlEnv" .) -}}
+{{- $_ := set $cfg "storage" $storage -}}
+{{- end -}}
+{{- if not $cfg.cache_dir -}}
+{{- $_ := set $cfg "cache_dir" (printf "%s/.moestack-cache" .Values.modelCache.mountPath) -}}
+{{- end -}}
+{{- toYaml $cfg -}}
+{{- end -}}
+
+{{/* The Ray Serve config (RayService serveConfigV2). */}}
+{{- define "moestack.serveConfig" -}}
+{{- $port := 8000 -}}
+{{- with .Values.moestack.gateway }}{{ with .port }}{{ $port = . }}{{ end }}{{ end -}}
+{{- $app := dict "name" "moestack" "route_prefix" "/" "import_path" "moestack.serve.app:app_builder" "args" (dict "config_yaml" (include "moestack.config" .)) -}}
+{{- $serve := dict "proxy_location" .Values.serve.proxyLocation "http_options" (dict "host" "0.0.0.0" "port" (int $port)) "applications" (list $app) -}}
+{{- toYaml $serve -}}
+{{- end -}}
+
+{{/* Gateway port (moestack.gateway.port). */}}
+{{- define "moestack.gatewayPort" -}}
+{{- $port := 8000 -}}
+{{- with .Values.moestack.gateway }}{{ with .port }}{{ $port = . }}{{ end }}{{ end -}}
+{{- int $port -}}
+{{- end -}}
+
+{{/* Environment of every Ray container: secrets the moestack config refers to. */}}
+{{- define "moestack.secretEnv" -}}
+{{- with include "moestack.databaseSecretName" . }}
+- name: {{ include "moestack.databaseUrlEnv" $ }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ include "moestack.databaseSecretKey" $ }}
+{{- end }}
+{{- with include "moestack.adminSecretName" . }}
+- name: {{ dig "tenancy" "admin_key_env" "MOESTACK_ADMIN_KEY" $.Values.moestack }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ include "moestack.adminSecretKey" $ }}
+{{- end }}
+{{- end -}}
+
+{{/* Volumes of every Ray pod: config, shared memory, model cache. Arg: dict root, shmSize. */}}
+{{- define "moestack.volumes" -}}
+{{- $root := .root -}}
+- name: moestack-config
+  configMap:
+    name: {{ include "moestack.fullname" $root }}-config
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .shmSize }}
+- name: model-cache
+{{- with $root.Values.modelCache }}
+{{- if .existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ .existingClaim }}
+    readOnly: {{ .readOnly }}
+{{- else if .create }}
+  persistentVolumeClaim:
+    claimName: {{ include "moestack.fullname" $root }}-model-cache
+    readOnly: {{ .readOnly }}
+{{- else if .hostPath }}
+  hostPath:
+    path: {{ .hostPath }}
+    type: DirectoryOrCreate
+{{- else }}
+  emptyDir: {}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "moestack.volumeMounts" -}}
+- name: moestack-config
+  mountPath: /etc/moestack
+  readOnly: true
+- name: dshm
+  mountPath: /dev/shm
+- name: model-cache
+  mountPath: {{ .Values.modelCache.mountPath }}
+  readOnly: {{ .Values.modelCache.readOnly }}
+{{- end -}}
+
+{{/* `ray start` parameters as sorted "key: "value"" lines (KubeRay wants strings). */}}
+{{- define "moestack.rayStartParams" -}}
+{{- $lines := list -}}
+{{- range $k, $v := . }}{{ $lines = append $lines (printf "%s: %s" $k ($v | toString | quote)) }}{{ end -}}
+{{- join "\n" $lines -}}
+{{- end -}}

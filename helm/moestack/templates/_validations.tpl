@@ -1,0 +1,70 @@
+{{/*
+Fail early on values that cannot work. Included once, from rayservice.yaml.
+GPU layout rules (moestack.models[] with accelerator: gpu, against workerGroups with
+gpusPerWorker > 0): tensor parallelism stays inside one worker pod; a replica larger than one
+worker (tensor x pipeline x data) fills whole workers, each holding whole tensor-parallel
+groups; all replicas fit in the GPUs of the groups at maxReplicas.
+*/}}
+{{- define "moestack.validate" -}}
+{{- $errors := list -}}
+{{- if and .Values.kuberay.checkCRDs (not (.Capabilities.APIVersions.Has "ray.io/v1/RayService")) -}}
+{{- $errors = append $errors "the cluster does not serve ray.io/v1 RayService: install the KubeRay operator first (or render offline with --api-versions ray.io/v1/RayService, or kuberay.checkCRDs=false)" -}}
+{{- end -}}
+{{- $maxGpw := 0 -}}
+{{- $totalGpus := 0 -}}
+{{- $groupNames := list -}}
+{{- range $g := .Values.workerGroups -}}
+{{- $gpw := int $g.gpusPerWorker -}}
+{{- if gt $gpw $maxGpw }}{{ $maxGpw = $gpw }}{{ end -}}
+{{- $totalGpus = add $totalGpus (mul $gpw (int $g.maxReplicas)) -}}
+{{- if has $g.name $groupNames -}}
+{{- $errors = append $errors (printf "workerGroups: the name %q is used twice" $g.name) -}}
+{{- end -}}
+{{- $groupNames = append $groupNames $g.name -}}
+{{- if or (gt (int $g.minReplicas) (int $g.replicas)) (gt (int $g.replicas) (int $g.maxReplicas)) -}}
+{{- $errors = append $errors (printf "workerGroups[%s]: need minReplicas <= replicas <= maxReplicas (got %d, %d, %d)" $g.name (int $g.minReplicas) (int $g.replicas) (int $g.maxReplicas)) -}}
+{{- end -}}
+{{- end -}}
+{{- $neededGpus := 0 -}}
+{{- range $m := .Values.moestack.models -}}
+{{- if eq (default "cpu" $m.accelerator) "gpu" -}}
+{{- $p := default (dict) $m.parallelism -}}
+{{- $tp := int (default 1 $p.tensor_parallel_size) -}}
+{{- $pp := int (default 1 $p.pipeline_parallel_size) -}}
+{{- $dp := int (default 1 $p.data_parallel_size) -}}
+{{- $world := mul $tp $pp $dp -}}
+{{- $neededGpus = add $neededGpus (mul $world (int (default 1 $m.num_replicas))) -}}
+{{- if eq $maxGpw 0 -}}
+{{- $errors = append $errors (printf "model %s: accelerator is gpu but no worker group has gpusPerWorker > 0" $m.name) -}}
+{{- else if gt $tp $maxGpw -}}
+{{- $errors = append $errors (printf "model %s: tensor_parallel_size %d is larger than the GPUs per worker (%d); tensor parallelism must stay inside one node, use pipeline_parallel_size across nodes" $m.name $tp $maxGpw) -}}
+{{- else if and (gt $world $maxGpw) (ne (mod $world $maxGpw) 0) -}}
+{{- $errors = append $errors (printf "model %s: tensor x pipeline x data parallel size %d x %d x %d = %d GPUs does not fill whole workers of %d GPUs" $m.name $tp $pp $dp $world $maxGpw) -}}
+{{- else if and (gt $world $maxGpw) (ne (mod $maxGpw $tp) 0) -}}
+{{- $errors = append $errors (printf "model %s: a replica spans several workers of %d GPUs, which must each hold whole tensor-parallel groups of %d GPUs" $m.name $maxGpw $tp) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.modelCache.readOnly (not .Values.moestack.cache_dir) -}}
+{{- range $m := .Values.moestack.models -}}
+{{- if $m.tiny -}}
+{{- $errors = append $errors (printf "model %s: a tiny model is built into the model cache, which modelCache.readOnly makes read-only; set moestack.cache_dir elsewhere or readOnly false" $m.name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and (gt $maxGpw 0) (gt $neededGpus $totalGpus) -}}
+{{- $errors = append $errors (printf "the GPU models need %d GPUs (parallel size x num_replicas, summed) but the worker groups provide at most %d (gpusPerWorker x maxReplicas)" $neededGpus $totalGpus) -}}
+{{- end -}}
+{{- if and .Values.database.postgresql.enabled (or .Values.database.url .Values.database.existingSecret) -}}
+{{- $errors = append $errors "database: set either database.postgresql.enabled (bundled) or database.url / database.existingSecret (external), not both" -}}
+{{- end -}}
+{{- if and .Values.ingress.enabled (not .Values.ingress.hosts) -}}
+{{- $errors = append $errors "ingress.enabled needs at least one entry in ingress.hosts" -}}
+{{- end -}}
+{{- if and .Values.modelCache.create .Values.modelCache.existingClaim -}}
+{{- $errors = append $errors "modelCache: set either existingClaim or create, not both" -}}
+{{- end -}}
+{{- if $errors -}}
+{{- fail (printf "\n\nmoestack chart: invalid values:\n  - %s\n" (join "\n  - " $errors)) -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,133 @@
+"""Serve moestack's gateway app over real HTTP (uvicorn on 127.0.0.1) in a background thread.
+
+The reliability suite and load-generator tests need real sockets: streamed timing, client
+disconnects and slow clients cannot be observed through an in-memory ASGI transport (which
+buffers whole responses). The app is the same one the Ray Serve Gateway deployment serves,
+built by :func:`moestack.api.app.build_api` over in-process engines (the fake engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from moestack.config.schema import MoestackConfig
+from moestack.testing.stack_process import free_port
+
+
+@dataclass
+class LocalServer:
+    """A running server; ``base_url`` ends in ``/v1``."""
+
+    app: object
+    engines: dict
+    port: int
+    server: object
+
+    @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
+
+    def open_connections(self) -> int:
+        """HTTP connections the server holds open now."""
+        return len(self.server.server_state.connections)
+
+    def running_tasks(self) -> int:
+        """Request tasks the server is running now."""
+        return len(self.server.server_state.tasks)
+
+
+def build_gateway(config: MoestackConfig, sinks: Sequence = ()):
+    """The gateway app for ``config`` and its (not yet started) in-process engines."""
+    from moestack.api.app import build_api
+    from moestack.api.backend import LocalBackend
+    from moestack.engine import build_engine
+
+    engines = {m.name: build_engine(m, config.cache_dir) for m in config.models}
+    return build_api(config, LocalBackend(engines), sinks), engines
+
+
+def _uvicorn(app, port: int, **options):
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                         lifespan="off", **options))
+
+
+async def _serve(server, app, engines: dict) -> None:
+    for engine in engines.values():
+        await engine.start()
+    try:
+        await server.serve()
+    finally:
+        if getattr(app.state, "tenancy", None) is not None:
+            await app.state.tenancy.stop()
+        for engine in engines.values():
+            engine.stop()
+
+
+@contextmanager
+def serve_gateway(config: MoestackConfig, sinks: Sequence = (),
+                  timeout_keep_alive_s: float = 5.0, **uvicorn_options) -> Iterator[LocalServer]:
+    """Start the gateway app for ``config`` (fake-engine models) and stop it on exit; ``sinks``
+    receive every request's usage record, as the ledger does."""
+    app, engines = build_gateway(config, sinks)
+    port = free_port()
+    server = _uvicorn(app, port, timeout_keep_alive=timeout_keep_alive_s, **uvicorn_options)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(_serve(server, app, engines))
+        except BaseException as exc:  # surfaced to the caller below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="moestack-local-gateway", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the local gateway did not start: {failure}")
+        thread.join(0.02)
+    try:
+        yield LocalServer(app, engines, port, server)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m moestack.loadtest.local_server``: the gateway app in one process (no Ray),
+    over fake engines, for benchmarks and crash tests."""
+    import argparse
+
+    from moestack.config import load_config
+    from moestack.testing import fake_config, fake_model
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--config", help="moestack config YAML (default: one fake model, no tenancy)")
+    p.add_argument("--model", default="fake-moe", help="fake model name (without --config)")
+    p.add_argument("--ttft-s", type=float, default=0.0, help="fake engine TTFT (no --config)")
+    p.add_argument("--token-interval-s", type=float, default=0.0,
+                   help="fake engine token interval (without --config)")
+    args = p.parse_args(argv)
+    if args.config:
+        config = load_config(args.config)
+    else:
+        config = fake_config(fake_model(args.model, max_model_len=1 << 16,
+                                        fake={"ttft_s": args.ttft_s,
+                                              "token_interval_s": args.token_interval_s}))
+    app, engines = build_gateway(config)
+    asyncio.run(_serve(_uvicorn(app, args.port), app, engines))  # stops on SIGINT/SIGTERM
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

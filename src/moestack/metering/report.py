@@ -1,0 +1,211 @@
+"""Cost report over usage-ledger rows: USD per 1M tokens self-hosted vs each baseline API, per
+tenant, savings and break-even utilisation; as a text table, PNG plots and an HTML page.
+
+It reads any rows with the :class:`UsageRowLike` fields (the ledger's ``LedgerEntry`` has them), and
+its sums are the ledger's figures: ``cost_usd`` and ``baseline_costs_usd`` as stored. Rows whose
+baselines were not priced when settled are priced with the catalog here.
+
+``cost_usd`` values engine work at the measured cost per token (a saturated engine), so
+``self_hosted_usd / baseline_usd`` is the utilisation at which self-hosting costs what the API
+does (break-even). With the cluster's provisioned cost over the same period, the report also
+gives the real cost per 1M tokens (idle included) and the utilisation.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from moestack.metering.pricing import PricingCatalog
+
+TOTAL = "(all tenants)"
+
+
+class UsageRowLike(Protocol):
+    tenant: str
+    model: str
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float | None
+    baseline_costs_usd: Mapping[str, float] | None
+
+
+@dataclass
+class CostLine:
+    """Totals of one tenant (or of all tenants)."""
+
+    tenant: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    completion_tokens: int = 0
+    self_hosted_usd: float = 0.0
+    baseline_usd: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def per_1m(self, usd: float) -> float | None:
+        return usd / self.tokens * 1e6 if self.tokens else None
+
+    def savings_usd(self, baseline: str) -> float:
+        return self.baseline_usd[baseline] - self.self_hosted_usd
+
+    def break_even_utilisation(self, baseline: str) -> float | None:
+        b = self.baseline_usd[baseline]
+        return self.self_hosted_usd / b if b > 0 else None
+
+
+@dataclass
+class CostReport:
+    total: CostLine
+    tenants: list[CostLine]
+    baselines: list[str]
+    cluster_usd: float | None = None
+    """The cluster's provisioned cost over the period, if known."""
+
+    @property
+    def utilisation(self) -> float | None:
+        return self.total.self_hosted_usd / self.cluster_usd if self.cluster_usd else None
+
+
+def build_report(rows: Iterable[UsageRowLike], catalog: PricingCatalog,
+                 cluster_usd: float | None = None) -> CostReport:
+    """Sum ledger rows per tenant and in total (exact sums: :func:`math.fsum`)."""
+    names = list(catalog.baselines)
+    parts: dict[str, dict[str, list[float]]] = {}
+    lines: dict[str, CostLine] = {}
+    total_parts: dict[str, list[float]] = {"self": [], **{n: [] for n in names}}
+    total = CostLine(TOTAL)
+    for r in rows:
+        line = lines.setdefault(r.tenant, CostLine(r.tenant))
+        p = parts.setdefault(r.tenant, {"self": [], **{n: [] for n in names}})
+        for target in (line, total):
+            target.requests += 1
+            target.prompt_tokens += r.prompt_tokens
+            target.cached_prompt_tokens += r.cached_prompt_tokens
+            target.completion_tokens += r.completion_tokens
+        stored = r.baseline_costs_usd or {}
+        for bucket in (p, total_parts):
+            bucket["self"].append(r.cost_usd or 0.0)
+            for n in names:
+                usd = stored[n] if n in stored else catalog.baselines[n].usd(
+                    r.prompt_tokens, r.cached_prompt_tokens, r.completion_tokens)
+                bucket[n].append(usd)
+    for tenant, line in lines.items():
+        _fill(line, parts[tenant], names)
+    _fill(total, total_parts, names)
+    return CostReport(total, sorted(lines.values(), key=lambda x: x.tenant), names, cluster_usd)
+
+
+def _fill(line: CostLine, parts: Mapping[str, list[float]], names: list[str]) -> None:
+    line.self_hosted_usd = math.fsum(parts["self"])
+    line.baseline_usd = {n: math.fsum(parts[n]) for n in names}
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(report: CostReport) -> str:
+    t = report.total
+    out = [f"{'tenant':16} {'requests':>8} {'prompt':>10} {'cached':>9} {'completion':>10} "
+           f"{'self-hosted USD':>16} {'USD/1M tok':>11}"]
+    for line in [*report.tenants, t]:
+        out.append(f"{line.tenant[:16]:16} {line.requests:>8} {line.prompt_tokens:>10} "
+                   f"{line.cached_prompt_tokens:>9} {line.completion_tokens:>10} "
+                   f"{line.self_hosted_usd:>16.6f} "
+                   f"{_fmt(line.per_1m(line.self_hosted_usd), '.4f'):>11}")
+    out.append("")
+    out.append(f"{'baseline':20} {'USD':>14} {'USD/1M tok':>11} {'savings USD':>14} "
+               f"{'break-even util':>16}")
+    for n in report.baselines:
+        be = t.break_even_utilisation(n)
+        out.append(f"{n[:20]:20} {t.baseline_usd[n]:>14.6f} "
+                   f"{_fmt(t.per_1m(t.baseline_usd[n]), '.4f'):>11} {t.savings_usd(n):>14.6f} "
+                   f"{_fmt(None if be is None else be * 100, '.2f') + '%':>16}")
+    if report.cluster_usd is not None:
+        out.append("")
+        out.append(f"cluster cost over the period: {report.cluster_usd:.6f} USD; "
+                   f"utilisation {_fmt(report.utilisation and report.utilisation * 100, '.2f')}%; "
+                   f"USD per 1M tokens idle included: {_fmt(t.per_1m(report.cluster_usd), '.4f')}")
+    return "\n".join(out)
+
+
+def write_plots(report: CostReport, prefix: Path) -> list[Path]:
+    """PNG plots next to ``prefix``: cost per 1M tokens vs baselines, per-tenant spend,
+    savings, break-even utilisation. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t, names = report.total, report.baselines
+    files = []
+
+    def save(fig, name: str) -> None:
+        path = prefix.parent / f"{prefix.name}-{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(path)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = ["self-hosted", *names]
+    values = [t.per_1m(t.self_hosted_usd) or 0.0, *[t.per_1m(t.baseline_usd[n]) or 0.0
+                                                     for n in names]]
+    ax.bar(labels, values, color=["tab:green", *["tab:gray"] * len(names)])
+    ax.set_ylabel("USD per 1M tokens")
+    ax.set_title("Cost per 1M tokens: self-hosted vs baseline APIs")
+    ax.tick_params(axis="x", rotation=30)
+    save(fig, "cost_per_1m")
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    tenants = [line.tenant for line in report.tenants]
+    ax.bar(tenants, [line.self_hosted_usd for line in report.tenants], label="self-hosted")
+    ax.set_ylabel("USD")
+    ax.set_title("Self-hosted cost per tenant")
+    save(fig, "tenants")
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    savings = [t.savings_usd(n) for n in names]
+    ax.bar(names, savings, color=["tab:green" if s >= 0 else "tab:red" for s in savings])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("USD saved (negative: the API is cheaper)")
+    ax.set_title("Savings against each baseline")
+    ax.tick_params(axis="x", rotation=30)
+    save(fig, "savings")
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    be = [(t.break_even_utilisation(n) or 0.0) * 100 for n in names]
+    ax.bar(names, be)
+    ax.axhline(100, color="tab:red", linestyle="--", linewidth=0.8)
+    if report.utilisation is not None:
+        ax.axhline(report.utilisation * 100, color="tab:green", linewidth=1,
+                   label="current utilisation")
+        ax.legend()
+    ax.set_ylabel("%")
+    ax.set_title("Break-even utilisation per baseline (self-hosting wins above it)")
+    ax.tick_params(axis="x", rotation=30)
+    save(fig, "break_even")
+    return files
+
+
+def write_html(report: CostReport, path: Path) -> list[Path]:
+    """An HTML page with the table and the PNG plots (written next to it)."""
+    path = Path(path)
+    plots = write_plots(report, path.with_suffix(""))
+    imgs = "\n".join(f'<p><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}"></p>'
+                     for p in plots)
+    path.write_text("<!doctype html>\n<html><head><meta charset=\"utf-8\">"
+                    "<title>moestack cost report</title></head><body>\n"
+                    "<h1>moestack cost report</h1>\n"
+                    f"<pre>{html.escape(format_table(report))}</pre>\n{imgs}\n</body></html>\n",
+                    encoding="utf-8")
+    return [path, *plots]

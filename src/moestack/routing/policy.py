@@ -1,0 +1,198 @@
+"""Routing policies: filters -> weighted scorers -> picker, built from config by name.
+
+A :class:`Router` owns the state every policy reads (outstanding tokens per replica, the prefix
+index) and keeps it current through :meth:`Router.routed`, :meth:`Router.completed` and
+:meth:`Router.forget`. It is transport-free: the Ray Serve request router
+(:mod:`moestack.routing.ray_router`) and the in-process replica set
+(:mod:`moestack.routing.local`) both drive it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from moestack.engine.protocol import GenerationRequest
+from moestack.routing.plugins import (
+    CapacityFilter,
+    Filter,
+    LoadGuardFilter,
+    LoadScorer,
+    MaxScorePicker,
+    Picker,
+    PowerOfTwoPicker,
+    PrefixScorer,
+    Scorer,
+    TenantShardFilter,
+)
+from moestack.routing.prefix import PrefixIndex, block_hashes, prompt_text
+from moestack.routing.types import (
+    CHARS_PER_TOKEN_ESTIMATE,
+    DEFAULT_MAX_TOKENS_ESTIMATE,
+    ReplicaState,
+    RoutingRequest,
+)
+
+if TYPE_CHECKING:
+    from moestack.config.schema import RoutingConfig
+
+
+@dataclass
+class Pipeline:
+    """One policy: the filters in order, scorers with weights, and a picker."""
+
+    filters: list[Filter]
+    scorers: list[tuple[Scorer, float]]
+    picker: Picker
+
+    def rank(self, request: RoutingRequest, replicas: Sequence[ReplicaState]) -> list[str]:
+        candidates = list(replicas)
+        for f in self.filters:
+            candidates = f.filter(request, candidates)
+        total_weight = sum(w for _, w in self.scorers) or 1.0
+        scores = {r.replica_id: 0.0 for r in candidates}
+        for scorer, weight in self.scorers:
+            for rid, s in scorer.score(request, candidates).items():
+                scores[rid] += weight * s / total_weight
+        return self.picker.pick(scores)
+
+
+PolicyBuilder = Callable[["RoutingConfig", PrefixIndex, random.Random], Pipeline]
+POLICIES: dict[str, PolicyBuilder] = {}
+"""The registry: policy name (the `routing.policy` config value) -> builder."""
+
+
+def register_policy(name: str) -> Callable[[PolicyBuilder], PolicyBuilder]:
+    def add(builder: PolicyBuilder) -> PolicyBuilder:
+        POLICIES[name] = builder
+        return builder
+    return add
+
+
+@register_policy("least_outstanding_tokens")
+def _least_outstanding_tokens(config, index, rng):
+    """Power of two choices on outstanding tokens (prompt + completion budget)."""
+    return Pipeline([CapacityFilter()], [(LoadScorer(), 1.0)], PowerOfTwoPicker(rng))
+
+
+@register_policy("prefix_affinity")
+def _prefix_affinity(config, index, rng):
+    """Longest cached prefix among replicas within the load guard, then least loaded."""
+    return Pipeline([CapacityFilter(), LoadGuardFilter(config.load_guard_tokens)],
+                    [(PrefixScorer(index), config.prefix_weight),
+                     (LoadScorer(), config.load_weight)],
+                    MaxScorePicker(rng))
+
+
+@register_policy("tenant_least_outstanding_tokens")
+def _tenant_least_outstanding_tokens(config, index, rng):
+    """Each tenant on its own few replicas, power of two choices among them."""
+    return Pipeline([CapacityFilter(), TenantShardFilter(config.tenant_replicas)],
+                    [(LoadScorer(), 1.0)], PowerOfTwoPicker(rng))
+
+
+@register_policy("tenant_prefix_affinity")
+def _tenant_prefix_affinity(config, index, rng):
+    """Prefix affinity inside each tenant's replica shard (tenants' prompts rarely overlap)."""
+    return Pipeline([CapacityFilter(), TenantShardFilter(config.tenant_replicas),
+                     LoadGuardFilter(config.load_guard_tokens)],
+                    [(PrefixScorer(index), config.prefix_weight),
+                     (LoadScorer(), config.load_weight)],
+                    MaxScorePicker(rng))
+
+
+@register_policy("random")
+def _random(config, index, rng):
+    """Uniformly random among replicas with capacity: the baseline for benchmarks."""
+    return Pipeline([CapacityFilter()], [], MaxScorePicker(rng))
+
+
+RESERVATION_TTL_S = 60.0
+"""A reservation never confirmed by routing (request cancelled while queued) expires after this."""
+
+
+@dataclass
+class _InFlight:
+    replica_id: str
+    tokens: int
+    reserved_at_s: float | None = None
+    """Set while only reserved (see :meth:`Router.reserve`), None once routed."""
+
+
+@dataclass
+class Router:
+    """Routing state plus the configured policy; not thread-safe (one event loop drives it)."""
+
+    config: RoutingConfig
+    seed: int | None = None
+    index: PrefixIndex = field(init=False)
+    pipeline: Pipeline = field(init=False)
+    _outstanding: dict[str, int] = field(default_factory=dict, init=False)
+    _in_flight: dict[str, _InFlight] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self.index = PrefixIndex(self.config.prefix_index_blocks)
+        self.pipeline = POLICIES[self.config.policy](self.config, self.index,
+                                                     random.Random(self.seed))
+
+    def request_of(self, request: GenerationRequest, tenant: str | None = None) -> RoutingRequest:
+        text = prompt_text(request)
+        if request.prompt_token_ids is not None:
+            prompt_tokens = len(request.prompt_token_ids)
+        else:
+            prompt_tokens = -(-len(text) // CHARS_PER_TOKEN_ESTIMATE)
+        budget = request.sampling.max_tokens or DEFAULT_MAX_TOKENS_ESTIMATE
+        return RoutingRequest(
+            request_id=request.request_id,
+            prefix_blocks=block_hashes(text, self.config.prefix_block_chars),
+            estimated_tokens=prompt_tokens + budget,
+            tenant=tenant if tenant is not None else request.tenant)
+
+    def outstanding_tokens(self, replica_id: str) -> int:
+        return self._outstanding.get(replica_id, 0)
+
+    def rank(self, request: RoutingRequest, replicas: Sequence[ReplicaState]) -> list[str]:
+        """Replica ids, most preferred first (may be fewer than given: pickers may sample)."""
+        self._expire_reservations()
+        return self.pipeline.rank(request, replicas) if replicas else []
+
+    def reserve(self, request: RoutingRequest, replica_id: str, key: str) -> None:
+        """Count the request on its likely replica before it is routed (see :meth:`routed`)."""
+        self.completed(key)
+        self._in_flight[key] = _InFlight(replica_id, request.estimated_tokens, time.monotonic())
+        self._add(replica_id, request.estimated_tokens)
+
+    def _expire_reservations(self) -> None:
+        cutoff = time.monotonic() - RESERVATION_TTL_S
+        for key in [k for k, f in self._in_flight.items()
+                    if f.reserved_at_s is not None and f.reserved_at_s < cutoff]:
+            self.completed(key)
+
+    def routed(self, request: RoutingRequest, replica_id: str, key: str | None = None) -> None:
+        """Record that ``request`` went to ``replica_id``; ``key`` identifies it in completed().
+
+        A reservation under the same key is replaced (moved if it went elsewhere).
+        """
+        key = key or request.request_id
+        self.completed(key)
+        self._in_flight[key] = _InFlight(replica_id, request.estimated_tokens)
+        self._add(replica_id, request.estimated_tokens)
+        self.index.insert(request.prefix_blocks, replica_id)
+
+    def completed(self, key: str) -> None:
+        done = self._in_flight.pop(key, None)
+        if done is not None:
+            self._add(done.replica_id, -done.tokens)
+
+    def _add(self, replica_id: str, tokens: int) -> None:
+        self._outstanding[replica_id] = max(0, self.outstanding_tokens(replica_id) + tokens)
+
+    def forget(self, replica_id: str) -> None:
+        """The replica is gone: drop its load and its prefixes."""
+        self._outstanding.pop(replica_id, None)
+        for key in [k for k, f in self._in_flight.items() if f.replica_id == replica_id]:
+            del self._in_flight[key]
+        self.index.forget(replica_id)

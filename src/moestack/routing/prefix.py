@@ -1,0 +1,78 @@
+"""Prompt-prefix hashing and an approximate, router-side index of which replica holds which prefix.
+
+The prompt is cut into blocks of ``block_chars`` characters; block *i*'s hash covers blocks 0..i
+(chained), so a matching hash at position *i* means the whole prefix up to *i* matches. The index
+remembers, per block hash, the replicas a request with that prefix was sent to (bounded LRU): a
+replica that prefilled the prefix recently probably still has it in its KV prefix cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+from moestack.engine.protocol import GenerationRequest
+
+
+def prompt_text(request: GenerationRequest) -> str:
+    """A canonical text of the prompt, for hashing (chat messages keep role boundaries)."""
+    if request.prompt is not None:
+        return request.prompt
+    if request.messages is not None:
+        return "".join(f"\x1e{m.role}\x1f{m.content}" for m in request.messages)
+    return " ".join(map(str, request.prompt_token_ids or ()))
+
+
+def block_hashes(text: str, block_chars: int) -> tuple[int, ...]:
+    """Chained hashes of the whole blocks of ``text`` (a shorter text counts as one block)."""
+    n_blocks = max(1, len(text) // block_chars) if text else 0
+    out, prev = [], b""
+    for i in range(n_blocks):
+        digest = hashlib.blake2b(prev + text[i * block_chars:(i + 1) * block_chars].encode(),
+                                 digest_size=8).digest()
+        out.append(int.from_bytes(digest, "big"))
+        prev = digest
+    return tuple(out)
+
+
+class PrefixIndex:
+    """Block hash -> replicas that were sent that prefix; least recently used blocks evicted."""
+
+    def __init__(self, capacity_blocks: int):
+        self.capacity_blocks = capacity_blocks
+        self._blocks: OrderedDict[int, set[str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def insert(self, blocks: Sequence[int], replica_id: str) -> None:
+        for b in blocks:
+            holders = self._blocks.get(b)
+            if holders is None:
+                self._blocks[b] = {replica_id}
+            else:
+                holders.add(replica_id)
+                self._blocks.move_to_end(b)
+        while len(self._blocks) > self.capacity_blocks:
+            self._blocks.popitem(last=False)
+
+    def match(self, blocks: Sequence[int], candidates: Iterable[str]) -> dict[str, int]:
+        """Per candidate: how many leading blocks of ``blocks`` it holds."""
+        alive = set(candidates)
+        counts = dict.fromkeys(alive, 0)
+        for b in blocks:
+            alive &= self._blocks.get(b, set())
+            if not alive:
+                break
+            for r in alive:
+                counts[r] += 1
+        return counts
+
+    def forget(self, replica_id: str) -> None:
+        """Drop a replica that went away (its cache went with it)."""
+        for b in [b for b, holders in self._blocks.items() if replica_id in holders]:
+            holders = self._blocks[b]
+            holders.discard(replica_id)
+            if not holders:
+                del self._blocks[b]

@@ -1,0 +1,94 @@
+"""The ModelServer deployment's Ray Serve request router, running a moestack routing policy.
+
+Ray Serve builds one router per deployment handle (so per gateway replica) and calls
+:meth:`MoestackRequestRouter.initialize_state` with ``request_router_kwargs``: the model's
+``routing`` config as a dict. Outstanding tokens and the prefix index are therefore per gateway
+replica, an approximation that needs no coordination; Ray's own queue-length probes still guard
+each replica's ``max_ongoing_requests``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from ray.serve.request_router import (
+    FIFOMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
+
+from moestack.engine.protocol import GenerationRequest
+from moestack.routing.policy import Router
+from moestack.routing.types import ReplicaState
+
+
+def request_router_config(routing: Any) -> dict[str, Any]:
+    """``request_router_config`` deployment option for a :class:`RoutingConfig`."""
+    return {"request_router_class": f"{__name__}:{MoestackRequestRouter.__name__}",
+            "request_router_kwargs": routing.model_dump(mode="json")}
+
+
+def _generation_request(pending: PendingRequest | None) -> GenerationRequest | None:
+    if pending is None:
+        return None
+    for arg in pending.args:
+        if isinstance(arg, GenerationRequest):
+            return arg
+    return None
+
+
+class MoestackRequestRouter(FIFOMixin, RequestRouter):
+    """Ranks replicas with the configured policy; Serve sends to the first rank with room."""
+
+    def initialize_state(self, **routing: Any) -> None:
+        from moestack.config.schema import RoutingConfig
+
+        self.router = Router(RoutingConfig.model_validate(routing))
+
+    def _state(self, replica: RunningReplica) -> ReplicaState:
+        rid = replica.replica_id.unique_id
+        queue_len = self.replica_queue_len_cache.get(replica.replica_id)
+        return ReplicaState(rid, self.router.outstanding_tokens(rid), queue_len or 0,
+                            replica.max_ongoing_requests)
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None,
+                              ) -> list[list[RunningReplica]]:
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        request = _generation_request(pending_request)
+        if request is None:  # not a generation (health, reports): any replica, at random
+            return [random.sample(candidate_replicas, len(candidate_replicas))]
+        routing_request = self.router.request_of(request)
+        order = self.router.rank(routing_request, [self._state(r) for r in candidate_replicas])
+        if order:
+            # Reserve the tokens on the likely choice at once: many requests of a burst are
+            # ranked before the first of them is routed. on_request_routed() confirms or moves it.
+            self.router.reserve(routing_request, order[0],
+                                pending_request.metadata.internal_request_id)
+        ranks = [[by_id[order[0]]]] if order else []
+        if rest := [by_id[rid] for rid in order[1:]]:
+            ranks.append(rest)
+        return ranks or [candidate_replicas]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result: Any) -> None:
+        request = _generation_request(pending_request)
+        if request is not None:
+            self.router.routed(self.router.request_of(request), replica_id.unique_id,
+                               key=pending_request.metadata.internal_request_id)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self.router.completed(internal_request_id)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self.router.forget(replica_id.unique_id)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        before = set(self.curr_replicas)
+        super().update_replicas(replicas)
+        for gone in before - set(self.curr_replicas):
+            self.router.forget(gone.unique_id)

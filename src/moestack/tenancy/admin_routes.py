@@ -1,0 +1,121 @@
+"""Admin API (``/admin/v1``, admin key) and the tenant's own usage (``GET /v1/usage``).
+
+The admin key is read from the environment variable named by ``tenancy.admin_key_env`` at each
+request and compared in constant time; while it is unset the admin API answers 403. A tenant key
+only ever reads its own tenant's rows.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+
+import anyio
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+
+from moestack.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
+from moestack.tenancy import ledger
+from moestack.tenancy.admission import Principal
+from moestack.tenancy.admin_protocol import KeyCreate, TenantCreate, TenantLimits
+from moestack.tenancy.gate import require_tenant
+from moestack.tenancy.store import TenancyStore
+
+
+def require_admin(request: Request) -> None:
+    env = request.app.state.config.tenancy.admin_key_env
+    expected = os.environ.get(env, "")
+    if not expected:
+        raise PermissionDeniedError(f"The admin API is disabled: set {env}.",
+                                    code="admin_disabled")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    given = token.strip() if scheme.lower() == "bearer" else ""
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise AuthenticationError("Incorrect admin key provided.")
+
+
+admin_router = APIRouter(prefix="/admin/v1", dependencies=[Depends(require_admin)])
+tenant_router = APIRouter()
+
+
+def _store(request: Request) -> TenancyStore:
+    return request.app.state.tenancy.store
+
+
+async def _run(fn, *args, **kwargs):
+    return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+
+def _usage_json(rows: list[ledger.LedgerEntry]) -> dict:
+    def one(r: ledger.LedgerEntry) -> dict:
+        d = dict(r.__dict__)
+        d["started_at"] = r.started_at.isoformat() + "Z"
+        d["finished_at"] = r.finished_at.isoformat() + "Z" if r.finished_at else None
+        return d
+    return {"object": "list", "data": [one(r) for r in rows]}
+
+
+def _time(value: str | None, param: str):
+    if value is None:
+        return None
+    try:
+        return ledger.parse_time(value)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param=param) from None
+
+
+@admin_router.post("/tenants", status_code=201)
+async def create_tenant(body: TenantCreate, request: Request):
+    limits = body.model_dump(exclude_none=True, exclude={"name"})
+    info, key = await _run(_store(request).create_tenant, body.name, **limits)
+    return JSONResponse({"tenant": info.as_json(), "key_id": key.key_id,
+                         "api_key": key.plaintext}, status_code=201)
+
+
+@admin_router.get("/tenants")
+async def list_tenants(request: Request):
+    return {"object": "list",
+            "data": [t.as_json() for t in await _run(_store(request).list_tenants)]}
+
+
+@admin_router.get("/tenants/{name}")
+async def get_tenant(name: str, request: Request):
+    return (await _run(_store(request).get_tenant, name)).as_json()
+
+
+@admin_router.patch("/tenants/{name}")
+async def set_limits(name: str, body: TenantLimits, request: Request):
+    limits = body.model_dump(exclude_unset=True)
+    return (await _run(_store(request).set_limits, name, **limits)).as_json()
+
+
+@admin_router.post("/tenants/{name}/keys", status_code=201)
+async def create_key(name: str, request: Request, body: KeyCreate | None = None):
+    key = await _run(_store(request).create_key, name, body.label if body else None)
+    return JSONResponse({"key_id": key.key_id, "api_key": key.plaintext}, status_code=201)
+
+
+@admin_router.delete("/keys/{key_id}")
+async def revoke_key(key_id: str, request: Request):
+    await _run(_store(request).revoke_key, key_id)
+    return {"key_id": key_id, "revoked": True}
+
+
+USAGE_LIMIT = Query(1000, ge=1, le=100_000, description="Most rows returned.")
+
+
+@admin_router.get("/usage")
+async def admin_usage(request: Request, tenant: str | None = None, since: str | None = None,
+                      until: str | None = None, limit: int = USAGE_LIMIT):
+    rows = await _run(ledger.query_usage, _store(request), tenant, _time(since, "since"),
+                      _time(until, "until"), limit)
+    return _usage_json(rows)
+
+
+@tenant_router.get("/v1/usage")
+async def own_usage(request: Request, since: str | None = None, until: str | None = None,
+                    limit: int = USAGE_LIMIT,
+                    principal: Principal = Depends(require_tenant)):
+    rows = await _run(ledger.query_usage, _store(request), principal.tenant,
+                      _time(since, "since"), _time(until, "until"), limit)
+    return _usage_json(rows)

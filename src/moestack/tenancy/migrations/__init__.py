@@ -1,0 +1,1 @@
+"""Alembic migrations of the tenancy store (applied by :meth:`TenancyStore.migrate`)."""

@@ -1,0 +1,247 @@
+"""The tenancy store: one SQLAlchemy engine (SQLite file by default, PostgreSQL by URL).
+
+Why the database, not a Ray actor, holds the state shared by gateway replicas: every admission
+already writes its ledger row ahead of the work (the durability the ledger needs), and the limit
+checks read the same rows in the same transaction, under a per-tenant row lock (``SELECT ... FOR
+UPDATE`` on PostgreSQL; SQLite serialises writers with ``BEGIN IMMEDIATE``). So limits hold across
+any number of replicas and processes, survive a gateway or Ray restart, and need no second copy
+of the truth to keep consistent. A Ray actor would be one more single point of failure whose state
+is lost when it restarts, and would still have to write the ledger.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import create_engine, event, select, text, update
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from moestack.errors import InvalidRequestError, NotFoundError
+from moestack.tenancy.keys import NewKey, generate_key
+from moestack.tenancy.models import ALL_MODELS, ApiKey, Tenant, utcnow
+
+BUDGET_PERIODS = ("day", "month", "total")
+LIMIT_FIELDS = ("allowed_models", "priority", "weight", "requests_per_min", "tokens_per_min",
+                "max_concurrent_requests", "budget_usd", "budget_period")
+_MIGRATION_LOCK_ID = 0x6D6F6573  # PostgreSQL advisory lock id: "moes"
+
+
+@dataclass(frozen=True)
+class TenantInfo:
+    """A tenant's settings as plain data (what the admin API and CLI show)."""
+
+    name: str
+    allowed_models: tuple[str, ...]
+    priority: int
+    weight: float
+    requests_per_min: int | None
+    tokens_per_min: int | None
+    max_concurrent_requests: int | None
+    budget_usd: float | None
+    budget_period: str
+    created_at: dt.datetime
+    active_key_ids: tuple[str, ...] = ()
+
+    def allows(self, model: str) -> bool:
+        return ALL_MODELS in self.allowed_models or model in self.allowed_models
+
+    def as_json(self) -> dict[str, Any]:
+        out = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        out["allowed_models"] = list(self.allowed_models)
+        out["active_key_ids"] = list(self.active_key_ids)
+        out["created_at"] = self.created_at.isoformat() + "Z"
+        return out
+
+
+def _info(t: Tenant, key_ids: tuple[str, ...] = ()) -> TenantInfo:
+    return TenantInfo(t.name, tuple(t.allowed_models), t.priority, t.weight, t.requests_per_min,
+                      t.tokens_per_min, t.max_concurrent_requests, t.budget_usd, t.budget_period,
+                      t.created_at, key_ids)
+
+
+def _make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+    memory = parsed.database in (None, "", ":memory:")
+    if not memory:
+        path = Path(parsed.database).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        parsed = parsed.set(database=str(path))
+    engine = create_engine(parsed, poolclass=StaticPool if memory else None,
+                           connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None  # let SQLAlchemy's "begin" below issue BEGIN
+        if not memory:
+            dbapi_conn.execute("PRAGMA journal_mode=WAL")
+            # Durable across process crashes (the WAL is fsynced at checkpoints); only an OS
+            # crash can lose the last commits. PostgreSQL is the store for production.
+            dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+        dbapi_conn.execute("PRAGMA foreign_keys=ON")
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn):
+        # Take the write lock at the start, so check-then-insert admissions never interleave.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class TenancyStore:
+    """Tenants and keys; the ledger and admission functions take a store as first argument."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = _make_engine(url)
+        self.dialect = self.engine.dialect.name
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time and its busy handler polls with growing sleeps, which
+        # under contention starves unlucky threads for hundreds of ms; queue this process's
+        # transactions on a lock instead (other processes still meet SQLite's own lock).
+        self._sqlite_lock = threading.Lock() if self.dialect == "sqlite" else None
+
+    @classmethod
+    def open(cls, url: str, migrate: bool = True) -> TenancyStore:
+        store = cls(url)
+        if migrate:
+            store.migrate()
+        return store
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: committed on success, rolled back on error."""
+        if self._sqlite_lock is None:
+            with self._sessions() as s, s.begin():
+                yield s
+            return
+        with self._sqlite_lock, self._sessions() as s, s.begin():
+            yield s
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (safe with replicas starting at once)."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", "moestack.tenancy:migrations")
+        with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    # -- tenants -----------------------------------------------------------------------------
+
+    def create_tenant(self, name: str, **limits: Any) -> tuple[TenantInfo, NewKey]:
+        """Create a tenant with one API key; the key's plaintext is only in the return value."""
+        _check_limits(limits)
+        key = generate_key()
+        try:
+            with self.session() as s:
+                tenant = Tenant(name=name, **{"allowed_models": [ALL_MODELS], "priority": 0,
+                                              "weight": 1.0, "budget_period": "month", **limits})
+                s.add(tenant)
+                s.flush()
+                s.add(ApiKey(key_id=key.key_id, tenant_id=tenant.id,
+                             secret_sha256=key.secret_sha256, label="created with tenant"))
+                return _info(tenant, (key.key_id,)), key
+        except IntegrityError:
+            raise InvalidRequestError(f"a tenant named `{name}` already exists",
+                                      param="name", code="tenant_exists") from None
+
+    def list_tenants(self) -> list[TenantInfo]:
+        with self.session() as s:
+            keys: dict[int, list[str]] = {}
+            for k in s.scalars(select(ApiKey).where(ApiKey.revoked_at.is_(None))
+                               .order_by(ApiKey.created_at)):
+                keys.setdefault(k.tenant_id, []).append(k.key_id)
+            return [_info(t, tuple(keys.get(t.id, ())))
+                    for t in s.scalars(select(Tenant).order_by(Tenant.name))]
+
+    def get_tenant(self, name: str) -> TenantInfo:
+        for t in self.list_tenants():
+            if t.name == name:
+                return t
+        raise NotFoundError(f"no tenant named `{name}`", param="tenant", code="tenant_not_found")
+
+    def set_limits(self, name: str, **limits: Any) -> TenantInfo:
+        """Change some of a tenant's settings (keys of ``LIMIT_FIELDS``; None clears a limit)."""
+        _check_limits(limits)
+        with self.session() as s:
+            tenant = s.scalar(select(Tenant).where(Tenant.name == name))
+            if tenant is None:
+                raise NotFoundError(f"no tenant named `{name}`", param="tenant",
+                                    code="tenant_not_found")
+            for field, value in limits.items():
+                setattr(tenant, field, value)
+        return self.get_tenant(name)
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def create_key(self, tenant: str, label: str | None = None) -> NewKey:
+        key = generate_key()
+        with self.session() as s:
+            tid = s.scalar(select(Tenant.id).where(Tenant.name == tenant))
+            if tid is None:
+                raise NotFoundError(f"no tenant named `{tenant}`", param="tenant",
+                                    code="tenant_not_found")
+            s.add(ApiKey(key_id=key.key_id, tenant_id=tid, secret_sha256=key.secret_sha256,
+                         label=label))
+        return key
+
+    def revoke_key(self, key_id: str, tenant: str | None = None) -> None:
+        """Revoke a key (idempotent); with ``tenant``, only a key of that tenant."""
+        with self.session() as s:
+            q = update(ApiKey).where(ApiKey.key_id == key_id)
+            if tenant is not None:
+                q = q.where(ApiKey.tenant_id == select(Tenant.id).where(Tenant.name == tenant)
+                            .scalar_subquery())
+            found = s.execute(q.values(revoked_at=utcnow())).rowcount
+        if not found:
+            raise NotFoundError(f"no API key `{key_id}`", param="key_id", code="key_not_found")
+
+    def key_record(self, key_id: str) -> tuple[ApiKey, Tenant] | None:
+        with self.session() as s:
+            row = s.execute(select(ApiKey, Tenant).join(Tenant, Tenant.id == ApiKey.tenant_id)
+                            .where(ApiKey.key_id == key_id)).first()
+            return (row[0], row[1]) if row else None
+
+
+NOT_NULL_FIELDS = ("allowed_models", "priority", "weight", "budget_period")
+"""Settings every tenant has; the others are limits, and None clears them."""
+
+
+def _check_limits(limits: dict[str, Any]) -> None:
+    """Check settings against the admin API's schema (the one definition of valid values)."""
+    from moestack.tenancy.admin_protocol import TenantLimits
+
+    unknown = set(limits) - set(LIMIT_FIELDS)
+    if unknown:
+        raise InvalidRequestError(f"unknown tenant setting(s): {', '.join(sorted(unknown))}")
+    for f in NOT_NULL_FIELDS:
+        if f in limits and limits[f] is None:
+            raise InvalidRequestError(f"{f} cannot be cleared, only changed", param=f)
+    try:
+        TenantLimits.model_validate(limits)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else None
+        raise InvalidRequestError(f"{field}: {err['msg']}", param=field) from None
+    if "allowed_models" in limits and not limits["allowed_models"]:
+        raise InvalidRequestError("allowed_models must name at least one model or `*`",
+                                  param="allowed_models")
