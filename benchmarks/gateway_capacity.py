@@ -31,8 +31,9 @@ from pathlib import Path
 
 import yaml
 
+from moestack.engine.tiny import default_cache_dir
 from moestack.loadtest import load_scenario
-from moestack.loadtest.compare import TargetRun, measure, table, wait_http_ok
+from moestack.loadtest.compare import TargetRun, measure, stop_server, table, wait_http_ok
 from moestack.testing.stack_process import free_port, start_stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,13 +41,9 @@ SCENARIO = ROOT / "loadtest" / "scenarios" / "gateway-capacity.yaml"
 LITELLM_SPEC = "litellm[proxy]"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MOESTACK_CACHE_DIR") or Path.home() / ".cache" / "moestack")
-
-
 def litellm_venv() -> Path:
     """A virtualenv with LiteLLM proxy, created on first use under the cache folder."""
-    venv = cache_dir() / "litellm-venv"
+    venv = default_cache_dir() / "litellm-venv"
     exe = venv / "bin" / "litellm"
     if not exe.exists():
         print(f"installing {LITELLM_SPEC} into {venv} (first run only) ...", flush=True)
@@ -88,20 +85,11 @@ def start_litellm(backend_port: int, tmp: Path, master_key: str
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/health/liveliness", timeout_s=180, proc=proc)
     except TimeoutError:
-        stop(proc)
+        stop_server(proc)
         raise RuntimeError(f"LiteLLM did not start:\n{(tmp / 'litellm.log').read_text()[-3000:]}"
                            ) from None
     return proc, port
 
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
 
 
 def moestack_config(port: int, tmp: Path) -> dict:
@@ -150,9 +138,9 @@ def main() -> int:
                                     [litellm.pid, backend.pid], api_key=master_key))
                 print(table(runs[-1:]), flush=True)
             finally:
-                stop(litellm)
+                stop_server(litellm)
     finally:
-        stop(backend)
+        stop_server(backend)
     # Ray puts AF_UNIX sockets under the stack's temp folder: keep its path short.
     stack_tmp = Path(tempfile.mkdtemp(prefix="ms-"))
     stack = start_stack(moestack_config(free_port(), stack_tmp), stack_tmp)

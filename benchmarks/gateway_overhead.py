@@ -32,7 +32,14 @@ from pathlib import Path
 
 from moestack.engine.tiny import TinySpec, ensure_tiny_model
 from moestack.loadtest import load_scenario
-from moestack.loadtest.compare import TargetRun, measure, merge, table, wait_http_ok
+from moestack.loadtest.compare import (
+    TargetRun,
+    measure,
+    merge,
+    stop_server,
+    table,
+    wait_http_ok,
+)
 from moestack.testing.stack_process import free_port, start_stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,20 +61,11 @@ def start_vllm(checkpoint: Path, tmp: Path) -> tuple[subprocess.Popen, int]:
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/health", timeout_s=600, proc=proc)
     except TimeoutError:
-        stop(proc)
+        stop_server(proc)
         raise RuntimeError(f"vLLM did not start:\n{(tmp / 'vllm.log').read_text()[-3000:]}"
                            ) from None
     return proc, port
 
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
 
 
 def moestack_config(port: int, tmp: Path) -> dict:
@@ -125,7 +123,7 @@ def main() -> int:
                     rounds.setdefault(f"{name}, {phase}", []).append(run)
                     print(table([run]).splitlines()[-1], flush=True)
     finally:
-        stop(vllm)
+        stop_server(vllm)
         if stack is not None:
             stack.stop()
     runs = [merge(name, scenario if "Poisson" in name else saturate, rs)

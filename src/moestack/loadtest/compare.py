@@ -8,6 +8,8 @@ between targets, all from one process run.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import time
 import urllib.request
@@ -85,6 +87,17 @@ def wait_http_ok(url: str, timeout_s: float = 300.0, interval_s: float = 0.5,
             last = exc
         time.sleep(interval_s)
     raise TimeoutError(f"{url} did not answer 200 within {timeout_s:g} s: {last}")
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Terminate a server started in its own session; kill its process group if it lingers."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def measure(name: str, scenario: Scenario, base_url: str, server_pids: Sequence[int] = (),
