@@ -33,7 +33,14 @@ import yaml
 
 from moestack.engine.tiny import default_cache_dir
 from moestack.loadtest import load_scenario
-from moestack.loadtest.compare import TargetRun, measure, stop_server, table, wait_http_ok
+from moestack.loadtest.compare import (
+    TargetRun,
+    measure,
+    start_server,
+    stop_server,
+    table,
+    wait_http_ok,
+)
 from moestack.testing.stack_process import free_port, start_stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,17 +84,10 @@ def start_litellm(backend_port: int, tmp: Path, master_key: str
     env = {**os.environ, "TMPDIR": str(tmp), "LITELLM_LOCAL_MODEL_COST_MAP": "True",
            "LITELLM_LOG": "ERROR", "DISABLE_SCHEMA_UPDATE": "true"}
     env.pop("DATABASE_URL", None)
-    log = (tmp / "litellm.log").open("w")
-    proc = subprocess.Popen([str(venv / "bin" / "litellm"), "--config", str(config), "--host",
-                             "127.0.0.1", "--port", str(port), "--num_workers", "1"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        wait_http_ok(f"http://127.0.0.1:{port}/health/liveliness", timeout_s=180, proc=proc)
-    except TimeoutError:
-        stop_server(proc)
-        raise RuntimeError(f"LiteLLM did not start:\n{(tmp / 'litellm.log').read_text()[-3000:]}"
-                           ) from None
+    proc = start_server(
+        "LiteLLM", [str(venv / "bin" / "litellm"), "--config", str(config), "--host",
+                    "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+        env, f"http://127.0.0.1:{port}/health/liveliness", tmp / "litellm.log", timeout_s=180)
     return proc, port
 
 

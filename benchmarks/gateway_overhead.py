@@ -36,9 +36,9 @@ from moestack.loadtest.compare import (
     TargetRun,
     measure,
     merge,
+    start_server,
     stop_server,
     table,
-    wait_http_ok,
 )
 from moestack.testing.stack_process import free_port, start_stack
 
@@ -51,19 +51,12 @@ ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
 
 def start_vllm(checkpoint: Path, tmp: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    log = (tmp / "vllm.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
-         "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
-         "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager"],
-        env={**os.environ, **ENGINE_ENV, "TMPDIR": str(tmp)}, stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_http_ok(f"http://127.0.0.1:{port}/health", timeout_s=600, proc=proc)
-    except TimeoutError:
-        stop_server(proc)
-        raise RuntimeError(f"vLLM did not start:\n{(tmp / 'vllm.log').read_text()[-3000:]}"
-                           ) from None
+    proc = start_server(
+        "vLLM", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                 str(checkpoint), "--served-model-name", MODEL, "--host", "127.0.0.1", "--port",
+                 str(port), "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager"],
+        {**os.environ, **ENGINE_ENV, "TMPDIR": str(tmp)}, f"http://127.0.0.1:{port}/health",
+        tmp / "vllm.log", timeout_s=600)
     return proc, port
 
 

@@ -39,6 +39,7 @@ import yaml
 
 from moestack.loadtest import parse_scenario, run_scenario
 from moestack.loadtest.abuse import (
+    MALFORMED_CHAT_BODIES,
     UsageRecorder,
     leave_before_first_token,
     leave_mid_stream,
@@ -53,15 +54,7 @@ from moestack.testing import fake_config, fake_model
 FAST, SLOW = "fake-moe", "slow-moe"
 MAX_BODY = 65536
 
-MALFORMED = [
-    b"", b"[]", b"{", b"null", b'{"model": "fake-moe"}',
-    b'{"model":"fake-moe","messages":[{"role":"user","content":"\xff\xfe"}]}',
-    b'{"model":"fake-moe","messages":' + b"[" * 20000 + b"]" * 20000 + b"}",
-    b'{"model":"fake-moe","max_tokens":1' + b"0" * 5000 + b',"messages":[]}',
-    b'{"model":"fake-moe","max_tokens":NaN,"messages":[{"role":"user","content":"hi"}]}',
-    b'{"model":"fake-moe","messages":[{"role":"wizard","content":"hi"}]}',
-    b'{"model":"fake-moe","messages":[{"role":"user","content":"' + b"a " * 5000 + b'"}]}',
-]
+MALFORMED = list(MALFORMED_CHAT_BODIES.values())
 
 
 @dataclass

@@ -15,6 +15,7 @@ import pytest
 
 from moestack.loadtest import parse_scenario, run_scenario
 from moestack.loadtest.abuse import (
+    MALFORMED_CHAT_BODIES,
     UsageRecorder,
     leave_before_first_token,
     leave_mid_stream,
@@ -183,16 +184,8 @@ def test_oversized_chunked_body_without_length_gets_413(server):
     assert status == 413 and body["error"]["code"] == "request_too_large"
 
 
-@pytest.mark.parametrize("body", [
-    b"", b"[]", b"{", b"null", b'{"model": "fake-moe"}',
-    b'{"model":"fake-moe","messages":[{"role":"user","content":"\xff\xfe"}]}',
-    b'{"model":"fake-moe","messages":' + b"[" * 20000 + b"]" * 20000 + b"}",
-    b'{"model":"fake-moe","max_tokens":1' + b"0" * 5000 + b',"messages":[]}',
-    b'{"model":"fake-moe","max_tokens":NaN,"messages":[{"role":"user","content":"hi"}]}',
-    b'{"model":"fake-moe","messages":[{"role":"wizard","content":"hi"}]}',
-    b'{"model":"fake-moe","stream":"yes please","messages":[{"role":"user","content":"hi"}]}',
-], ids=["empty", "array", "truncated", "null", "no-messages", "bad-utf8", "deep-nesting",
-        "huge-int", "nan", "bad-role", "bad-stream-flag"])
+@pytest.mark.parametrize("body", list(MALFORMED_CHAT_BODIES.values()),
+                         ids=list(MALFORMED_CHAT_BODIES))
 def test_malformed_bodies_get_openai_shaped_400(server, body):
     with httpx.Client(base_url=server.base_url) as http:
         resp = http.post("chat/completions", content=body,

@@ -52,6 +52,26 @@ class UsageRecorder:
                               double_billed=sum(1 for v in records.values() if len(v) > 1))
 
 
+MALFORMED_CHAT_BODIES: dict[str, bytes] = {
+    "empty": b"",
+    "array": b"[]",
+    "truncated": b"{",
+    "null": b"null",
+    "no-messages": b'{"model": "fake-moe"}',
+    "bad-utf8": b'{"model":"fake-moe","messages":[{"role":"user","content":"\xff\xfe"}]}',
+    "deep-nesting": b'{"model":"fake-moe","messages":' + b"[" * 20000 + b"]" * 20000 + b"}",
+    "huge-int": b'{"model":"fake-moe","max_tokens":1' + b"0" * 5000 + b',"messages":[]}',
+    "nan": b'{"model":"fake-moe","max_tokens":NaN,"messages":[{"role":"user","content":"hi"}]}',
+    "bad-role": b'{"model":"fake-moe","messages":[{"role":"wizard","content":"hi"}]}',
+    "bad-stream-flag": b'{"model":"fake-moe","stream":"yes please","messages":'
+                       b'[{"role":"user","content":"hi"}]}',
+    "longer-than-context": b'{"model":"fake-moe","messages":[{"role":"user","content":"'
+                           + b"a " * 5000 + b'"}]}',
+}
+"""Bodies for POST /v1/chat/completions that must each get an OpenAI-shaped 400 (model
+``fake-moe`` with a context under 5000 tokens)."""
+
+
 def slow_clients(port: int, count: int, stop: threading.Event, slow_body: bool = False,
                  interval_s: float = 0.5) -> None:
     """Open ``count`` connections that never finish their request, until ``stop`` is set.

@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from moestack.loadtest.client import RequestResult
 from moestack.loadtest.report import summarize
@@ -87,6 +88,21 @@ def wait_http_ok(url: str, timeout_s: float = 300.0, interval_s: float = 0.5,
             last = exc
         time.sleep(interval_s)
     raise TimeoutError(f"{url} did not answer 200 within {timeout_s:g} s: {last}")
+
+
+def start_server(name: str, cmd: Sequence[str], env: dict[str, str], health_url: str,
+                 log_path: Path, timeout_s: float) -> subprocess.Popen:
+    """Start a server in its own session, logging to ``log_path``, and wait until ``health_url``
+    answers 200; if it does not, stop it and raise with the end of its log."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_http_ok(health_url, timeout_s=timeout_s, proc=proc)
+    except TimeoutError:
+        stop_server(proc)
+        raise RuntimeError(f"{name} did not start:\n{log_path.read_text()[-3000:]}") from None
+    return proc
 
 
 def stop_server(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
