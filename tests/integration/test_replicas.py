@@ -23,7 +23,12 @@ MODEL = "fake-moe"
 
 
 @pytest.fixture(scope="module")
-def serve_cluster():
+def proxy_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def serve_cluster(proxy_port):
     import ray
     from ray import serve
 
@@ -34,7 +39,7 @@ def serve_cluster():
     os.environ.update({k: "0.5" for k in saved})  # autoscaling signals every 0.5 s, not 10 s
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=str(tmp),
              logging_level="WARNING")
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
     yield serve
     serve.shutdown()
     ray.shutdown()
@@ -186,6 +191,61 @@ async def test_autoscaling_follows_load_up_and_back_down(serve_cluster):
         await wait_until(lambda: d.running_replicas() == 1, 90, "scale-down to 1 replica")
     finally:
         d.delete()
+
+
+async def test_gateway_fair_queue_depth_scales_the_model_and_its_slots_up(
+        serve_cluster, proxy_port, tmp_path):
+    """Replicas take 2 requests each, so the gateway hands Serve 2 per replica and keeps the
+    rest in its fair queue: Serve alone sees one replica's target. The queue depth reaches the
+    autoscaler through the board, the model scales up, and the gateway's slots follow."""
+    import httpx
+    from openai import AsyncOpenAI
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from moestack.serve.app import build_app
+    from moestack.tenancy.store import TenancyStore
+
+    url = f"sqlite:///{tmp_path}/tenancy.db"
+    store = TenancyStore.open(url)
+    _, key = store.create_tenant("team")
+    store.close()
+    config = fake_config(
+        fake_model(MODEL, cpus_per_worker=0.1, max_model_len=4096, max_ongoing_requests=2,
+                   fake={"token_interval_s": 0.05},
+                   autoscaling={"enabled": True, "min_replicas": 1, "max_replicas": 3,
+                                "target_ongoing_requests": 2, "look_back_period_s": 1,
+                                "downscale_delay_s": 600}),
+        storage={"url": url}, tenancy={"enabled": True, "bootstrap_tenant": None})
+    serve_cluster.run(build_app(config), name="queued", route_prefix="/queued")
+    base = f"http://127.0.0.1:{proxy_port}/queued"
+
+    def gauge(name: str) -> float:
+        """The model's samples of ``name`` on the gateway's /metrics, summed over labels."""
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name and s.labels.get("model") == MODEL)
+
+    def running() -> int:
+        status = serve_cluster.status().applications["queued"]
+        return status.deployments[f"ModelServer:{MODEL}"].replica_states.get("RUNNING", 0)
+
+    client = AsyncOpenAI(base_url=f"{base}/v1", api_key=key.plaintext, max_retries=0)
+    try:
+        assert running() == 1 and gauge("moestack_queue_slots_requests") == 2
+        load = [asyncio.create_task(client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=100))
+            for i in range(12)]
+        await wait_until(lambda: running() == 3, 60, "scale-up on the gateway queue depth")
+        await wait_until(lambda: gauge("moestack_queue_slots_requests") == 6, 30,
+                         "the fair queue's slots to follow the 3 replicas")
+        assert gauge("moestack_model_replicas") == 3
+        done = await asyncio.gather(*load)
+        assert [c.usage.completion_tokens for c in done] == [100] * 12
+        assert gauge("moestack_routed_requests_total") == 12  # each routed once (hit + miss)
+        assert gauge("moestack_failover_retries_total") == 0
+    finally:
+        await client.close()
+        serve_cluster.delete("queued")
 
 
 async def test_scaled_to_zero_model_queues_the_first_request_through_cold_start(serve_cluster):

@@ -84,6 +84,22 @@ def test_never_leaves_min_max_bounds():
     assert replicas == [2, 2, 5, 5, 2, 2]
 
 
+def test_gateway_queue_depth_scales_up_when_serve_only_sees_the_dispatched_requests():
+    # The gateway's fair queue hands Serve at most 8 requests (its slots), so Serve's count
+    # stays at one replica's target while 40 requests wait; the queue depth is the demand.
+    cfg = ReplicaAutoscalingConfig(enabled=True, target_ongoing_requests=8, max_replicas=4,
+                                   upscale_delay_s=0)
+    blind = decide(ScalingContext(ScalingSignals(0, 1, 8.0), cfg))[0]
+    seen = decide(ScalingContext(ScalingSignals(0, 1, 8.0, gateway_queued_requests=40), cfg))[0]
+    assert (blind, seen) == (1, 4)
+    # A standing gateway queue also keeps replicas from scaling down.
+    state, replicas = {}, 4
+    for t in range(0, 200, 10):
+        replicas, state = decide(ScalingContext(
+            ScalingSignals(t, replicas, 8.0, gateway_queued_requests=24), cfg, state))
+    assert replicas == 4
+
+
 def test_ray_policy_reads_serve_context_and_custom_metrics():
     rid = [ReplicaID(unique_id=f"r{i}", deployment_id=DeploymentID("m", "app")) for i in range(2)]
     cfg = ReplicaAutoscalingConfig(enabled=True, max_replicas=4, ttft_slo_s=1.0)
@@ -92,13 +108,21 @@ def test_ray_policy_reads_serve_context_and_custom_metrics():
         current_num_replicas=2, target_num_replicas=2, running_replicas=rid,
         total_num_requests=lambda: 6.0, total_queued_requests=0.0,
         aggregated_metrics={"kv_cache_usage_ratio": {rid[0]: 0.2, rid[1]: 0.4},
-                            "ttft_s": {rid[0]: 2.0, rid[1]: 3.0}},
+                            "ttft_s": {rid[0]: 2.0, rid[1]: 3.0},
+                            "gateway_queued_requests": {rid[0]: 3.0, rid[1]: 5.0}},
         raw_metrics=None, capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=4,
         policy_state={}, last_scale_up_time=None, last_scale_down_time=None,
         current_time=1000.0, config=None)
     replicas, debug = LLMAutoscalingPolicy(**cfg.model_dump())(ctx)
     assert replicas == 3
     assert any("ttft 2.5 s" in r for r in debug["reasons"])
+    # Load = 6 ongoing + 5 waiting at the gateways (every replica reads the board; the larger
+    # reading counts); with a target of 4 per replica that asks for ceil(11 / 4) = 3.
+    cfg4 = ReplicaAutoscalingConfig(enabled=True, max_replicas=4, target_ongoing_requests=4)
+    replicas, debug = LLMAutoscalingPolicy(**cfg4.model_dump())(ctx)
+    assert replicas == 3 and "load 11 > 2 x 4" in debug["reasons"][0]
+    blind = cfg4.model_copy(update={"count_gateway_queue": False})
+    assert LLMAutoscalingPolicy(**blind.model_dump())(ctx)[0] == 2  # ceil(6 / 4)
 
 
 def test_deployment_options_install_the_policy_router_and_drain_in_serve():
@@ -113,7 +137,8 @@ def test_deployment_options_install_the_policy_router_and_drain_in_serve():
     assert policy.__name__ == "LLMAutoscalingPolicy"
     assert policy(**serve_cfg.policy.policy_kwargs).config == model.autoscaling
     assert options["graceful_shutdown_timeout_s"] == 45
-    assert options["request_router_config"]["request_router_kwargs"]["policy"] == "prefix_affinity"
+    kwargs = options["request_router_config"]["request_router_kwargs"]
+    assert kwargs["model"] == model.name and kwargs["routing"]["policy"] == "prefix_affinity"
     fixed = scaling_options(ModelConfig.model_validate(fake_model()))
     assert "autoscaling_config" not in fixed
 

@@ -161,10 +161,33 @@ def test_itl_is_the_mean_gap_after_the_first_token():
 def test_queue_depth_is_read_at_scrape_time():
     metrics = GatewayMetrics(config=_config())
     depth = [3]
-    metrics.track_queue_depth("g", lambda: depth[0])
+    metrics.track_queue_depth("g", lambda: depth[0], lambda: 16)
     assert _samples(metrics)[("moestack_queue_depth_requests", (("model", "g"),))] == 3
     depth[0] = 0
     assert _samples(metrics)[("moestack_queue_depth_requests", (("model", "g"),))] == 0
+    assert _samples(metrics)[("moestack_queue_slots_requests", (("model", "g"),))] == 16
+
+
+def test_routing_counts_and_live_replicas_are_read_from_the_router_at_scrape_time():
+    from moestack.routing.policy import RoutingCounts
+
+    metrics = GatewayMetrics(config=_config())
+    counts: list[RoutingCounts | None] = [None]
+    failovers = [0]
+    metrics.track_routing("g", lambda: counts[0], lambda: failovers[0])
+    s = _samples(metrics)
+    assert s[("moestack_model_replicas", (("model", "g"),))] == 2  # configured, until told
+    assert ("moestack_routed_requests_total", (("model", "g"), ("prefix", "hit"))) not in s
+    counts[0] = RoutingCounts(requests=10, prefix_hits=7, prompt_blocks=40, matched_blocks=25,
+                              live_replicas=3)
+    failovers[0] = 2
+    s = _samples(metrics)
+    assert s[("moestack_model_replicas", (("model", "g"),))] == 3
+    assert s[("moestack_model_gpus", (("model", "g"),))] == 24  # 3 replicas x TP 8
+    assert s[("moestack_routed_requests_total", (("model", "g"), ("prefix", "hit")))] == 7
+    assert s[("moestack_routed_requests_total", (("model", "g"), ("prefix", "miss")))] == 3
+    assert s[("moestack_routed_prefix_blocks_total", (("kind", "matched"), ("model", "g")))] == 25
+    assert s[("moestack_failover_retries_total", (("model", "g"),))] == 2
 
 
 def test_gateway_replicas_each_accrue_their_share():

@@ -43,7 +43,8 @@ def build_api(config: MoestackConfig, backend: ModelBackend,
         if metrics.cost_model is not None:
             app.state.tenancy.pricer = metrics.cost_model.price
         for m in config.models:
-            metrics.track_queue_depth(m.name, app.state.tenancy.queue(m.name).waiting)
+            queue = app.state.tenancy.queue(m.name)
+            metrics.track_queue_depth(m.name, queue.waiting, lambda q=queue: q.max_inflight)
     service = GenerationService(config, backend, [metrics, *sinks], admission=app.state.tenancy)
     app.state.config = config
     app.state.created = int(time.time())

@@ -107,6 +107,9 @@ class ReplicaAutoscalingConfig(_Strict):
                                          "(default: min_replicas).")
     target_ongoing_requests: float = Field(8.0, gt=0, description="Running plus queued "
                                            "requests per replica to aim for.")
+    count_gateway_queue: bool = Field(True, description="Count the requests waiting in the "
+                                      "gateways' tenant fair queues as load (Ray Serve only "
+                                      "sees those handed to it).")
     scale_down_load_ratio: float = Field(0.6, gt=0, le=1, description="Hysteresis: scale down "
                                          "only while the load per remaining replica stays "
                                          "under target_ongoing_requests times this ratio.")
@@ -184,6 +187,14 @@ class ModelConfig(_Strict):
     autoscaling: ReplicaAutoscalingConfig = Field(default_factory=ReplicaAutoscalingConfig,
                                                   description="Replica autoscaling.")
 
+    @property
+    def initial_replicas(self) -> int:
+        """Replicas at deploy time: ``num_replicas``, or the autoscaler's initial (0 allowed)."""
+        scale = self.autoscaling
+        if not scale.enabled:
+            return self.num_replicas
+        return scale.min_replicas if scale.initial_replicas is None else scale.initial_replicas
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         if self.engine == "vllm" and (self.path is None) == (self.tiny is None):
@@ -224,12 +235,12 @@ class TokenPriceConfig(_Strict):
 class FairQueueConfig(_Strict):
     """Weighted, token-based fair queue in front of each model (per gateway replica)."""
 
-    max_inflight_requests_per_model: int = Field(64, ge=1, description="Requests one gateway "
-                                                 "replica sends to a model at once; more wait in "
-                                                 "the fair queue, ordered by priority tier and "
-                                                 "virtual token counter. Set it near the model's "
-                                                 "batch capacity (replicas x vLLM max_num_seqs) "
-                                                 "divided by the gateway replicas.")
+    max_inflight_requests_per_model: int | None = Field(
+        None, ge=1, description="Requests one gateway replica sends to a model at once; more "
+        "wait in the fair queue, ordered by priority tier and virtual token counter. Unset: "
+        "what the model's live replicas take at once (replicas x max_ongoing_requests) divided "
+        "by the gateway replicas, following autoscaling, so requests wait here in fair order "
+        "rather than in Ray Serve's FIFO queues.")
 
 
 class TenancyConfig(_Strict):

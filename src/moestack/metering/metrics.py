@@ -22,6 +22,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from moestack.api.generation import RequestRecord
 from moestack.config.schema import MoestackConfig
@@ -32,6 +34,7 @@ from moestack.metering.cost import (
     ProvisionedResources,
     Settlement,
 )
+from moestack.routing.policy import RoutingCounts
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
@@ -61,11 +64,15 @@ class GatewayMetrics:
         self._clock = clock
         self._last_settle = clock()
         self._lock = threading.Lock()
+        self._routing: dict[str, tuple[Callable[[], RoutingCounts | None],
+                                       Callable[[], int]]] = {}
         self._declare(self.registry)
+        self.registry.register(_RoutingCollector(self._routing))
         if config is not None:
             for m in config.models:
-                self.model_replicas.labels(m.name).set(m.num_replicas)
-                gpus = m.parallelism.world_size * m.num_replicas if m.accelerator == "gpu" else 0
+                self.model_replicas.labels(m.name).set(m.initial_replicas)
+                gpus = m.parallelism.world_size * m.initial_replicas \
+                    if m.accelerator == "gpu" else 0
                 self.model_gpus.labels(m.name).set(gpus)
 
     def _declare(self, r: CollectorRegistry) -> None:
@@ -94,6 +101,9 @@ class GatewayMetrics:
                              ["model"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.queue_depth = Gauge("moestack_queue_depth_requests", "Requests waiting in the "
                                  "gateway's fair queue for a model.", ["model"], registry=r)
+        self.queue_slots = Gauge("moestack_queue_slots_requests", "Requests the gateway sends "
+                                 "to a model at once (fair-queue dispatch slots).", ["model"],
+                                 registry=r)
         self.model_replicas = Gauge("moestack_model_replicas", "Engine replicas of a model.",
                                     ["model"], registry=r)
         self.model_gpus = Gauge("moestack_model_gpus", "GPUs a model's replicas hold.",
@@ -152,9 +162,30 @@ class GatewayMetrics:
 
     # -- hooks for other gateway components ----------------------------------------------------
 
-    def track_queue_depth(self, model: str, waiting: Callable[[], int]) -> None:
-        """Report ``waiting()`` (requests queued for ``model``) at every scrape."""
+    def track_queue_depth(self, model: str, waiting: Callable[[], int],
+                          slots: Callable[[], int]) -> None:
+        """Report ``waiting()`` (requests queued for ``model``) and ``slots()`` (its dispatch
+        slots) at every scrape."""
         self.queue_depth.labels(model).set_function(waiting)
+        self.queue_slots.labels(model).set_function(slots)
+
+    def track_routing(self, model: str, counts: Callable[[], RoutingCounts | None],
+                      failovers: Callable[[], int]) -> None:
+        """Report the routing of ``model`` at every scrape: ``counts()`` of the router (None
+        until it routed or saw replicas) and ``failovers()``. Once the router knows the live
+        replicas they replace the configured ones in ``moestack_model_replicas``."""
+        self._routing[model] = (counts, failovers)
+        m = self.config.model(model) if self.config is not None else None
+
+        def replicas() -> float:
+            c = counts()
+            if c is not None and c.live_replicas is not None:
+                return c.live_replicas
+            return m.initial_replicas if m is not None else 0
+        self.model_replicas.labels(model).set_function(replicas)
+        if m is not None and m.accelerator == "gpu":
+            self.model_gpus.labels(model).set_function(
+                lambda: replicas() * m.parallelism.world_size)
 
     def record_rejection(self, tenant: str, status: int) -> None:
         self.rejections.labels(tenant, str(status)).inc()
@@ -190,6 +221,38 @@ class GatewayMetrics:
     def exposition(self) -> bytes:
         self.settle()
         return generate_latest(self.registry)
+
+
+class _RoutingCollector(Collector):
+    """Routing counts read from each model's router at scrape time."""
+
+    def __init__(self, sources: dict[str, tuple[Callable[[], RoutingCounts | None],
+                                                Callable[[], int]]]):
+        self.sources = sources
+
+    def describe(self):
+        return []  # names are declared in collect(); nothing to check at registration
+
+    def collect(self):
+        routed = CounterMetricFamily("moestack_routed_requests", "Requests routed to a replica, "
+                                     "by whether the router expected a prefix-cache hit there.",
+                                     labels=["model", "prefix"])
+        blocks = CounterMetricFamily("moestack_routed_prefix_blocks", "Prompt prefix blocks of "
+                                     "routed requests, and those the chosen replica held.",
+                                     labels=["model", "kind"])
+        failovers = CounterMetricFamily("moestack_failover_retries", "Requests retried on "
+                                        "another replica after one failed before the first "
+                                        "token.", labels=["model"])
+        for model, (counts, failed) in self.sources.items():
+            failovers.add_metric([model], failed())
+            c = counts()
+            if c is None:
+                continue
+            routed.add_metric([model, "hit"], c.prefix_hits)
+            routed.add_metric([model, "miss"], c.requests - c.prefix_hits)
+            blocks.add_metric([model, "prompt"], c.prompt_blocks)
+            blocks.add_metric([model, "matched"], c.matched_blocks)
+        yield from (routed, blocks, failovers)
 
 
 def _default_resources(config: MoestackConfig) -> ResourceSource:

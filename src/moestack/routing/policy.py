@@ -110,6 +110,10 @@ def _random(config, index, rng):
     return Pipeline([CapacityFilter()], [], MaxScorePicker(rng))
 
 
+ROUTERS: dict[tuple[str, str], Router] = {}
+"""(application, model) -> the router of this process's handle to that model's replicas (set by
+:mod:`moestack.routing.ray_router`; the gateway reads live replicas and counts from it)."""
+
 RESERVATION_TTL_S = 60.0
 """A reservation never confirmed by routing (request cancelled while queued) expires after this."""
 
@@ -123,6 +127,22 @@ class _InFlight:
 
 
 @dataclass
+class RoutingCounts:
+    """What a router did since it started (monotonic counts), for the gateway's metrics."""
+
+    requests: int = 0
+    """Requests routed (a failover retry is routed again)."""
+    prefix_hits: int = 0
+    """Requests sent to a replica that, as far as this router knows, caches part of the prompt."""
+    prompt_blocks: int = 0
+    """Prefix blocks of the routed prompts."""
+    matched_blocks: int = 0
+    """Leading prefix blocks the chosen replica already held."""
+    live_replicas: int | None = None
+    """Replicas the router can send to (None: not told yet)."""
+
+
+@dataclass
 class Router:
     """Routing state plus the configured policy; not thread-safe (one event loop drives it)."""
 
@@ -130,6 +150,7 @@ class Router:
     seed: int | None = None
     index: PrefixIndex = field(init=False)
     pipeline: Pipeline = field(init=False)
+    counts: RoutingCounts = field(default_factory=RoutingCounts, init=False)
     _outstanding: dict[str, int] = field(default_factory=dict, init=False)
     _in_flight: dict[str, _InFlight] = field(default_factory=dict, init=False)
 
@@ -180,6 +201,11 @@ class Router:
         self.completed(key)
         self._in_flight[key] = _InFlight(replica_id, request.estimated_tokens)
         self._add(replica_id, request.estimated_tokens)
+        matched = self.index.match(request.prefix_blocks, (replica_id,)).get(replica_id, 0)
+        self.counts.requests += 1
+        self.counts.prefix_hits += matched > 0
+        self.counts.prompt_blocks += len(request.prefix_blocks)
+        self.counts.matched_blocks += matched
         self.index.insert(request.prefix_blocks, replica_id)
 
     def completed(self, key: str) -> None:

@@ -1,10 +1,13 @@
 """The ModelServer deployment's Ray Serve request router, running a moestack routing policy.
 
-Ray Serve builds one router per deployment handle (so per gateway replica) and calls
-:meth:`MoestackRequestRouter.initialize_state` with ``request_router_kwargs``: the model's
-``routing`` config as a dict. Outstanding tokens and the prefix index are therefore per gateway
-replica, an approximation that needs no coordination; Ray's own queue-length probes still guard
-each replica's ``max_ongoing_requests``.
+Ray Serve builds one router per deployment handle (so per gateway replica, in the gateway's
+process) and calls :meth:`MoestackRequestRouter.initialize_state` with ``request_router_kwargs``:
+the model's name and ``routing`` config. Outstanding tokens and the prefix index are therefore per
+gateway replica, an approximation that needs no coordination; Ray's own queue-length probes still
+guard each replica's ``max_ongoing_requests``.
+
+Each router registers its :class:`Router` in :data:`moestack.routing.policy.ROUTERS`, so the gateway in the same process
+reads the model's live replica count (to size its fair queue) and the routing counts (metrics).
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from moestack.routing.policy import Router
 from moestack.routing.types import ReplicaState
 
 
-def request_router_config(routing: Any) -> dict[str, Any]:
-    """``request_router_config`` deployment option for a :class:`RoutingConfig`."""
+def request_router_config(model: Any) -> dict[str, Any]:
+    """``request_router_config`` deployment option for a :class:`ModelConfig`."""
     return {"request_router_class": f"{__name__}:{MoestackRequestRouter.__name__}",
-            "request_router_kwargs": routing.model_dump(mode="json")}
+            "request_router_kwargs": {"model": model.name,
+                                      "routing": model.routing.model_dump(mode="json")}}
 
 
 def _generation_request(pending: PendingRequest | None) -> GenerationRequest | None:
@@ -43,10 +47,14 @@ def _generation_request(pending: PendingRequest | None) -> GenerationRequest | N
 class MoestackRequestRouter(FIFOMixin, RequestRouter):
     """Ranks replicas with the configured policy; Serve sends to the first rank with room."""
 
-    def initialize_state(self, **routing: Any) -> None:
+    def initialize_state(self, model: str, routing: dict[str, Any]) -> None:
         from moestack.config.schema import RoutingConfig
+        # Imported here, not at module level: Ray may ship this class by value, with a copy of
+        # the module's globals, and the registry must be the process's own.
+        from moestack.routing.policy import ROUTERS
 
         self.router = Router(RoutingConfig.model_validate(routing))
+        ROUTERS[(self.app_name, model)] = self.router
 
     def _state(self, replica: RunningReplica) -> ReplicaState:
         rid = replica.replica_id.unique_id
@@ -92,3 +100,4 @@ class MoestackRequestRouter(FIFOMixin, RequestRouter):
         super().update_replicas(replicas)
         for gone in before - set(self.curr_replicas):
             self.router.forget(gone.unique_id)
+        self.router.counts.live_replicas = len(self.curr_replicas)

@@ -9,8 +9,9 @@ Ray Serve's ``AutoscalingContext``, whose per-replica custom metrics come from
 Signals and rules:
 
 * load = Serve's ongoing requests of the deployment (running on replicas plus queued at the
-  gateways' handles). Wanted replicas = ceil(load / target_ongoing_requests). Requests still
-  waiting in a gateway's tenant fair queue, before the handle, are not counted yet.
+  gateways' handles) plus the requests waiting in the gateways' tenant fair queues, which Serve
+  does not see (reported through :mod:`moestack.serve.queue_board`). Wanted replicas =
+  ceil(load / target_ongoing_requests).
 * KV-cache usage above ``kv_cache_high_ratio``, or mean TTFT above ``ttft_slo_s``, add one replica.
 * Hysteresis: scale-down needs the load to fit ``target * scale_down_load_ratio`` per remaining
   replica, KV usage under ``kv_cache_low_ratio`` and TTFT within the SLO, all for
@@ -32,6 +33,7 @@ from moestack.routing.ray_router import request_router_config
 
 KV_CACHE_METRIC = "kv_cache_usage_ratio"
 TTFT_METRIC = "ttft_s"
+GATEWAY_QUEUE_METRIC = "gateway_queued_requests"
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,12 @@ class ScalingSignals:
     """Mean over replicas, 0 to 1; None when no replica reported it."""
     ttft_s: float | None = None
     """Mean time to first token of recent requests over replicas; None without requests."""
+    gateway_queued_requests: float = 0.0
+    """Waiting in the gateways' fair queues for this model, not yet handed to Serve."""
+
+    @property
+    def load(self) -> float:
+        return max(0.0, self.ongoing_requests) + max(0.0, self.gateway_queued_requests)
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,7 @@ class ScalingContext:
 
 def _wanted(ctx: ScalingContext) -> tuple[int, list[str]]:
     s, cfg = ctx.signals, ctx.config
-    cur, load = s.current_replicas, max(0.0, s.ongoing_requests)
+    cur, load = s.current_replicas, s.load
     if cur == 0:
         return (max(1, math.ceil(load / cfg.target_ongoing_requests)), ["cold start"]) \
             if load > 0 else (0, [])
@@ -112,8 +120,12 @@ def _since(state: dict[str, Any], key: str, now_s: float) -> float:
     return now_s if since is None else since
 
 
+def _values(per_replica: dict | None) -> list[float]:
+    return [v for v in (per_replica or {}).values() if v is not None and not math.isnan(v)]
+
+
 def _mean(per_replica: dict | None) -> float | None:
-    values = [v for v in (per_replica or {}).values() if v is not None and not math.isnan(v)]
+    values = _values(per_replica)
     return sum(values) / len(values) if values else None
 
 
@@ -125,12 +137,16 @@ class LLMAutoscalingPolicy:
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
         metrics = ctx.aggregated_metrics or {}
+        queued = max(_values(metrics.get(GATEWAY_QUEUE_METRIC)), default=0.0) \
+            if self.config.count_gateway_queue else 0.0
         signals = ScalingSignals(
             now_s=ctx.current_time if ctx.current_time is not None else time.time(),
             current_replicas=ctx.current_num_replicas,
             ongoing_requests=float(ctx.total_num_requests or 0.0),
             kv_cache_usage_ratio=_mean(metrics.get(KV_CACHE_METRIC)),
-            ttft_s=_mean(metrics.get(TTFT_METRIC)))
+            ttft_s=_mean(metrics.get(TTFT_METRIC)),
+            # Every replica reads the same gateway total; the largest is the freshest rise.
+            gateway_queued_requests=queued)
         return decide(ScalingContext(signals, self.config, dict(ctx.policy_state or {})))
 
 
@@ -138,7 +154,7 @@ def scaling_options(model: ModelConfig) -> dict[str, Any]:
     """``Deployment.options`` for routing, autoscaling and drain, merged over placement's."""
     cfg = model.autoscaling
     options: dict[str, Any] = {
-        "request_router_config": request_router_config(model.routing),
+        "request_router_config": request_router_config(model),
         # Drain: a replica leaving (scale-down, rollout) takes no new request and finishes the
         # ones it has, for up to this long, before it is stopped.
         "graceful_shutdown_timeout_s": cfg.drain_timeout_s,

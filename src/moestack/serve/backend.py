@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 
 from ray.exceptions import RayActorError, RayTaskError
@@ -43,6 +44,8 @@ class ServeBackend:
         self.handles = dict(handles)
         self.max_attempts = dict(max_attempts or {})
         """Per model: attempts on replicas while no token has been produced (failover)."""
+        self.failovers: Counter[str] = Counter()
+        """Per model: requests retried on another replica after one failed before any token."""
 
     def _handle(self, model: str) -> DeploymentHandle:
         try:
@@ -72,6 +75,7 @@ class ServeBackend:
                 finished = True
                 if streamed or attempt == attempts or not _replica_failed(exc):
                     raise _translate(exc) from None
+                self.failovers[model] += 1
                 log.warning("request %s: replica failed before the first token (%s); "
                             "retrying on another replica (attempt %d of %d)",
                             request.request_id, type(exc).__name__, attempt + 1, attempts)

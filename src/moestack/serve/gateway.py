@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
 from moestack.api.app import build_api
 from moestack.config.schema import MoestackConfig
+from moestack.routing.policy import ROUTERS
 from moestack.serve.backend import ServeBackend
+from moestack.serve.queue_board import REPORT_INTERVAL_S, BoardClient
 from moestack.tenancy.gate import TenancyGate
 
 
 class Gateway:
-    def __init__(self, config: dict[str, Any], model_handles: dict[str, DeploymentHandle]):
+    async def __init__(self, config: dict[str, Any], model_handles: dict[str, DeploymentHandle]):
+        from ray import serve
+
         self.config = MoestackConfig.model_validate(config)
         self.backend = ServeBackend(model_handles, {
             m.name: m.routing.max_attempts_before_first_token for m in self.config.models})
@@ -21,10 +26,38 @@ class Gateway:
         # storage URL fails the deployment instead of the first request.
         self.tenancy = TenancyGate.from_config(self.config) if self.config.tenancy.enabled \
             else None
+        context = serve.get_replica_context()
+        self.app_name, self.replica_id = context.app_name, context.replica_id.unique_id
+        self._follow = asyncio.get_running_loop().create_task(self._follow_models())
 
     def __serve_build_asgi_app__(self):
-        return build_api(self.config, self.backend, tenancy=self.tenancy)
+        app = build_api(self.config, self.backend, tenancy=self.tenancy)
+        for m in self.config.models:
+            app.state.metrics.track_routing(
+                m.name, lambda name=m.name: self._router_counts(name),
+                lambda name=m.name: self.backend.failovers[name])
+        return app
+
+    def _router_counts(self, model: str):
+        router = ROUTERS.get((self.app_name, model))
+        return router.counts if router is not None else None
+
+    async def _follow_models(self) -> None:
+        """Every ``REPORT_INTERVAL_S``: size each model's fair queue to its live replicas and
+        report the requests waiting in it to the autoscaler's board."""
+        if self.tenancy is None:
+            return  # no fair queue: nothing waits here
+        board = BoardClient(self.app_name, create=True)
+        while True:
+            for m in self.config.models:
+                counts = self._router_counts(m.name)
+                if counts is not None and counts.live_replicas is not None:
+                    self.tenancy.follow_replicas(m.name, counts.live_replicas)
+            await board.report(self.replica_id, self.tenancy.waiting())
+            await asyncio.sleep(REPORT_INTERVAL_S)
 
     def __del__(self):
+        if getattr(self, "_follow", None) is not None:
+            self._follow.cancel()
         if getattr(self, "tenancy", None) is not None:
             self.tenancy.store.close()

@@ -9,20 +9,29 @@ from typing import Any
 
 from moestack.config.schema import ModelConfig
 from moestack.engine import build_engine
-from moestack.serve.placement import verify_replica_placement
 from moestack.engine.protocol import EngineStats, GenerationChunk, GenerationRequest
-from moestack.serve.autoscaling import KV_CACHE_METRIC, TTFT_METRIC, TtftWindow
+from moestack.serve.autoscaling import (
+    GATEWAY_QUEUE_METRIC,
+    KV_CACHE_METRIC,
+    TTFT_METRIC,
+    TtftWindow,
+)
+from moestack.serve.placement import verify_replica_placement
+from moestack.serve.queue_board import BoardClient
 
 
 class ModelServer:
     """One replica: builds and starts the engine the model config names."""
 
     async def __init__(self, model_config: dict[str, Any], cache_dir: str | None = None):
+        from ray import serve
+
         self.config = ModelConfig.model_validate(model_config)
         verify_replica_placement(self.config)
         self.engine = build_engine(self.config, Path(cache_dir) if cache_dir else None)
         await self.engine.start()
         self.ttft = TtftWindow()
+        self.board = BoardClient(serve.get_replica_context().app_name, create=False)
         self.served = {"requests": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
@@ -42,11 +51,14 @@ class ModelServer:
 
         return {"replica": serve.get_replica_context().replica_id.unique_id, **self.served}
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
-        """Per-replica custom metrics Ray Serve hands to the autoscaling policy."""
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Per-replica custom metrics Ray Serve hands to the autoscaling policy; the gateways'
+        queue depth for this model is the same on every replica (the policy takes the max)."""
         stats = {KV_CACHE_METRIC: self.engine.stats().kv_cache_usage_ratio}
         if (ttft := self.ttft.mean()) is not None:
             stats[TTFT_METRIC] = ttft
+        if (queued := await self.board.waiting(self.config.name)) is not None:
+            stats[GATEWAY_QUEUE_METRIC] = queued
         return stats
 
     async def check_health(self) -> None:

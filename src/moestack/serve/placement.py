@@ -180,9 +180,7 @@ def check_config_fits_cluster(config: ModelConfig, nodes: Sequence[Mapping[str, 
     """Preflight for ``moestack up``: the replicas ``config`` starts with can be placed on
     ``nodes`` (with autoscaling: the initial replicas, at least one)."""
     opts = model_server_options(config)
-    scale = config.autoscaling
-    replicas = (max(1, scale.min_replicas if scale.initial_replicas is None
-                    else scale.initial_replicas) if scale.enabled else config.num_replicas)
+    replicas = max(1, config.initial_replicas)
     bundles = opts["placement_group_bundles"] * replicas
     strategy = opts["placement_group_strategy"]
     if strategy == "STRICT_PACK" and replicas > 1:

@@ -2,7 +2,8 @@
 
 After Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024.
 
-Each model has ``max_inflight`` dispatch slots (per gateway replica). A request takes a slot at
+Each model has ``max_inflight`` dispatch slots (per gateway replica; the gateway follows the
+model's live replica count, see :meth:`FairQueue.set_capacity`). A request takes a slot at
 once if one is free and nobody waits (work conserving: idle share goes to whoever has work).
 Otherwise it waits; when a slot frees, the waiting request that goes next is the first one of the
 tenant in the best priority tier (lowest number, as in vLLM) with the smallest virtual token
@@ -69,6 +70,11 @@ class FairQueue:
     def waiting(self) -> int:
         return sum(len(s.queue) for s in self._tenants.values())
 
+    def set_capacity(self, max_inflight: int) -> None:
+        """Change the slot count (the model's replicas changed); more slots dispatch waiters."""
+        self.max_inflight = max(1, max_inflight)
+        self._fill()
+
     async def acquire(self, tenant: str, weight: float, priority: int, cost_tokens: int) -> Slot:
         state = self._tenants.setdefault(tenant, _TenantState())
         state.weight, state.priority = weight, priority
@@ -101,6 +107,9 @@ class FairQueue:
         state = self._tenants[slot.tenant]
         state.inflight -= 1
         state.counter += (actual_tokens - slot.charged_tokens) / state.weight
+        self._fill()
+
+    def _fill(self) -> None:
         while self.inflight < self.max_inflight:
             best = min((s for s in self._tenants.values() if s.queue),
                        key=lambda s: (s.priority, s.counter), default=None)

@@ -151,9 +151,28 @@ class TenancyGate:
 
     def queue(self, model: str) -> FairQueue:
         if model not in self._queues:
-            self._queues[model] = FairQueue(
-                self.settings.fair_queue.max_inflight_requests_per_model)
+            self._queues[model] = FairQueue(self.dispatch_slots(model))
         return self._queues[model]
+
+    def dispatch_slots(self, model: str, live_replicas: int | None = None) -> int:
+        """This gateway replica's fair-queue slots for ``model``: the configured number, else
+        what the model's replicas (live, or the initial ones) take at once, shared by the
+        gateway replicas. A model scaled to zero gets one replica's worth, so the first
+        requests reach Ray Serve and start it."""
+        fixed = self.settings.fair_queue.max_inflight_requests_per_model
+        if fixed is not None:
+            return fixed
+        m = self.config.model(model)
+        replicas = max(1, m.initial_replicas if live_replicas is None else live_replicas)
+        return max(1, -(-replicas * m.max_ongoing_requests // self.config.gateway.num_replicas))
+
+    def follow_replicas(self, model: str, live_replicas: int) -> None:
+        """The model now has ``live_replicas``: resize its fair queue's slots to match."""
+        self.queue(model).set_capacity(self.dispatch_slots(model, live_replicas))
+
+    def waiting(self) -> dict[str, int]:
+        """Requests waiting in the fair queue, per model."""
+        return {m.name: self.queue(m.name).waiting() for m in self.config.models}
 
     def reservation_for(self, model: str, request: GenerationRequest) -> Reservation:
         max_len = self.config.model(model).max_model_len
