@@ -118,6 +118,14 @@ async def test_model_outside_acl_is_403(stack):
         await chat(stack.openai(key))
     assert err.value.body["code"] == "model_not_allowed"
     assert (await chat(stack.openai(key), model=OTHER)).usage.completion_tokens == 3
+    # The model list shows only the tenant's models; a hidden one reads as missing, as OpenAI's.
+    client = stack.openai(key)
+    assert [m.id async for m in client.models.list()] == [OTHER]
+    assert (await client.models.retrieve(OTHER)).id == OTHER
+    with pytest.raises(openai.NotFoundError):
+        await client.models.retrieve(MODEL)
+    everything = stack.openai(tenant(stack, name="all-models"))
+    assert sorted([m.id async for m in everything.models.list()]) == sorted([MODEL, OTHER])
 
 
 async def test_requests_per_minute_limit_is_429_with_retry_after(stack):

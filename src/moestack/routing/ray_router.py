@@ -6,8 +6,9 @@ the model's name and ``routing`` config. Outstanding tokens and the prefix index
 gateway replica, an approximation that needs no coordination; Ray's own queue-length probes still
 guard each replica's ``max_ongoing_requests``.
 
-Each router registers its :class:`Router` in :data:`moestack.routing.policy.ROUTERS`, so the gateway in the same process
-reads the model's live replica count (to size its fair queue) and the routing counts (metrics).
+Each router registers its :class:`Router` in :data:`moestack.routing.policy.ROUTERS`, so the
+gateway in the same process reads the model's live replica count (to size its fair queue) and the
+routing counts (metrics).
 """
 
 from __future__ import annotations
