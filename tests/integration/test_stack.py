@@ -4,9 +4,9 @@ driven with the official `openai` client. One stack per module; the last test st
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
-import shutil
 import time
 
 import httpx

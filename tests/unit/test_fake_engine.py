@@ -4,11 +4,11 @@ import asyncio
 
 import pytest
 
+from moestack.config.schema import ModelConfig
 from moestack.engine import GenerationRequest, SamplingOptions, build_engine
 from moestack.engine.protocol import ChatMessage, check_fits_context
 from moestack.errors import EngineUnavailableError, PromptTooLongError
 from moestack.testing import FakeEngine, FakeFault, fake_model
-from moestack.config.schema import ModelConfig
 
 
 def make_engine(**overrides) -> FakeEngine:

@@ -20,7 +20,7 @@ import anyio
 from moestack.api.backend import ModelBackend
 from moestack.config.schema import MoestackConfig
 from moestack.engine.protocol import GenerationChunk, GenerationRequest
-from moestack.errors import EngineUnavailableError, MoestackError, ModelNotFoundError
+from moestack.errors import EngineUnavailableError, ModelNotFoundError, MoestackError
 
 log = logging.getLogger(__name__)
 

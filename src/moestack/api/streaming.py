@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator, Callable
 
 from pydantic import BaseModel
 
-from moestack.api.protocol import PromptTokensDetails, Usage
 from moestack.api.errors import sse_error_event
+from moestack.api.protocol import PromptTokensDetails, Usage
 from moestack.engine.protocol import GenerationChunk
 from moestack.errors import MoestackError
 

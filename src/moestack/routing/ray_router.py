@@ -49,9 +49,9 @@ class MoestackRequestRouter(FIFOMixin, RequestRouter):
     """Ranks replicas with the configured policy; Serve sends to the first rank with room."""
 
     def initialize_state(self, model: str, routing: dict[str, Any]) -> None:
-        from moestack.config.schema import RoutingConfig
         # Imported here, not at module level: Ray may ship this class by value, with a copy of
         # the module's globals, and the registry must be the process's own.
+        from moestack.config.schema import RoutingConfig
         from moestack.routing.policy import ROUTERS
 
         self.router = Router(RoutingConfig.model_validate(routing))

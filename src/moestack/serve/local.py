@@ -49,7 +49,6 @@ def deploy(config: MoestackConfig, say: Say, timeout_s: float = DEPLOY_TIMEOUT_S
     from ray import serve
 
     from moestack.serve.app import APP_NAME, build_app
-
     from moestack.serve.placement import PlacementError, check_app_fits_cluster
 
     try:  # Serve would wait forever for a placement group the cluster can never host

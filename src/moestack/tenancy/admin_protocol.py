@@ -6,7 +6,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
 INT_COLUMN_MAX = 2**31 - 1
 """Largest value of the limits' INTEGER columns (32-bit on PostgreSQL)."""
 USD_MAX = 1e12

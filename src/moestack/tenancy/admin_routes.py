@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse
 
 from moestack.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from moestack.tenancy import ledger
-from moestack.tenancy.admission import Principal
 from moestack.tenancy.admin_protocol import KeyCreate, TenantCreate, TenantLimits
+from moestack.tenancy.admission import Principal
 from moestack.tenancy.gate import require_tenant
 from moestack.tenancy.store import TenancyStore
 

@@ -30,7 +30,6 @@ from moestack.engine.protocol import (
 from moestack.errors import EngineUnavailableError, InvalidRequestError
 
 
-
 @dataclass
 class FakeFault:
     """Make the next requests fail: after ``after_tokens`` tokens, with EngineUnavailableError."""

@@ -17,7 +17,12 @@ from moestack.api.chat.protocol import (
 )
 from moestack.api.generation import GenerationService
 from moestack.api.streaming import sse_stream, usage_of
-from moestack.engine.protocol import ChatMessage, GenerationChunk, GenerationRequest, SamplingOptions
+from moestack.engine.protocol import (
+    ChatMessage,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingOptions,
+)
 
 ENDPOINT = "chat.completions"
 

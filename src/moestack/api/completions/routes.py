@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from moestack.api.chat.routes import ERRORS
-from moestack.api.disconnect import cancel_on_disconnect
 from moestack.api.completions.protocol import Completion, CompletionRequest
+from moestack.api.disconnect import cancel_on_disconnect
 
 router = APIRouter()
 
