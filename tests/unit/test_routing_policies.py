@@ -153,8 +153,11 @@ def test_prefix_hashes_are_chained_so_only_a_shared_prefix_matches():
     assert a[:2] == b[:2] and a[2] != b[2]
     assert not set(a) & set(c)
     index = PrefixIndex(capacity_blocks=100)
-    index.insert(a, "r1")
+    assert index.insert(a, "r1") == 0
     assert index.match(b, ["r1", "r2"]) == {"r1": 2, "r2": 0}
+    # insert() reports what match() would have for that replica, before recording the blocks.
+    assert index.insert(b, "r2") == 0 and index.insert(b, "r1") == 2
+    assert index.insert(a, "r1") == 3
 
 
 def test_prefix_index_evicts_least_recently_used_blocks():

@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from moestack.api.generation import RequestRecord
-from moestack.config.schema import MoestackConfig
+from moestack.config.schema import ModelConfig, MoestackConfig
 from moestack.metering.cost import (
     NO_TENANT,
     CostAccountant,
@@ -70,10 +70,7 @@ class GatewayMetrics:
         self.registry.register(_RoutingCollector(self._routing))
         if config is not None:
             for m in config.models:
-                self.model_replicas.labels(m.name).set(m.initial_replicas)
-                gpus = m.parallelism.world_size * m.initial_replicas \
-                    if m.accelerator == "gpu" else 0
-                self.model_gpus.labels(m.name).set(gpus)
+                self._track_replicas(m, lambda m=m: m.initial_replicas)
 
     def _declare(self, r: CollectorRegistry) -> None:
         # -- requests and tokens -------------------------------------------------------------
@@ -176,16 +173,20 @@ class GatewayMetrics:
         replicas they replace the configured ones in ``moestack_model_replicas``."""
         self._routing[model] = (counts, failovers)
         m = self.config.model(model) if self.config is not None else None
+        if m is None:
+            return
 
-        def replicas() -> float:
+        def replicas() -> int:
             c = counts()
-            if c is not None and c.live_replicas is not None:
-                return c.live_replicas
-            return m.initial_replicas if m is not None else 0
-        self.model_replicas.labels(model).set_function(replicas)
-        if m is not None and m.accelerator == "gpu":
-            self.model_gpus.labels(model).set_function(
-                lambda: replicas() * m.parallelism.world_size)
+            return c.live_replicas if c is not None and c.live_replicas is not None \
+                else m.initial_replicas
+        self._track_replicas(m, replicas)
+
+    def _track_replicas(self, m: ModelConfig, replicas: Callable[[], int]) -> None:
+        """``moestack_model_replicas`` and ``_gpus`` of ``m``, read from ``replicas()``."""
+        gpus_per_replica = m.parallelism.world_size if m.accelerator == "gpu" else 0
+        self.model_replicas.labels(m.name).set_function(replicas)
+        self.model_gpus.labels(m.name).set_function(lambda: replicas() * gpus_per_replica)
 
     def record_rejection(self, tenant: str, status: int) -> None:
         self.rejections.labels(tenant, str(status)).inc()

@@ -201,12 +201,11 @@ class Router:
         self.completed(key)
         self._in_flight[key] = _InFlight(replica_id, request.estimated_tokens)
         self._add(replica_id, request.estimated_tokens)
-        matched = self.index.match(request.prefix_blocks, (replica_id,)).get(replica_id, 0)
+        matched = self.index.insert(request.prefix_blocks, replica_id)
         self.counts.requests += 1
         self.counts.prefix_hits += matched > 0
         self.counts.prompt_blocks += len(request.prefix_blocks)
         self.counts.matched_blocks += matched
-        self.index.insert(request.prefix_blocks, replica_id)
 
     def completed(self, key: str) -> None:
         done = self._in_flight.pop(key, None)

@@ -46,16 +46,23 @@ class PrefixIndex:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def insert(self, blocks: Sequence[int], replica_id: str) -> None:
+    def insert(self, blocks: Sequence[int], replica_id: str) -> int:
+        """Record that ``replica_id`` was sent ``blocks``; returns how many leading blocks it
+        held already (what :meth:`match` would have said for it alone)."""
+        held, leading = 0, True
         for b in blocks:
             holders = self._blocks.get(b)
             if holders is None:
+                leading = False
                 self._blocks[b] = {replica_id}
             else:
+                leading = leading and replica_id in holders
+                held += leading
                 holders.add(replica_id)
                 self._blocks.move_to_end(b)
         while len(self._blocks) > self.capacity_blocks:
             self._blocks.popitem(last=False)
+        return held
 
     def match(self, blocks: Sequence[int], candidates: Iterable[str]) -> dict[str, int]:
         """Per candidate: how many leading blocks of ``blocks`` it holds."""

@@ -57,7 +57,8 @@ class ModelServer:
         stats = {KV_CACHE_METRIC: self.engine.stats().kv_cache_usage_ratio}
         if (ttft := self.ttft.mean()) is not None:
             stats[TTFT_METRIC] = ttft
-        if (queued := await self.board.waiting(self.config.name)) is not None:
+        if self.config.autoscaling.count_gateway_queue and (
+                queued := await self.board.waiting(self.config.name)) is not None:
             stats[GATEWAY_QUEUE_METRIC] = queued
         return stats
 
