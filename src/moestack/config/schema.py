@@ -231,6 +231,11 @@ class TokenPriceConfig(_Strict):
     usd_per_1m_completion_tokens: float = Field(0.0, ge=0, description="USD per 1M completion "
                                                 "tokens.")
 
+    def usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """What a tenant is charged for these tokens."""
+        return (prompt_tokens * self.usd_per_1m_prompt_tokens
+                + completion_tokens * self.usd_per_1m_completion_tokens) / 1e6
+
 
 class FairQueueConfig(_Strict):
     """Weighted, token-based fair queue in front of each model (per gateway replica)."""

@@ -152,10 +152,9 @@ class GatewayMetrics:
                 self.accountant.add_work(tenant, rec.model, cost.self_hosted_usd)
             for name, usd in cost.baseline_usd.items():
                 self.baseline_cost.labels(name, tenant).inc(usd)
-            price = self.config.tenancy.price(rec.model)
             self.tenant_charged.labels(tenant, rec.model).inc(
-                (rec.prompt_tokens * price.usd_per_1m_prompt_tokens
-                 + rec.completion_tokens * price.usd_per_1m_completion_tokens) / 1e6)
+                self.config.tenancy.price(rec.model).usd(rec.prompt_tokens,
+                                                         rec.completion_tokens))
 
     # -- hooks for other gateway components ----------------------------------------------------
 

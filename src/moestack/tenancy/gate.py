@@ -178,15 +178,12 @@ class TenancyGate:
         max_len = self.config.model(model).max_model_len
         prompt = min(prompt_tokens_upper_bound(request), max_len)
         completion = min(request.sampling.max_tokens or max_len, max_len)
-        price = self.settings.price(model)
-        usd = (prompt * price.usd_per_1m_prompt_tokens
-               + completion * price.usd_per_1m_completion_tokens) / 1e6
+        usd = self.settings.price(model).usd(prompt, completion)
         return Reservation(request.request_id, min(prompt + completion, max_len), usd)
 
     def cost_usd(self, record: RequestRecord) -> float:
-        price = self.settings.price(record.model)
-        return (record.prompt_tokens * price.usd_per_1m_prompt_tokens
-                + record.completion_tokens * price.usd_per_1m_completion_tokens) / 1e6
+        return self.settings.price(record.model).usd(record.prompt_tokens,
+                                                      record.completion_tokens)
 
     async def admit(self, model: str, request: GenerationRequest, endpoint: str,
                     stream: bool) -> Ticket:
