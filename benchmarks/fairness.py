@@ -17,6 +17,7 @@ import asyncio
 import math
 import tempfile
 
+from moestack.loadtest import jain_index
 from moestack.tenancy import query_usage
 from moestack.tenancy.fair import FairQueue
 from moestack.tenancy.models import utcnow
@@ -36,10 +37,6 @@ class FifoQueue(FairQueue):
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[max(0, math.ceil(q * len(xs)) - 1)] if xs else float("nan")
-
-
-def jain(xs: list[float]) -> float:
-    return sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs))
 
 
 async def load(stack, workers: dict[str, int], seconds: float, max_tokens: int,
@@ -128,7 +125,7 @@ async def main(args) -> None:
         for t, (share, wshare) in res.items():
             print(f"   {name:6} {t:6} {wshare:>12.3f} {share:>12.3f} {share / wshare:>12.3f}")
         print(f"   {name:6} Jain's index of share/weight: "
-              f"{jain([s / w for s, w in res.values()]):.4f}")
+              f"{jain_index([s / w for s, w in res.values()]):.4f}")
     print("\n2. light tenant (1 request at a time) alone vs next to heavy (10x the load)")
     print(f"   {'queue':6} {'alone p50':>10} {'alone p95':>10} {'contended p50':>14} "
           f"{'contended p95':>14} {'p95 ratio':>9} {'light n':>8} {'heavy n':>8}")

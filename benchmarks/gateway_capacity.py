@@ -41,7 +41,7 @@ from moestack.loadtest.compare import (
     table,
     wait_http_ok,
 )
-from moestack.testing.stack_process import free_port, start_stack
+from moestack.testing.stack_process import free_port, short_temp_dir, start_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "loadtest" / "scenarios" / "gateway-capacity.yaml"
@@ -141,8 +141,7 @@ def main() -> int:
                 stop_server(litellm)
     finally:
         stop_server(backend)
-    # Ray puts AF_UNIX sockets under the stack's temp folder: keep its path short.
-    stack_tmp = Path(tempfile.mkdtemp(prefix="ms-"))
+    stack_tmp = short_temp_dir()  # Ray's socket paths must stay short
     stack = start_stack(moestack_config(free_port(), stack_tmp), stack_tmp)
     try:
         measure("warm-up", warm, stack.base_url)

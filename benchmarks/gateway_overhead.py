@@ -40,7 +40,7 @@ from moestack.loadtest.compare import (
     stop_server,
     table,
 )
-from moestack.testing.stack_process import free_port, start_stack
+from moestack.testing.stack_process import free_port, short_temp_dir, start_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "loadtest" / "scenarios" / "gateway-overhead.yaml"
@@ -94,8 +94,7 @@ def main() -> int:
                                 arrival={**scenario.arrival.model_dump(), "rate_rps": None})
     checkpoint = ensure_tiny_model(TinySpec("deepseek-v3", 0), progress=print)
     tmp = Path(tempfile.mkdtemp(prefix="moestack-ovh-"))
-    # Ray puts AF_UNIX sockets under the stack's temp folder: keep its path short.
-    stack_tmp = Path(tempfile.mkdtemp(prefix="ms-"))
+    stack_tmp = short_temp_dir()  # Ray's socket paths must stay short
     print(f"gateway overhead: {args.rounds} rounds of {scenario.num_requests} Poisson + "
           f"{saturate.num_requests} saturating streamed chat requests per target, "
           f"{scenario.arrival.process} arrivals at {scenario.arrival.rate_rps} req/s, "

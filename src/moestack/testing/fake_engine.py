@@ -124,11 +124,12 @@ class FakeEngine(Engine):
 
     async def _prefill(self, ids: list[int]) -> int:
         """Look the prompt up in the prefix cache, "compute" the rest; returns cached tokens."""
-        cached = self.prefix_cache.lookup(ids)
+        keys = self.prefix_cache.keys(ids)
+        cached = self.prefix_cache.lookup(keys, len(ids))
         if self._config.fake.prefill_s_per_token:
             async with self._prefill_lock:
                 await asyncio.sleep((len(ids) - cached) * self._config.fake.prefill_s_per_token)
-        self.prefix_cache.insert(ids)
+        self.prefix_cache.insert(keys)
         return cached
 
 
@@ -146,24 +147,26 @@ class FakePrefixCache:
     def usage_ratio(self) -> float:
         return len(self._blocks) / self.capacity_blocks if self.capacity_blocks else 0.0
 
-    def _keys(self, ids: Sequence[int]) -> list[tuple[int, ...]]:
+    def keys(self, ids: Sequence[int]) -> list[tuple[int, ...]]:
+        """The cache keys of a prompt's whole blocks (each key is the prefix up to it)."""
         # Like vLLM: only whole blocks, and the last prompt token is always computed.
         n = (len(ids) - 1) // self.block_tokens if self.capacity_blocks else 0
         return [tuple(ids[:(i + 1) * self.block_tokens]) for i in range(n)]
 
-    def lookup(self, ids: Sequence[int]) -> int:
+    def lookup(self, keys: Sequence[tuple[int, ...]], prompt_tokens: int) -> int:
+        """Cached tokens of a prompt of ``prompt_tokens`` tokens whose block keys are ``keys``."""
         hits = 0
-        for key in self._keys(ids):
+        for key in keys:
             if key not in self._blocks:
                 break
             self._blocks.move_to_end(key)
             hits += 1
-        self.queried_tokens += len(ids)
+        self.queried_tokens += prompt_tokens
         self.hit_tokens += hits * self.block_tokens
         return hits * self.block_tokens
 
-    def insert(self, ids: Sequence[int]) -> None:
-        for key in self._keys(ids):
+    def insert(self, keys: Sequence[tuple[int, ...]]) -> None:
+        for key in keys:
             self._blocks[key] = None
             self._blocks.move_to_end(key)
         while len(self._blocks) > self.capacity_blocks:

@@ -41,8 +41,8 @@ async def local_stack(config: MoestackConfig, sinks=()) -> AsyncIterator[LocalSt
     engines = {m.name: build_engine(m, config.cache_dir) for m in config.models}
     for engine in engines.values():
         await engine.start()
-    tenancy = TenancyGate.from_config(config) if config.tenancy.enabled else None
-    app = build_api(config, LocalBackend(engines), sinks, tenancy=tenancy)
+    app = build_api(config, LocalBackend(engines), sinks)
+    tenancy = app.state.tenancy
     transport = httpx.ASGITransport(app=app)
     try:
         if tenancy is not None:

@@ -15,12 +15,13 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from moestack.testing.stack_process import free_port
 
 SUPERUSER = "moestack"
 
@@ -42,18 +43,12 @@ def find_bin_dir() -> Path:
                               "`postgresql` or set MOESTACK_PG_BIN)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PostgresServer:
     def __init__(self, base_dir: Path | None = None):
         self.bin = find_bin_dir()
         self.root = Path(tempfile.mkdtemp(prefix="moestack-pg-", dir=base_dir))
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self._user = self._run_as_user()
 
     @staticmethod
