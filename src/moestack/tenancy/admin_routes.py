@@ -18,7 +18,7 @@ from moestack.errors import AuthenticationError, InvalidRequestError, Permission
 from moestack.tenancy import ledger
 from moestack.tenancy.admin_protocol import KeyCreate, TenantCreate, TenantLimits
 from moestack.tenancy.admission import Principal
-from moestack.tenancy.gate import require_tenant
+from moestack.tenancy.gate import bearer_token, require_tenant
 from moestack.tenancy.store import TenancyStore
 
 
@@ -28,8 +28,7 @@ def require_admin(request: Request) -> None:
     if not expected:
         raise PermissionDeniedError(f"The admin API is disabled: set {env}.",
                                     code="admin_disabled")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    given = token.strip() if scheme.lower() == "bearer" else ""
+    given = bearer_token(request) or ""
     if not hmac.compare_digest(given.encode(), expected.encode()):
         raise AuthenticationError("Incorrect admin key provided.")
 

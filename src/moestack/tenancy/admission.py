@@ -30,7 +30,7 @@ from moestack.errors import (
     RateLimitError,
 )
 from moestack.tenancy.keys import parse_key, secret_matches
-from moestack.tenancy.models import ALL_MODELS, Tenant, UsageRow, utcnow
+from moestack.tenancy.models import Tenant, UsageRow, allows_model, utcnow
 from moestack.tenancy.store import TenancyStore
 
 WINDOW_S = 60.0
@@ -48,7 +48,7 @@ class Principal:
     allowed_models: tuple[str, ...]
 
     def allows(self, model: str) -> bool:
-        return ALL_MODELS in self.allowed_models or model in self.allowed_models
+        return allows_model(self.allowed_models, model)
 
 
 @dataclass(frozen=True)

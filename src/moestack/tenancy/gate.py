@@ -216,12 +216,15 @@ class TenancyGate:
         return ticket
 
 
+def bearer_token(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, else None."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
 async def require_tenant(request: Request) -> Principal:
     """FastAPI dependency of the OpenAI routes: the bearer key's principal, or 401."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    key = token.strip() if scheme.lower() == "bearer" else None
-    principal = await request.app.state.tenancy.authenticate(key)
+    principal = await request.app.state.tenancy.authenticate(bearer_token(request))
     current_principal.set(principal)
     request.state.principal = principal
     return principal

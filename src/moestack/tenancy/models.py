@@ -13,6 +13,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 ALL_MODELS = "*"
 
 
+def allows_model(allowed_models: tuple[str, ...] | list[str], model: str) -> bool:
+    """Whether a tenant's model list (``*`` for all) admits ``model``."""
+    return ALL_MODELS in allowed_models or model in allowed_models
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 

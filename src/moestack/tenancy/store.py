@@ -28,7 +28,7 @@ from sqlalchemy.pool import StaticPool
 
 from moestack.errors import InvalidRequestError, NotFoundError
 from moestack.tenancy.keys import NewKey, generate_key
-from moestack.tenancy.models import ALL_MODELS, ApiKey, Tenant, utcnow
+from moestack.tenancy.models import ALL_MODELS, ApiKey, Tenant, allows_model, utcnow
 
 BUDGET_PERIODS = ("day", "month", "total")
 LIMIT_FIELDS = ("allowed_models", "priority", "weight", "requests_per_min", "tokens_per_min",
@@ -53,7 +53,7 @@ class TenantInfo:
     active_key_ids: tuple[str, ...] = ()
 
     def allows(self, model: str) -> bool:
-        return ALL_MODELS in self.allowed_models or model in self.allowed_models
+        return allows_model(self.allowed_models, model)
 
     def as_json(self) -> dict[str, Any]:
         out = {f: getattr(self, f) for f in self.__dataclass_fields__}
