@@ -23,24 +23,24 @@ SOURCES = {
 }
 
 
-def source_files() -> dict[str, bytes]:
-    """Chart-relative path (under files/) -> content, as the source folders have them."""
+def _files(in_chart: bool) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for target, (folder, patterns) in SOURCES.items():
+        root = CHART_FILES / target if in_chart else folder
         for pattern in patterns:
-            for path in sorted(folder.glob(pattern)):
+            for path in sorted(root.glob(pattern)):
                 out[f"{target}/{path.name}"] = path.read_bytes()
     return out
+
+
+def source_files() -> dict[str, bytes]:
+    """Chart-relative path (under files/) -> content, as the source folders have them."""
+    return _files(in_chart=False)
 
 
 def chart_files() -> dict[str, bytes]:
     """Chart-relative path (under files/) -> content, as the chart has them."""
-    out: dict[str, bytes] = {}
-    for target, (_, patterns) in SOURCES.items():
-        for pattern in patterns:
-            for path in sorted((CHART_FILES / target).glob(pattern)):
-                out[f"{target}/{path.name}"] = path.read_bytes()
-    return out
+    return _files(in_chart=True)
 
 
 def sync() -> list[str]:

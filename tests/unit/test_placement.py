@@ -7,9 +7,9 @@ from moestack.serve.placement import (
     check_bundle_nodes,
     check_config_fits_cluster,
     check_feasible,
-    gpu_bundles,
     model_server_options,
     placement_strategy,
+    worker_bundles,
 )
 from moestack.testing.configs import fake_config, fake_model
 
@@ -29,7 +29,7 @@ def test_single_node_replica_is_strict_packed_and_multi_node_is_packed():
 def test_multi_gpu_replica_actor_leaves_the_gpus_to_vllm_workers():
     opts = model_server_options(_model(accelerator="gpu", gpu="h100", parallelism={
         "tensor_parallel_size": 8, "data_parallel_size": 2, "expert_parallel": True}))
-    assert opts["placement_group_bundles"] == gpu_bundles(16)
+    assert opts["placement_group_bundles"] == worker_bundles(16)
     assert opts["placement_group_strategy"] == "PACK"
     assert opts["ray_actor_options"]["num_gpus"] == 0
 
@@ -46,17 +46,17 @@ def test_cpu_replica_bundles_are_cpu_slots_on_one_node():
 
 
 def test_feasible_two_node_layout_passes():
-    check_feasible(gpu_bundles(16), "PACK", [NODE, NODE, {"CPU": 8.0}])
+    check_feasible(worker_bundles(16), "PACK", [NODE, NODE, {"CPU": 8.0}])
 
 
 def test_more_gpus_than_the_cluster_has_is_refused_with_counts():
     with pytest.raises(PlacementError, match="GPU: needs 16, the cluster has 8"):
-        check_feasible(gpu_bundles(16), "PACK", [NODE, {"CPU": 8.0}])
+        check_feasible(worker_bundles(16), "PACK", [NODE, {"CPU": 8.0}])
 
 
 def test_strict_pack_larger_than_any_node_is_refused():
     with pytest.raises(PlacementError, match="on one node"):
-        check_feasible(gpu_bundles(8), "STRICT_PACK", [{"CPU": 32.0, "GPU": 4.0}] * 2)
+        check_feasible(worker_bundles(8), "STRICT_PACK", [{"CPU": 32.0, "GPU": 4.0}] * 2)
 
 
 def test_bundle_too_large_for_every_node_is_refused():

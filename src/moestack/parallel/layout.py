@@ -86,10 +86,10 @@ def candidate_layouts(gpus: int, gpus_per_node: int) -> list[Layout]:
     """Every TP/PP/DP/EP combination that uses exactly ``gpus`` GPUs (before validity)."""
     out = []
     for tp in _divisors(min(gpus, gpus_per_node)):
-        for pp in _divisors(gpus // tp if gpus % tp == 0 else 0):
+        if gpus % tp:
+            continue
+        for pp in _divisors(gpus // tp):
             dp = gpus // (tp * pp)
-            if tp * pp * dp != gpus:
-                continue
             for ep in (False, True) if tp * dp > 1 else (False,):
                 out.append(Layout(tp, pp, dp, ep))
     return out

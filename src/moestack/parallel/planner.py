@@ -18,6 +18,7 @@ and collective latencies are ignored, so measured decode is slower than the ceil
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from moestack.errors import ConfigError
@@ -109,9 +110,9 @@ class Plan:
         return args
 
     def placement(self) -> tuple[list[dict[str, float]], str]:
-        from moestack.serve.placement import gpu_bundles, placement_strategy
+        from moestack.serve.placement import placement_strategy, worker_bundles
 
-        return (gpu_bundles(self.layout.world_size, self.cpus_per_worker),
+        return (worker_bundles(self.layout.world_size, self.cpus_per_worker),
                 placement_strategy(self.layout.world_size, self.gpu.gpus_per_node))
 
 
@@ -181,14 +182,11 @@ def _evaluate(req: PlanRequest, lay: Layout) -> Plan:
             f"sequence of {context} tokens: shorten --context, use an FP8 KV cache or more GPUs")
     seqs_per_rank = min(MAX_SEQS_PER_RANK, tokens_per_rank // context)
     batch = max(1, seqs_per_rank * dp)
-    single = 1.0 / (pp * _step_time_s(shape, gpu, lay, wdtype, req.kv_cache_dtype, context,
-                                      batch_total=1, non_expert_bytes=non_expert_bytes,
-                                      expert_bytes=expert_bytes, stage_layers=stage_layers,
-                                      kv_per_token=kv_per_token))
-    ceiling = batch / (pp * _step_time_s(shape, gpu, lay, wdtype, req.kv_cache_dtype, context,
-                                         batch_total=batch, non_expert_bytes=non_expert_bytes,
-                                         expert_bytes=expert_bytes, stage_layers=stage_layers,
-                                         kv_per_token=kv_per_token))
+    step_s = partial(_step_time_s, shape, gpu, lay, wdtype, context,
+                     non_expert_bytes=non_expert_bytes, expert_bytes=expert_bytes,
+                     stage_layers=stage_layers, kv_per_token=kv_per_token)
+    single = 1.0 / (pp * step_s(batch_total=1))
+    ceiling = batch / (pp * step_s(batch_total=batch))
     return Plan(
         shape=shape, gpu=gpu, layout=lay, weight_dtype=wdtype,
         kv_cache_dtype=req.kv_cache_dtype, context_tokens=context,
@@ -200,9 +198,9 @@ def _evaluate(req: PlanRequest, lay: Layout) -> Plan:
         usd_per_gpu_hour=req.usd_per_gpu_hour, notes=notes)
 
 
-def _step_time_s(shape: ModelShape, gpu: GPUSpec, lay: Layout, wdtype: str, kv_dtype: str,
-                 context: int, *, batch_total: int, non_expert_bytes: float,
-                 expert_bytes: float, stage_layers: int, kv_per_token: int) -> float:
+def _step_time_s(shape: ModelShape, gpu: GPUSpec, lay: Layout, wdtype: str, context: int, *,
+                 batch_total: int, non_expert_bytes: float, expert_bytes: float,
+                 stage_layers: int, kv_per_token: int) -> float:
     """Lower bound on one decode step of one pipeline stage on its busiest GPU."""
     tp, dp = lay.tensor_parallel_size, lay.data_parallel_size
     per_rank = -(-batch_total // dp)            # sequences on the busiest DP rank

@@ -32,10 +32,6 @@ class PlacementError(MoestackError):
     code = "placement_infeasible"
 
 
-def gpu_bundles(world_size: int, cpus_per_worker: float = 1.0) -> list[Bundle]:
-    return [{"CPU": cpus_per_worker, "GPU": 1.0} for _ in range(world_size)]
-
-
 def placement_strategy(world_size: int, gpus_per_node: int) -> str:
     """STRICT_PACK when the replica fits one node; PACK (node by node) when it spans several."""
     if world_size <= 1:
@@ -54,17 +50,17 @@ def gpus_per_node(config: ModelConfig) -> int:
     return get_gpu(config.gpu).gpus_per_node
 
 
-def worker_bundle(config: ModelConfig) -> Bundle:
-    """Resources of one parallel worker (one GPU, or a CPU slot on the CPU backend)."""
-    bundle: Bundle = {"CPU": config.cpus_per_worker}
-    if config.accelerator == "gpu":
-        bundle["GPU"] = 1
-    return bundle
+def worker_bundles(world_size: int, cpus_per_worker: float = 1.0, gpu: bool = True
+                   ) -> list[Bundle]:
+    """One bundle per parallel worker (one GPU, or a CPU slot on the CPU backend); the replica
+    actor itself runs in the first bundle."""
+    bundle: Bundle = {"CPU": cpus_per_worker, **({"GPU": 1.0} if gpu else {})}
+    return [dict(bundle) for _ in range(world_size)]
 
 
 def placement_bundles(config: ModelConfig) -> list[Bundle]:
-    """One bundle per worker; the replica actor itself runs in the first bundle."""
-    return [worker_bundle(config) for _ in range(config.parallelism.world_size)]
+    return worker_bundles(config.parallelism.world_size, config.cpus_per_worker,
+                          config.accelerator == "gpu")
 
 
 def model_server_options(config: ModelConfig) -> dict[str, Any]:
@@ -92,14 +88,21 @@ def model_server_options(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def check_feasible(bundles: Sequence[Mapping[str, float]], strategy: str,
-                   nodes: Sequence[Mapping[str, float]], what: str = "replica") -> None:
-    """Raise :class:`PlacementError` when no assignment of ``bundles`` to ``nodes`` (each a
-    mapping of total resources) can exist under ``strategy``. Greedy first-fit, largest first:
-    exact for the uniform per-worker bundles moestack builds."""
+def _total(bundles: Sequence[Mapping[str, float]]) -> Counter:
     need = Counter()
     for b in bundles:
         need.update(b)
+    return need
+
+
+def check_feasible(bundles: Sequence[Mapping[str, float]], strategy: str,
+                   nodes: Sequence[Mapping[str, float]], what: str = "replica"
+                   ) -> Mapping[str, float] | None:
+    """Raise :class:`PlacementError` when no assignment of ``bundles`` to ``nodes`` (each a
+    mapping of total resources) can exist under ``strategy``. Greedy first-fit, largest first:
+    exact for the uniform per-worker bundles moestack builds. Under STRICT_PACK, returns the
+    first node that holds them all."""
+    need = _total(bundles)
     cluster = Counter()
     for n in nodes:
         cluster.update({k: v for k, v in n.items() if k in need})
@@ -108,13 +111,15 @@ def check_feasible(bundles: Sequence[Mapping[str, float]], strategy: str,
     if short:
         raise PlacementError(f"{what} cannot be placed: {'; '.join(short)}")
     if strategy == "STRICT_PACK":
-        if not any(all(n.get(k, 0) + 1e-9 >= v for k, v in need.items()) for n in nodes):
+        host = next((n for n in nodes if all(n.get(k, 0) + 1e-9 >= v for k, v in need.items())),
+                    None)
+        if host is None:
             best = max((n.get("GPU", 0) for n in nodes), default=0)
             raise PlacementError(
                 f"{what} needs {dict(need)} on one node (STRICT_PACK) but no node has that "
                 f"much (largest GPU count on a node: {best:g}); give it fewer GPUs or span "
                 "nodes with a multi-node layout")
-        return
+        return host
     free = [dict(n) for n in nodes]
     for i, b in enumerate(sorted(bundles, key=lambda b: -sum(b.values()))):
         spot = next((n for n in free if all(n.get(k, 0) + 1e-9 >= v for k, v in b.items())),
@@ -126,6 +131,7 @@ def check_feasible(bundles: Sequence[Mapping[str, float]], strategy: str,
             spot[k] -= v
         if strategy == "STRICT_SPREAD":
             free.remove(spot)
+    return None
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -181,22 +187,16 @@ def check_config_fits_cluster(config: ModelConfig, nodes: Sequence[Mapping[str, 
     ``nodes`` (with autoscaling: the initial replicas, at least one)."""
     opts = model_server_options(config)
     replicas = max(1, config.initial_replicas)
-    bundles = opts["placement_group_bundles"] * replicas
-    strategy = opts["placement_group_strategy"]
+    bundles, strategy = opts["placement_group_bundles"], opts["placement_group_strategy"]
     if strategy == "STRICT_PACK" and replicas > 1:
         # Each replica packs on its own node: place them one after another.
-        free = [dict(n) for n in nodes]
+        free, need = [dict(n) for n in nodes], _total(bundles)
         for r in range(replicas):
-            check_feasible(opts["placement_group_bundles"], strategy, free,
-                           f"model {config.name} replica {r + 1}")
-            need = Counter()
-            for b in opts["placement_group_bundles"]:
-                need.update(b)
-            host = next(n for n in free if all(n.get(k, 0) >= v for k, v in need.items()))
+            host = check_feasible(bundles, strategy, free, f"model {config.name} replica {r + 1}")
             for k, v in need.items():
                 host[k] -= v
         return
-    check_feasible(bundles, strategy if replicas == 1 else "PACK", nodes,
+    check_feasible(bundles * replicas, strategy, nodes,
                    f"model {config.name} ({replicas} replica(s))")
 
 
