@@ -94,12 +94,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def plot(runs: list[Run], path: Path) -> None:
-    import matplotlib
+    from moestack.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    fig, (top, bottom) = pyplot().subplots(2, 1, figsize=(8, 6), sharex=True)
     for run in runs:
         t = [p[0] for p in run.trace]
         top.step(t, [p[1] for p in run.trace], where="post", label=run.name)
@@ -109,8 +106,7 @@ def plot(runs: list[Run], path: Path) -> None:
     bottom.set_xlabel("seconds since the burst")
     top.legend()
     top.set_title("Autoscaling with and without the gateway queue depth")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
 
 
 def main() -> None:

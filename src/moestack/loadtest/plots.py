@@ -6,19 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moestack.loadtest.client import RequestResult
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: render to files only
-    import matplotlib.pyplot as plt
-
-    return plt
+from moestack.plotting import pyplot, save_figure
 
 
 def latency_cdfs(results: Sequence[RequestResult], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     ok = [r for r in results if r.ok]
     series = {"TTFT": [r.ttft_s for r in ok if r.ttft_s is not None],
               "TPOT": [r.tpot_s for r in ok if r.tpot_s is not None],
@@ -34,15 +26,12 @@ def latency_cdfs(results: Sequence[RequestResult], path: Path) -> Path:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("fraction of requests (ITL: of gaps)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def timeline(results: Sequence[RequestResult], path: Path, bin_s: float = 1.0) -> Path:
     """Completed requests, output tokens and failures per second, by completion time."""
-    plt = _pyplot()
+    plt = pyplot()
     ends = [(r.sent_s + (r.e2e_s or 0.0), r) for r in results]
     horizon = max((t for t, _ in ends), default=0.0)
     bins = int(horizon / bin_s) + 1
@@ -66,14 +55,11 @@ def timeline(results: Sequence[RequestResult], path: Path, bin_s: float = 1.0) -
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="upper left", fontsize="small")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def tenant_shares(report: dict, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     tenants = report["fairness"]["tenants"]
     names = list(tenants)
     xs = range(len(names))
@@ -88,14 +74,11 @@ def tenant_shares(report: dict, path: Path) -> Path:
     ax.set_title(f"Tenant shares (Jain's index {jain:.3f})" if jain is not None
                  else "Tenant shares")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def cost_comparison(report: dict, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     c = report["cost"]
     bars = {"self-hosted": c["self_hosted_usd_per_1m_tokens"]}
     bars.update({n: b["usd_per_1m_tokens"] for n, b in c["baselines"].items()})
@@ -107,10 +90,7 @@ def cost_comparison(report: dict, path: Path) -> Path:
         ax.set_yscale("log")
     ax.set_ylabel("USD per 1M tokens (this run's token mix)")
     ax.tick_params(axis="x", rotation=45)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_plots(results: Sequence[RequestResult], report: dict, out_dir: Path) -> list[Path]:

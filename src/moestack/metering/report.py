@@ -141,20 +141,14 @@ def format_table(report: CostReport) -> str:
 def write_plots(report: CostReport, prefix: Path) -> list[Path]:
     """PNG plots next to ``prefix``: cost per 1M tokens vs baselines, per-tenant spend,
     savings, break-even utilisation. Returns the files written."""
-    import matplotlib
+    from moestack.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     t, names = report.total, report.baselines
     files = []
 
     def save(fig, name: str) -> None:
-        path = prefix.parent / f"{prefix.name}-{name}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        files.append(path)
+        files.append(save_figure(fig, prefix.parent / f"{prefix.name}-{name}.png"))
 
     fig, ax = plt.subplots(figsize=(8, 4))
     labels = ["self-hosted", *names]
