@@ -6,18 +6,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moestack.loadtest.client import RequestResult
+from moestack.loadtest.report import latency_series
 from moestack.plotting import pyplot, save_figure
 
 
 def latency_cdfs(results: Sequence[RequestResult], path: Path) -> Path:
     plt = pyplot()
-    ok = [r for r in results if r.ok]
-    series = {"TTFT": [r.ttft_s for r in ok if r.ttft_s is not None],
-              "TPOT": [r.tpot_s for r in ok if r.tpot_s is not None],
-              "ITL": [g for r in ok for g in r.itl_s],
-              "E2EL": [r.e2e_s for r in ok if r.e2e_s is not None]}
+    series = latency_series([r for r in results if r.ok])
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for ax, (name, values) in zip(axes, series.items()):
+    for ax, (key, values) in zip(axes, series.items()):
+        name = key.upper()
         values = sorted(v * 1000 for v in values)
         if values:
             ax.plot(values, [(i + 1) / len(values) for i in range(len(values))])

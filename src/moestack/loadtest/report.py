@@ -72,13 +72,16 @@ def _error_kind(result: RequestResult) -> str:
     return f"{result.status} {code}" if result.status else code
 
 
+def latency_series(results: Sequence[RequestResult]) -> dict[str, list[float]]:
+    """Seconds per metric (ttft, tpot, itl: every gap, e2el) over ``results``."""
+    return {"ttft": [r.ttft_s for r in results if r.ttft_s is not None],
+            "tpot": [r.tpot_s for r in results if r.tpot_s is not None],
+            "itl": [gap for r in results for gap in r.itl_s],
+            "e2el": [r.e2e_s for r in results if r.e2e_s is not None]}
+
+
 def _latencies(results: Sequence[RequestResult]) -> dict[str, dict]:
-    return {
-        "ttft": distribution([r.ttft_s for r in results if r.ttft_s is not None]),
-        "tpot": distribution([r.tpot_s for r in results if r.tpot_s is not None]),
-        "itl": distribution([gap for r in results for gap in r.itl_s]),
-        "e2el": distribution([r.e2e_s for r in results if r.e2e_s is not None]),
-    }
+    return {name: distribution(values) for name, values in latency_series(results).items()}
 
 
 def _tokens(results: Sequence[RequestResult]) -> dict[str, int]:
@@ -98,14 +101,15 @@ def fairness(scenario: Scenario, ok: Sequence[RequestResult],
     tenants = {}
     for name in weights:
         mine = [r for r in ok if r.tenant == name]
+        series = latency_series(mine)
         tenants[name] = {
             "requests": sum(1 for r in everything if r.tenant == name),
             "failed": sum(1 for r in everything if r.tenant == name and not r.ok),
             "tokens": _tokens(mine),
             "token_share": served[name] / total if total else None,
             "weight_share": weights[name] / weight_total,
-            "ttft_p50_s": distribution([r.ttft_s for r in mine if r.ttft_s is not None])["p50"],
-            "e2el_p50_s": distribution([r.e2e_s for r in mine if r.e2e_s is not None])["p50"],
+            "ttft_p50_s": distribution(series["ttft"])["p50"],
+            "e2el_p50_s": distribution(series["e2el"])["p50"],
         }
     per_weight = [served[n] / weights[n] for n in weights]
     return {"jain_index": jain_index(per_weight), "tenants": tenants}
