@@ -69,6 +69,21 @@ def _info(t: Tenant, key_ids: tuple[str, ...] = ()) -> TenantInfo:
                       t.created_at, key_ids)
 
 
+def _tenant_named(s: Session, name: str) -> Tenant:
+    tenant = s.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        raise NotFoundError(f"no tenant named `{name}`", param="tenant", code="tenant_not_found")
+    return tenant
+
+
+def _info_with_keys(s: Session, t: Tenant) -> TenantInfo:
+    """``t`` with the ids of its active keys, oldest first (as :meth:`list_tenants` has them)."""
+    keys = s.scalars(select(ApiKey.key_id).where(ApiKey.tenant_id == t.id,
+                                                 ApiKey.revoked_at.is_(None))
+                     .order_by(ApiKey.created_at))
+    return _info(t, tuple(keys))
+
+
 def _make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
@@ -174,32 +189,25 @@ class TenancyStore:
                     for t in s.scalars(select(Tenant).order_by(Tenant.name))]
 
     def get_tenant(self, name: str) -> TenantInfo:
-        for t in self.list_tenants():
-            if t.name == name:
-                return t
-        raise NotFoundError(f"no tenant named `{name}`", param="tenant", code="tenant_not_found")
+        with self.session() as s:
+            return _info_with_keys(s, _tenant_named(s, name))
 
     def set_limits(self, name: str, **limits: Any) -> TenantInfo:
         """Change some of a tenant's settings (keys of ``LIMIT_FIELDS``; None clears a limit)."""
         _check_limits(limits)
         with self.session() as s:
-            tenant = s.scalar(select(Tenant).where(Tenant.name == name))
-            if tenant is None:
-                raise NotFoundError(f"no tenant named `{name}`", param="tenant",
-                                    code="tenant_not_found")
+            tenant = _tenant_named(s, name)
             for field, value in limits.items():
                 setattr(tenant, field, value)
-        return self.get_tenant(name)
+            s.flush()
+            return _info_with_keys(s, tenant)
 
     # -- keys ----------------------------------------------------------------------------------
 
     def create_key(self, tenant: str, label: str | None = None) -> NewKey:
         key = generate_key()
         with self.session() as s:
-            tid = s.scalar(select(Tenant.id).where(Tenant.name == tenant))
-            if tid is None:
-                raise NotFoundError(f"no tenant named `{tenant}`", param="tenant",
-                                    code="tenant_not_found")
+            tid = _tenant_named(s, tenant).id
             s.add(ApiKey(key_id=key.key_id, tenant_id=tid, secret_sha256=key.secret_sha256,
                          label=label))
         return key
