@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
 from moestack.api.generation import CLIENT_CLOSED
 
@@ -42,3 +43,15 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | Resp
     with contextlib.suppress(asyncio.CancelledError):
         return await task
     return Response(status_code=CLIENT_CLOSED)
+
+
+async def respond(request: Request, work: Awaitable[BaseModel | AsyncIterator[str]],
+                  stream: bool) -> Response:
+    """The HTTP response of a serving call: server-sent events for a stream, else JSON (or 499
+    if the client left before it was ready)."""
+    result = await (work if stream else cancel_on_disconnect(request, work))
+    if isinstance(result, Response):  # the client left before the response was ready
+        return result
+    if isinstance(result, AsyncIterator):
+        return StreamingResponse(result, media_type="text/event-stream")
+    return JSONResponse(result.model_dump(exclude_none=True))

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from moestack.api.chat.protocol import ChatCompletion, ChatCompletionRequest
-from moestack.api.disconnect import cancel_on_disconnect
+from moestack.api.disconnect import respond
 from moestack.api.protocol import ErrorResponse
 
 router = APIRouter()
@@ -17,10 +14,4 @@ ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 413, 429, 50
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    work = request.app.state.chat.create(body)
-    result = await (work if body.stream else cancel_on_disconnect(request, work))
-    if isinstance(result, Response):  # the client left before the response was ready
-        return result
-    if isinstance(result, AsyncIterator):
-        return StreamingResponse(result, media_type="text/event-stream")
-    return JSONResponse(result.model_dump(exclude_none=True))
+    return await respond(request, request.app.state.chat.create(body), body.stream)
