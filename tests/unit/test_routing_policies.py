@@ -174,14 +174,17 @@ def test_reservation_counts_at_once_moves_when_routed_elsewhere_and_expires(monk
     router = Router(RoutingConfig())
     request = RoutingRequest("x", estimated_tokens=10)
     router.reserve(request, "r1", key="k")
-    assert router.outstanding_tokens("r1") == 10
+    assert router.outstanding_tokens("r1") == 10 and router.reserved("k") is request
     router.routed(request, "r2", key="k")
     assert (router.outstanding_tokens("r1"), router.outstanding_tokens("r2")) == (0, 10)
+    assert router.reserved("k") is None  # routed: no longer only reserved
     router.reserve(request, "r3", key="never-routed")
     now = policy.time.monotonic()
     monkeypatch.setattr(policy.time, "monotonic", lambda: now + policy.RESERVATION_TTL_S + 1)
+    router.reserve(request, "r1", key="fresh")  # reserved after the clock moved: kept
     router.rank(request, [ReplicaState("r3")])
     assert router.outstanding_tokens("r3") == 0 and router.outstanding_tokens("r2") == 10
+    assert router.reserved("never-routed") is None and router.outstanding_tokens("r1") == 10
 
 
 async def test_replica_set_backend_serves_the_gateway_path_and_reports_health():

@@ -121,9 +121,7 @@ RESERVATION_TTL_S = 60.0
 @dataclass
 class _InFlight:
     replica_id: str
-    tokens: int
-    reserved_at_s: float | None = None
-    """Set while only reserved (see :meth:`Router.reserve`), None once routed."""
+    request: RoutingRequest
 
 
 @dataclass
@@ -153,6 +151,8 @@ class Router:
     counts: RoutingCounts = field(default_factory=RoutingCounts, init=False)
     _outstanding: dict[str, int] = field(default_factory=dict, init=False)
     _in_flight: dict[str, _InFlight] = field(default_factory=dict, init=False)
+    _reserved_at_s: dict[str, float] = field(default_factory=dict, init=False)
+    """Keys only reserved so far (see :meth:`reserve`), oldest first, with their time."""
 
     def __post_init__(self) -> None:
         self.index = PrefixIndex(self.config.prefix_index_blocks)
@@ -183,13 +183,20 @@ class Router:
     def reserve(self, request: RoutingRequest, replica_id: str, key: str) -> None:
         """Count the request on its likely replica before it is routed (see :meth:`routed`)."""
         self.completed(key)
-        self._in_flight[key] = _InFlight(replica_id, request.estimated_tokens, time.monotonic())
+        self._in_flight[key] = _InFlight(replica_id, request)
+        self._reserved_at_s[key] = time.monotonic()
         self._add(replica_id, request.estimated_tokens)
+
+    def reserved(self, key: str) -> RoutingRequest | None:
+        """The request reserved under ``key`` and not routed yet, if any."""
+        return self._in_flight[key].request if key in self._reserved_at_s else None
 
     def _expire_reservations(self) -> None:
         cutoff = time.monotonic() - RESERVATION_TTL_S
-        for key in [k for k, f in self._in_flight.items()
-                    if f.reserved_at_s is not None and f.reserved_at_s < cutoff]:
+        while self._reserved_at_s:
+            key, at_s = next(iter(self._reserved_at_s.items()))
+            if at_s >= cutoff:
+                return
             self.completed(key)
 
     def routed(self, request: RoutingRequest, replica_id: str, key: str | None = None) -> None:
@@ -199,7 +206,7 @@ class Router:
         """
         key = key or request.request_id
         self.completed(key)
-        self._in_flight[key] = _InFlight(replica_id, request.estimated_tokens)
+        self._in_flight[key] = _InFlight(replica_id, request)
         self._add(replica_id, request.estimated_tokens)
         matched = self.index.insert(request.prefix_blocks, replica_id)
         self.counts.requests += 1
@@ -208,9 +215,10 @@ class Router:
         self.counts.matched_blocks += matched
 
     def completed(self, key: str) -> None:
+        self._reserved_at_s.pop(key, None)
         done = self._in_flight.pop(key, None)
         if done is not None:
-            self._add(done.replica_id, -done.tokens)
+            self._add(done.replica_id, -done.request.estimated_tokens)
 
     def _add(self, replica_id: str, tokens: int) -> None:
         self._outstanding[replica_id] = max(0, self.outstanding_tokens(replica_id) + tokens)
@@ -220,4 +228,5 @@ class Router:
         self._outstanding.pop(replica_id, None)
         for key in [k for k, f in self._in_flight.items() if f.replica_id == replica_id]:
             del self._in_flight[key]
+            self._reserved_at_s.pop(key, None)
         self.index.forget(replica_id)

@@ -70,13 +70,14 @@ class MoestackRequestRouter(FIFOMixin, RequestRouter):
         request = _generation_request(pending_request)
         if request is None:  # not a generation (health, reports): any replica, at random
             return [random.sample(candidate_replicas, len(candidate_replicas))]
-        routing_request = self.router.request_of(request)
+        key = pending_request.metadata.internal_request_id
+        # Serve asks again while every replica is full: the prompt was hashed the first time.
+        routing_request = self.router.reserved(key) or self.router.request_of(request)
         order = self.router.rank(routing_request, [self._state(r) for r in candidate_replicas])
         if order:
             # Reserve the tokens on the likely choice at once: many requests of a burst are
             # ranked before the first of them is routed. on_request_routed() confirms or moves it.
-            self.router.reserve(routing_request, order[0],
-                                pending_request.metadata.internal_request_id)
+            self.router.reserve(routing_request, order[0], key)
         ranks = [[by_id[order[0]]]] if order else []
         if rest := [by_id[rid] for rid in order[1:]]:
             ranks.append(rest)
@@ -86,8 +87,9 @@ class MoestackRequestRouter(FIFOMixin, RequestRouter):
                           result: Any) -> None:
         request = _generation_request(pending_request)
         if request is not None:
-            self.router.routed(self.router.request_of(request), replica_id.unique_id,
-                               key=pending_request.metadata.internal_request_id)
+            key = pending_request.metadata.internal_request_id
+            routing_request = self.router.reserved(key) or self.router.request_of(request)
+            self.router.routed(routing_request, replica_id.unique_id, key=key)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self.router.completed(internal_request_id)
