@@ -154,9 +154,6 @@ class CostAccountant:
 
     def __init__(self) -> None:
         self._pending: dict[tuple[str, str], float] = defaultdict(float)
-        self.cluster_usd = 0.0
-        self.idle_usd = 0.0
-        self.tenant_usd: dict[tuple[str, str], float] = defaultdict(float)
 
     def add_work(self, tenant: str, model: str, usd: float) -> None:
         self._pending[(tenant, model)] += usd
@@ -171,8 +168,4 @@ class CostAccountant:
             shares = {k: cluster_usd * v / work for k, v in self._pending.items()}
             idle = 0.0
         self._pending.clear()
-        self.cluster_usd += cluster_usd
-        self.idle_usd += idle
-        for k, v in shares.items():
-            self.tenant_usd[k] += v
         return Settlement(cluster_usd, shares, idle)
