@@ -237,6 +237,29 @@ def test_ctrl_c_stops_everything_cleanly(stack):
     assert not leaked, f"files left in /dev/shm: {sorted(leaked)}"
 
 
+def test_sigterm_stops_a_stack_as_cleanly_as_ctrl_c():
+    """`kill` / `docker stop` send SIGTERM; Ray installs its own handler for it at start-up."""
+    import signal
+
+    tmp = short_temp_dir()
+    config = {"models": [{"name": "fake-moe", "engine": "fake"}],
+              "gateway": {"host": "127.0.0.1", "port": free_port()},
+              "storage": {"url": f"sqlite:///{tmp / 'moestack.db'}"},
+              "tenancy": {"enabled": False}, "ray": {"num_cpus": 2}}
+    s = start_stack(config, tmp)
+    try:
+        code = s.stop(sig=signal.SIGTERM)
+        assert code == 0 and "stopped." in s.text(), s.text()[-3000:]
+        deadline = time.monotonic() + 30
+        while s.leftover_processes() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert s.leftover_processes() == []
+    finally:
+        if s.proc.poll() is None:
+            s.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _in_use(path: str) -> bool:
     """Whether a live process maps or holds ``path`` open (then it is not ours: ours are gone)."""
     import psutil

@@ -153,6 +153,9 @@ def up(config: MoestackConfig, say: Say = print, verbose: bool = False) -> int:
         prepare_models(config, say)
         say(f"starting Ray ({config.ray.address or f'local, {config.ray.num_cpus} CPUs'})")
         start_ray(config, verbose)
+        # ray.init installs Ray's own SIGTERM handler (it dumps a stack and aborts): take the
+        # signal back so `kill` / `docker stop` stop the stack as cleanly as Ctrl-C.
+        signal.signal(signal.SIGTERM, interrupt)
         api_key = ensure_bootstrap_key(config)
         say("deploying the Serve app (loading models) ...")
         deploy(config, say)

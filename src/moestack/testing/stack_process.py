@@ -46,10 +46,10 @@ class StackProcess:
         found = re.search(r"API key of tenant `[^`]+` .*: (\S+)", self.text())
         return found.group(1) if found else None
 
-    def stop(self, timeout_s: float = 180.0) -> int:
-        """Send Ctrl-C (SIGINT) and wait for the process to exit; returns its exit code."""
+    def stop(self, timeout_s: float = 180.0, sig: int = signal.SIGINT) -> int:
+        """Send Ctrl-C (or ``sig``) and wait for the process to exit; returns its exit code."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
