@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from moestack.api.generation import RequestRecord
+from moestack.usage import RequestRecord
 from moestack.errors import InsufficientQuotaError, RateLimitError
 from moestack.tenancy import ledger, query_usage
 from moestack.tenancy.admission import Reservation, admit, authenticate

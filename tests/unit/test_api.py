@@ -5,7 +5,7 @@ import json
 import openai
 import pytest
 
-from moestack.api.generation import RequestRecord
+from moestack.usage import RequestRecord
 from moestack.testing import FakeFault, fake_config, fake_model
 from moestack.testing.local_api import local_stack
 
@@ -92,38 +92,97 @@ async def test_unknown_model_is_404_model_not_found(stack):
     assert stack.recorder.records == []
 
 
-@pytest.mark.parametrize("body,needle", [
-    (b"{not json", "not valid JSON"),
-    (b"[1, 2]", "must be a JSON object"),
-    (json.dumps({"model": MODEL}).encode(), "`messages`"),
-    (json.dumps({"model": MODEL, "messages": []}).encode(), "`messages`"),
+@pytest.mark.parametrize("body,needle,param", [
+    (b"{not json", "not valid JSON", None),
+    (b"\xff\xfe{}", "not valid UTF-8", None),
+    (b"[1, 2]", "must be a JSON object", None),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), "`model`", "model"),
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                 "temperature": 5}).encode(), "`temperature`"),
+                 "n": 0}).encode(), "`n`", "n"),
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                 "n": 2}).encode(), "`n`"),
-    (json.dumps({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}).encode(),
-     "role"),
+                 "max_tokens": "9"}).encode(), "`max_tokens`", "max_tokens"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                 "stream": "yes"}).encode(), "`stream`", "stream"),
+    (b'{"model": "fake-moe", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+     "invalid Unicode", "messages[0].content"),
 ])
-async def test_malformed_bodies_are_400_with_a_clear_message(stack, body, needle):
+async def test_bodies_the_gateway_cannot_read_are_400_naming_the_field(stack, body, needle,
+                                                                        param):
     r = await stack.http.post("/v1/chat/completions", content=body,
                               headers={"content-type": "application/json"})
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and needle in err["message"]
+    assert err["param"] == param
+    assert stack.recorder.records == []
 
 
-async def test_unsupported_completion_options_are_400(stack):
-    client = stack.openai()
-    for kwargs in ({"echo": True}, {"logprobs": 2}, {"prompt": ["a", "b"]}):
-        with pytest.raises(openai.BadRequestError):
-            await client.completions.create(model=MODEL, **{"prompt": "x", **kwargs})
-
-
-async def test_prompt_longer_than_context_is_400_context_length_exceeded(stack):
+async def test_a_field_the_engine_would_ignore_is_400_naming_it(stack):
     with pytest.raises(openai.BadRequestError) as info:
-        await stack.openai().completions.create(model=MODEL, prompt="w " * 300)
-    assert info.value.code == "context_length_exceeded"
-    assert info.value.param == "prompt"
+        await stack.openai().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+            extra_body={"frobnicate": 1, "logit_bias": {"5": 100}})
+    assert info.value.code == "unsupported_parameter"
+    assert info.value.param == "frobnicate"
+    assert "`frobnicate`, `logit_bias`" in info.value.message
+    assert stack.engines[MODEL].requests_seen == []
+
+
+async def test_engine_errors_are_relayed_with_their_status_and_recorded(stack):
+    with pytest.raises(openai.BadRequestError) as info:
+        await stack.openai().completions.create(model=MODEL, prompt="w " * 300, max_tokens=5)
+    assert "maximum context length" in info.value.message
+    assert info.value.status_code == 400
+    (rec,) = stack.recorder.records
+    assert (rec.status_code, rec.prompt_tokens, rec.completion_tokens) == (400, 0, 0)
+
+
+async def test_n_choices_and_list_prompts_are_relayed_and_counted(stack):
+    client = stack.openai()
+    resp = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, n=2)
+    assert [c.index for c in resp.choices] == [0, 1]
+    assert resp.usage.completion_tokens == 6
+    resp = await client.completions.create(model=MODEL, prompt=["a b", "c"], max_tokens=2)
+    assert len(resp.choices) == 2 and resp.usage.prompt_tokens == 3
+    assert [(r.prompt_tokens, r.completion_tokens) for r in stack.recorder.records] == \
+        [(4, 6), (3, 4)]
+
+
+async def test_priority_is_the_gateways_whatever_the_client_sends(stack):
+    await stack.openai().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+        extra_body={"priority": -100})
+    assert stack.engines[MODEL].requests_seen[-1].priority == 0
+
+
+async def test_body_is_relayed_as_sent(stack):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "temperature": 0.3, "seed": 7, "stop": ["zz"], "user": "u1"}
+    r = await stack.http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    assert stack.engines[MODEL].requests_seen[-1].body == {**body, "priority": 0}
+    assert r.headers["x-request-id"] == stack.recorder.records[-1].request_id
+
+
+async def test_streamed_usage_is_the_engines_even_without_the_usage_option(stack):
+    stream = await stack.openai().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3, stream=True)
+    async for _ in stream:
+        pass
+    (rec,) = stack.recorder.records
+    assert (rec.prompt_tokens, rec.completion_tokens, rec.stream) == (4, 3, True)
+
+
+async def test_route_a_model_does_not_serve_is_404(stack):
+    r = await stack.http.post("/v1/embeddings", json={"model": MODEL, "input": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unsupported_endpoint"
+
+
+async def test_tokenize_is_relayed(stack):
+    r = await stack.http.post("/tokenize", json={"model": MODEL, "prompt": "a b c"})
+    assert r.status_code == 200 and r.json()["count"] == 3
+    assert stack.recorder.records[-1].endpoint == "tokenize"
 
 
 async def test_oversized_body_is_413(stack):

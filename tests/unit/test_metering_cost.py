@@ -7,7 +7,7 @@ import random
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from moestack.api.generation import RequestRecord
+from moestack.usage import RequestRecord
 from moestack.config import parse_config
 from moestack.errors import ConfigError
 from moestack.metering.cost import (

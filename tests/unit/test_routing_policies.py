@@ -7,11 +7,12 @@ from collections import Counter
 import pytest
 
 from moestack.config.schema import ModelConfig, RoutingConfig
-from moestack.engine import GenerationRequest, SamplingOptions, build_engine
+from moestack.engine import build_engine
 from moestack.routing import POLICIES, ReplicaState, Router, RoutingRequest
 from moestack.routing.local import ReplicaSet
 from moestack.routing.prefix import PrefixIndex, block_hashes
 from moestack.testing import fake_model
+from moestack.testing.requests import answer_text, completion
 
 
 async def replica_set(policy: str, n: int = 4, seed: int = 0, **fake) -> ReplicaSet:
@@ -25,8 +26,8 @@ async def replica_set(policy: str, n: int = 4, seed: int = 0, **fake) -> Replica
 
 async def run(replicas: ReplicaSet, rid: str, prompt: str, max_tokens: int = 4,
               tenant: str | None = None):
-    request = GenerationRequest(rid, prompt=prompt, sampling=SamplingOptions(max_tokens=max_tokens))
-    return [c async for c in replicas.generate(request, tenant)][-1]
+    request = completion(prompt, max_tokens, request_id=rid, max_model_len=4096)
+    return [c async for c in replicas.serve(request, tenant)][-1]
 
 
 def family_prompts(families: int, per_family: int, seed: int = 1) -> list[str]:
@@ -84,8 +85,8 @@ async def test_chunks_report_cached_prompt_tokens_of_the_replica_that_served_the
     prompt = " ".join(f"w{i}" for i in range(100))
     first = await run(replicas, "a", prompt + " one")
     second = await run(replicas, "b", prompt + " two")
-    assert first.cached_prompt_tokens == 0
-    assert second.cached_prompt_tokens == 96
+    assert first.usage.cached_prompt_tokens == 0
+    assert second.usage.cached_prompt_tokens == 96
     assert replicas.routed_to["a"] == replicas.routed_to["b"]
 
 
@@ -188,16 +189,13 @@ def test_reservation_counts_at_once_moves_when_routed_elsewhere_and_expires(monk
 
 
 async def test_replica_set_backend_serves_the_gateway_path_and_reports_health():
-    from moestack.api.generation import GenerationService
     from moestack.routing.local import ReplicaSetBackend
-    from moestack.testing import fake_config
 
     replicas = await replica_set("least_outstanding_tokens", n=2)
     backend = ReplicaSetBackend({"fake-moe": replicas})
-    service = GenerationService(fake_config(), backend)
-    text, last = await service.complete("fake-moe", GenerationRequest(
-        "g", prompt="a b", sampling=SamplingOptions(max_tokens=3)), "completions")
-    assert text == "tok1 tok2 tok3 " and last.finish_reason == "length"
+    chunks = [c async for c in backend.serve("fake-moe", completion("a b", 3))]
+    assert answer_text(chunks) == "tok1 tok2 tok3 " and chunks[-1].usage.completion_tokens == 3
+    assert (await backend.info("fake-moe")).model == "fake-moe"
     assert await backend.check_health() == {"fake-moe": None}
     replicas.engines["r1"].healthy = False
     assert "replica r1" in (await backend.check_health())["fake-moe"]

@@ -81,7 +81,7 @@ async def test_valid_key_gets_completion_and_one_ledger_row(stack):
     key = tenant(stack)
     resp = await chat(stack.openai(key))
     [row] = rows(stack, "acme")
-    assert row.request_id == resp.id and row.state == "settled" and row.status_code == 200
+    assert resp.id == f"chatcmpl-{row.request_id}" and row.state == "settled" and row.status_code == 200
     # "<|user|> hi <|end|> <|assistant|>" is four fake tokens.
     assert (row.prompt_tokens, row.completion_tokens, row.charged_tokens) == (4, 3, 7)
     assert row.charged_usd == pytest.approx(4 + 2 * 3)  # the tenancy token prices
@@ -168,19 +168,19 @@ async def test_concurrency_limit_rejects_the_extra_stream(slow_stack):
 
 
 async def test_budget_exhausted_is_insufficient_quota(stack):
-    # A request reserves its prompt upper bound (2 bytes + 2 * 16 template allowance = 34 USD)
-    # plus 2 USD per max_tokens, and is charged 4 + 2 * completion tokens after.
+    # A request reserves its prompt upper bound (2 content bytes + 4 of the role + 2 * 16 template
+    # allowance = 38 USD) plus 2 USD per max_tokens, and is charged 4 + 2 * completion tokens.
     key = tenant(stack, budget_usd=60.0, budget_period="day")
     client = stack.openai(key)
-    await chat(client, max_tokens=3)  # reserves 40, charged 10 USD
+    await chat(client, max_tokens=3)  # reserves 44, charged 10 USD
     with pytest.raises(openai.RateLimitError) as err:
-        await chat(client, max_tokens=10)  # would reserve 54 USD, more than the 50 left
+        await chat(client, max_tokens=10)  # would reserve 58 USD, more than the 50 left
     assert err.value.body["type"] == "insufficient_quota"
     assert err.value.body["code"] == "insufficient_quota"
     assert "Retry-After" in err.value.response.headers
     assert sum(r.charged_usd for r in rows(stack)) == pytest.approx(10)
     metrics = (await stack.http.get("/metrics")).text
-    assert 'moestack_tenant_budget_remaining_usd{tenant="acme"} 20.0' in metrics  # 60 - 40
+    assert 'moestack_tenant_budget_remaining_usd{tenant="acme"} 16.0' in metrics  # 60 - 44
 
 
 async def test_concurrent_streams_cannot_overspend_budget(slow_stack):

@@ -2,7 +2,7 @@
 
 import re
 
-from moestack.api.generation import RequestRecord
+from moestack.usage import RequestRecord
 from moestack.cli import main
 from moestack.tenancy import ledger
 from moestack.tenancy.admission import Reservation, admit, authenticate

@@ -107,7 +107,7 @@ async def heavy_requests_ahead_of_light(stack, keys, heavy_workers, seconds, max
                 model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=max_tokens)
             if record:
                 ids = [r.request_id for r in engine.requests_seen]
-                ahead.append(ids.index(resp.id) - started_before)
+                ahead.append(ids.index(resp.id.removeprefix("chatcmpl-")) - started_before)
 
     tasks = [asyncio.create_task(loop(keys["light"], True))]
     tasks += [asyncio.create_task(loop(keys["heavy"], False)) for _ in range(heavy_workers)]

@@ -11,7 +11,7 @@ def model(**overrides) -> ModelConfig:
 def test_single_worker_runs_in_the_engine_core_process():
     args = engine_args_for(model(), Path("/ckpt"))
     assert args["distributed_executor_backend"] == "uni"
-    assert (args["model"], args["served_model_name"]) == ("/ckpt", "m")
+    assert (args["model"], args["served_model_name"]) == ("/ckpt", ["m"])
 
 
 def test_multi_gpu_replica_uses_ray_workers_and_multi_cpu_uses_processes():

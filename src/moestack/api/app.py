@@ -11,13 +11,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from moestack.api.backend import ModelBackend
 from moestack.api.body_limit import BodyLimitMiddleware
-from moestack.api.chat.routes import router as chat_router
-from moestack.api.chat.serving import ChatServing
-from moestack.api.completions.routes import router as completions_router
-from moestack.api.completions.serving import CompletionServing
+from moestack.api.endpoints import ENDPOINTS, Endpoint
 from moestack.api.errors import install_error_handlers
-from moestack.api.generation import GenerationService, UsageSink
 from moestack.api.models.routes import router as models_router
+from moestack.api.relay import Relay, UsageSink
 from moestack.config.schema import MoestackConfig
 from moestack.metering.metrics import GatewayMetrics
 from moestack.metering.rejections import RejectionMetrics
@@ -27,7 +24,8 @@ from moestack.tenancy.gate import TenancyGate, require_tenant
 
 def build_api(config: MoestackConfig, backend: ModelBackend,
               sinks: Sequence[UsageSink] = (), tenancy: TenancyGate | None = None) -> FastAPI:
-    """The gateway's HTTP app: OpenAI routes, /health, /metrics, errors, body limit.
+    """The gateway's HTTP app: the relayed API routes (:data:`ENDPOINTS`), /v1/models, /health,
+    /metrics, errors, body limit.
 
     With ``config.tenancy.enabled`` the OpenAI routes need a tenant key and run through
     ``tenancy`` (built from ``config.storage.url`` if not given); the admin API is mounted too.
@@ -45,17 +43,17 @@ def build_api(config: MoestackConfig, backend: ModelBackend,
         for m in config.models:
             queue = app.state.tenancy.queue(m.name)
             metrics.track_queue_depth(m.name, queue.waiting, lambda q=queue: q.max_inflight)
-    service = GenerationService(config, backend, [metrics, *sinks], admission=app.state.tenancy)
+    relay = Relay(config, backend, [metrics, *sinks], admission=app.state.tenancy)
     app.state.config = config
     app.state.created = int(time.time())
     app.state.metrics = metrics
-    app.state.service = service
-    app.state.chat = ChatServing(service)
-    app.state.completions = CompletionServing(service)
+    app.state.relay = relay
     install_error_handlers(app)
     auth = [Depends(require_tenant)] if app.state.tenancy else []
-    app.include_router(chat_router, dependencies=auth)
-    app.include_router(completions_router, dependencies=auth)
+    for endpoint in ENDPOINTS:
+        app.add_api_route(endpoint.path, _route(relay, endpoint), methods=["POST"],
+                          dependencies=auth, name=endpoint.name,
+                          summary=f"{endpoint.path}, relayed to the model's engine")
     app.include_router(models_router, dependencies=auth)
     if app.state.tenancy:
         app.include_router(admin_router)
@@ -76,3 +74,9 @@ def build_api(config: MoestackConfig, backend: ModelBackend,
     app.add_middleware(RejectionMetrics, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.gateway.max_body_bytes)
     return app
+
+
+def _route(relay: Relay, endpoint: Endpoint):
+    async def relayed(request: Request) -> Response:
+        return await relay.handle(request, endpoint)
+    return relayed

@@ -9,13 +9,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
-from moestack.engine.protocol import Engine, GenerationChunk, GenerationRequest
+from moestack.engine.protocol import Engine, EngineChunk, EngineInfo, EngineRequest
 from moestack.errors import EngineUnavailableError, ModelNotFoundError
 
 
 class ModelBackend(Protocol):
-    def generate(self, model: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream ``request`` on a replica of ``model`` (engine protocol contract)."""
+    def serve(self, model: str, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        """Answer ``request`` on a replica of ``model`` (engine protocol contract)."""
+
+    async def info(self, model: str) -> EngineInfo:
+        """What ``model``'s engine serves (routes and their fields, context length)."""
 
     async def check_health(self) -> dict[str, str | None]:
         """Per model: ``None`` when healthy, else the reason it is not."""
@@ -33,8 +36,11 @@ class LocalBackend:
         except KeyError:
             raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model") from None
 
-    def generate(self, model: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        return self._engine(model).generate(request)
+    def serve(self, model: str, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        return self._engine(model).serve(request)
+
+    async def info(self, model: str) -> EngineInfo:
+        return self._engine(model).info
 
     async def check_health(self) -> dict[str, str | None]:
         out: dict[str, str | None] = {}

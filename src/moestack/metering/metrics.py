@@ -25,7 +25,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from moestack.api.generation import RequestRecord
+from moestack.usage import RequestRecord
 from moestack.config.schema import ModelConfig, MoestackConfig
 from moestack.metering.cost import (
     NO_TENANT,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 
-from moestack.engine.protocol import Engine, GenerationChunk, GenerationRequest
+from moestack.engine.protocol import Engine, EngineChunk, EngineInfo, EngineRequest
 from moestack.errors import EngineUnavailableError, ModelNotFoundError
 from moestack.routing.policy import Router
 from moestack.routing.types import ReplicaState
@@ -30,8 +30,8 @@ class ReplicaSet:
         return [ReplicaState(rid, self.router.outstanding_tokens(rid), self._ongoing[rid],
                              self.max_ongoing_requests) for rid in self.engines]
 
-    async def generate(self, request: GenerationRequest,
-                       tenant: str | None = None) -> AsyncIterator[GenerationChunk]:
+    async def serve(self, request: EngineRequest,
+                    tenant: str | None = None) -> AsyncIterator[EngineChunk]:
         routing_request = self.router.request_of(request, tenant)
         order = self.router.rank(routing_request, self.states())
         if not order:
@@ -41,7 +41,7 @@ class ReplicaSet:
         self.routed_to[request.request_id] = rid
         self._ongoing[rid] += 1
         try:
-            async for chunk in self.engines[rid].generate(request):
+            async for chunk in self.engines[rid].serve(request):
                 yield chunk
         finally:
             self._ongoing[rid] -= 1
@@ -54,13 +54,18 @@ class ReplicaSetBackend:
     def __init__(self, replica_sets: Mapping[str, ReplicaSet]):
         self.replica_sets = dict(replica_sets)
 
-    def generate(self, model: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def _replicas(self, model: str) -> ReplicaSet:
         try:
-            replicas = self.replica_sets[model]
+            return self.replica_sets[model]
         except KeyError:
             raise ModelNotFoundError(f"The model `{model}` does not exist.",
                                      param="model") from None
-        return replicas.generate(request)
+
+    def serve(self, model: str, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        return self._replicas(model).serve(request)
+
+    async def info(self, model: str) -> EngineInfo:
+        return next(iter(self._replicas(model).engines.values())).info
 
     async def check_health(self) -> dict[str, str | None]:
         out: dict[str, str | None] = {}

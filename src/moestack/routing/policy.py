@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from moestack.engine.protocol import GenerationRequest
+from moestack.engine.protocol import EngineRequest
+from moestack.errors import ConfigError
 from moestack.routing.plugins import (
     CapacityFilter,
     Filter,
@@ -28,7 +29,7 @@ from moestack.routing.plugins import (
     Scorer,
     TenantShardFilter,
 )
-from moestack.routing.prefix import PrefixIndex, block_hashes, prompt_text
+from moestack.routing.prefix import PrefixIndex, block_hashes
 from moestack.routing.types import (
     CHARS_PER_TOKEN_ESTIMATE,
     DEFAULT_MAX_TOKENS_ESTIMATE,
@@ -63,6 +64,14 @@ class Pipeline:
 PolicyBuilder = Callable[["RoutingConfig", PrefixIndex, random.Random], Pipeline]
 POLICIES: dict[str, PolicyBuilder] = {}
 """The registry: policy name (the `routing.policy` config value) -> builder."""
+
+
+def check_policy(name: str) -> None:
+    """Raise :class:`ConfigError` unless ``name`` is a registered policy (checked when an app is
+    built: the config tree does not import the registry)."""
+    if name not in POLICIES:
+        raise ConfigError(f"routing.policy: unknown routing policy {name!r}; known: "
+                          f"{', '.join(sorted(POLICIES))}")
 
 
 def register_policy(name: str) -> Callable[[PolicyBuilder], PolicyBuilder]:
@@ -155,21 +164,19 @@ class Router:
     """Keys only reserved so far (see :meth:`reserve`), oldest first, with their time."""
 
     def __post_init__(self) -> None:
+        check_policy(self.config.policy)
         self.index = PrefixIndex(self.config.prefix_index_blocks)
         self.pipeline = POLICIES[self.config.policy](self.config, self.index,
                                                      random.Random(self.seed))
 
-    def request_of(self, request: GenerationRequest, tenant: str | None = None) -> RoutingRequest:
-        text = prompt_text(request)
-        if request.prompt_token_ids is not None:
-            prompt_tokens = len(request.prompt_token_ids)
-        else:
-            prompt_tokens = -(-len(text) // CHARS_PER_TOKEN_ESTIMATE)
-        budget = request.sampling.max_tokens or DEFAULT_MAX_TOKENS_ESTIMATE
+    def request_of(self, request: EngineRequest, tenant: str | None = None) -> RoutingRequest:
+        estimate = request.estimated_tokens or (
+            -(-len(request.prompt_text) // CHARS_PER_TOKEN_ESTIMATE)
+            + DEFAULT_MAX_TOKENS_ESTIMATE)
         return RoutingRequest(
             request_id=request.request_id,
-            prefix_blocks=block_hashes(text, self.config.prefix_block_chars),
-            estimated_tokens=prompt_tokens + budget,
+            prefix_blocks=block_hashes(request.prompt_text, self.config.prefix_block_chars),
+            estimated_tokens=estimate,
             tenant=tenant if tenant is not None else request.tenant)
 
     def outstanding_tokens(self, replica_id: str) -> int:

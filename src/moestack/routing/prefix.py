@@ -12,17 +12,6 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-from moestack.engine.protocol import GenerationRequest
-
-
-def prompt_text(request: GenerationRequest) -> str:
-    """A canonical text of the prompt, for hashing (chat messages keep role boundaries)."""
-    if request.prompt is not None:
-        return request.prompt
-    if request.messages is not None:
-        return "".join(f"\x1e{m.role}\x1f{m.content}" for m in request.messages)
-    return " ".join(map(str, request.prompt_token_ids or ()))
-
 
 def block_hashes(text: str, block_chars: int) -> tuple[int, ...]:
     """Chained hashes of the whole blocks of ``text`` (a shorter text counts as one block)."""

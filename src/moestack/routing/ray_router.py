@@ -24,7 +24,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from moestack.engine.protocol import GenerationRequest
+from moestack.engine.protocol import EngineRequest
 from moestack.routing.policy import Router
 from moestack.routing.types import ReplicaState
 
@@ -36,11 +36,11 @@ def request_router_config(model: Any) -> dict[str, Any]:
                                       "routing": model.routing.model_dump(mode="json")}}
 
 
-def _generation_request(pending: PendingRequest | None) -> GenerationRequest | None:
+def _engine_request(pending: PendingRequest | None) -> EngineRequest | None:
     if pending is None:
         return None
     for arg in pending.args:
-        if isinstance(arg, GenerationRequest):
+        if isinstance(arg, EngineRequest):
             return arg
     return None
 
@@ -67,8 +67,8 @@ class MoestackRequestRouter(FIFOMixin, RequestRouter):
                               pending_request: PendingRequest | None = None,
                               ) -> list[list[RunningReplica]]:
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        request = _generation_request(pending_request)
-        if request is None:  # not a generation (health, reports): any replica, at random
+        request = _engine_request(pending_request)
+        if request is None:  # not an API call (health, reports): any replica, at random
             return [random.sample(candidate_replicas, len(candidate_replicas))]
         key = pending_request.metadata.internal_request_id
         # Serve asks again while every replica is full: the prompt was hashed the first time.
@@ -85,7 +85,7 @@ class MoestackRequestRouter(FIFOMixin, RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
-        request = _generation_request(pending_request)
+        request = _engine_request(pending_request)
         if request is not None:
             key = pending_request.metadata.internal_request_id
             routing_request = self.router.reserved(key) or self.router.request_of(request)

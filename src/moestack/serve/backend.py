@@ -11,7 +11,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from moestack.engine.protocol import GenerationChunk, GenerationRequest
+from moestack.engine.protocol import EngineChunk, EngineInfo, EngineRequest
 from moestack.errors import EngineUnavailableError, ModelNotFoundError, MoestackError
 
 HEALTH_TIMEOUT_S = 10.0
@@ -53,8 +53,13 @@ class ServeBackend:
         except KeyError:
             raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model") from None
 
-    async def generate(self, model: str,
-                       request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def info(self, model: str) -> EngineInfo:
+        try:
+            return await self._handle(model).info.remote()
+        except _RAY_ERRORS as exc:
+            raise _translate(exc) from None
+
+    async def serve(self, model: str, request: EngineRequest) -> AsyncIterator[EngineChunk]:
         """Stream from a replica; if it fails before its first chunk, retry on another one.
 
         Once a chunk was yielded a failure is final (the client has seen tokens): it becomes
@@ -63,13 +68,13 @@ class ServeBackend:
         handle = self._handle(model)
         attempts = self.max_attempts.get(model, DEFAULT_MAX_ATTEMPTS)
         for attempt in range(1, attempts + 1):
-            stream = handle.options(stream=True).generate.remote(request)
+            stream = handle.options(stream=True).serve.remote(request)
             finished = streamed = False
             try:
                 async for chunk in stream:
                     streamed = True
-                    finished = chunk.finish_reason is not None
                     yield chunk
+                finished = True
                 return
             except _RAY_ERRORS as exc:
                 finished = True

@@ -9,7 +9,7 @@ from typing import Any
 
 from moestack.config.schema import ModelConfig
 from moestack.engine import build_engine
-from moestack.engine.protocol import EngineStats, GenerationChunk, GenerationRequest
+from moestack.engine.protocol import EngineChunk, EngineInfo, EngineRequest, EngineStats
 from moestack.serve.autoscaling import (
     GATEWAY_QUEUE_METRIC,
     KV_CACHE_METRIC,
@@ -34,16 +34,24 @@ class ModelServer:
         self.board = BoardClient(serve.get_replica_context().app_name, create=False)
         self.served = {"requests": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0}
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        started, first = time.monotonic(), True
-        async for chunk in self.engine.generate(request):
-            if first:
-                self.ttft.record(time.monotonic() - started)
-                self.served["requests"] += 1
-                self.served["prompt_tokens"] += chunk.prompt_tokens
-                self.served["cached_prompt_tokens"] += chunk.cached_prompt_tokens
-                first = False
-            yield chunk
+    async def serve(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        """The engine's answer, chunk by chunk (the engine protocol's contract)."""
+        started, last = time.monotonic(), None
+        try:
+            async for chunk in self.engine.serve(request):
+                if last is None:
+                    self.ttft.record(time.monotonic() - started)
+                    self.served["requests"] += 1
+                last = chunk
+                yield chunk
+        finally:
+            if last is not None:
+                self.served["prompt_tokens"] += last.usage.prompt_tokens
+                self.served["cached_prompt_tokens"] += last.usage.cached_prompt_tokens
+
+    def info(self) -> EngineInfo:
+        """What the engine serves: routes and their fields, context length, priority mode."""
+        return self.engine.info
 
     def replica_report(self) -> dict[str, Any]:
         """Which replica this is and what it served (requests, prompt and cached tokens)."""

@@ -17,50 +17,41 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
 from fastapi import Request
 from sqlalchemy.exc import SQLAlchemyError
 
-from moestack.api.generation import CLIENT_CLOSED, RequestRecord
 from moestack.config.schema import MoestackConfig
-from moestack.engine.protocol import GenerationRequest
 from moestack.errors import AuthenticationError
 from moestack.metering.cost import RequestCost
 from moestack.tenancy import admission, ledger
 from moestack.tenancy.admission import Principal, Reservation
 from moestack.tenancy.fair import FairQueue, Slot
 from moestack.tenancy.store import TenancyStore
+from moestack.usage import CLIENT_CLOSED, RequestRecord
+
+if TYPE_CHECKING:
+    from moestack.api.endpoints import RequestFacts
 
 log = logging.getLogger(__name__)
 
 current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "moestack_principal", default=None)
 
-TEMPLATE_TOKENS_PER_MESSAGE = 16
-"""Allowance for chat-template tokens per message in the prompt-size upper bound."""
-
-
-def prompt_tokens_upper_bound(request: GenerationRequest) -> int:
-    """An upper bound of the prompt's tokens before tokenization: byte-level tokenizers never make
-    more tokens than UTF-8 bytes; chat templates add a few tokens per message."""
-    if request.prompt_token_ids is not None:
-        return len(request.prompt_token_ids)
-    if request.messages is not None:
-        return sum(len(m.content.encode()) + TEMPLATE_TOKENS_PER_MESSAGE
-                   for m in request.messages) + TEMPLATE_TOKENS_PER_MESSAGE
-    return len((request.prompt or "").encode()) + 1
-
-
 class Ticket:
-    """An admitted request: its reservation, dispatch slot and engine request (with priority)."""
+    """An admitted request: its reservation, dispatch slot and engine priority."""
 
-    def __init__(self, gate: TenancyGate, principal: Principal, reservation: Reservation,
-                 request: GenerationRequest):
-        self.gate, self.principal, self.reservation, self.request = (
-            gate, principal, reservation, request)
+    def __init__(self, gate: TenancyGate, principal: Principal, reservation: Reservation):
+        self.gate, self.principal, self.reservation = gate, principal, reservation
         self.slot: Slot | None = None
         self._settled = False
+
+    @property
+    def priority(self) -> int:
+        """The engine priority of the request (lower runs first): the tenant's tier."""
+        return self.principal.priority
 
     async def settle(self, record: RequestRecord) -> RequestRecord:
         """Settle the ledger row with the real usage (once); returns the record with the tenant."""
@@ -174,34 +165,37 @@ class TenancyGate:
         """Requests waiting in the fair queue, per model."""
         return {m.name: self.queue(m.name).waiting() for m in self.config.models}
 
-    def reservation_for(self, model: str, request: GenerationRequest) -> Reservation:
+    def reservation_for(self, model: str, facts: RequestFacts, request_id: str,
+                        generates: bool = True) -> Reservation:
+        """An upper bound of what the request can use: every prompt at its byte bound (capped
+        at the context), every choice of every prompt at its full completion budget."""
         max_len = self.config.model(model).max_model_len
-        prompt = min(prompt_tokens_upper_bound(request), max_len)
-        completion = min(request.sampling.max_tokens or max_len, max_len)
+        prompt = min(facts.prompt_tokens_bound, max_len * facts.prompts)
+        per_choice = min(facts.max_tokens or max_len, max_len) if generates else 0
+        completion = per_choice * facts.choices * facts.prompts
         usd = self.settings.price(model).usd(prompt, completion)
-        return Reservation(request.request_id, min(prompt + completion, max_len), usd)
+        return Reservation(request_id, prompt + completion, usd)
 
     def cost_usd(self, record: RequestRecord) -> float:
         return self.settings.price(record.model).usd(record.prompt_tokens,
                                                       record.completion_tokens)
 
-    async def admit(self, model: str, request: GenerationRequest, endpoint: str,
-                    stream: bool) -> Ticket:
+    async def admit(self, model: str, facts: RequestFacts, request_id: str,
+                    endpoint: str, generates: bool = True) -> Ticket:
         """Check access and limits, write the ledger row ahead, wait for a fair dispatch slot."""
         principal = current_principal.get()
         if principal is None:
             raise AuthenticationError("Missing API key: send `Authorization: Bearer <key>`.")
         self.start()
-        reservation = self.reservation_for(model, request)
+        reservation = self.reservation_for(model, facts, request_id, generates)
+        stream = facts.stream
         admission.check_model_access(principal, model)
         remaining = await anyio.to_thread.run_sync(lambda: admission.admit(
             self.store, principal, reservation=reservation, model=model, endpoint=endpoint,
             stream=stream, gateway_id=self.gateway_id, lease_s=self.settings.lease_s))
         if remaining is not None and self.on_budget_remaining is not None:
             self.on_budget_remaining(principal.tenant, remaining)
-        ticket = Ticket(self, principal, reservation,
-                        dataclasses.replace(request, priority=principal.priority,
-                                            tenant=principal.tenant))
+        ticket = Ticket(self, principal, reservation)
         try:
             ticket.slot = await self.queue(model).acquire(
                 principal.tenant, principal.weight, principal.priority, reservation.tokens)
@@ -209,7 +203,7 @@ class TenancyGate:
             # Gone while queued: nothing ran; close the row so the reservation is released.
             with anyio.CancelScope(shield=True):
                 await ticket.settle(RequestRecord(
-                    request_id=request.request_id, model=model, endpoint=endpoint, stream=stream,
+                    request_id=request_id, model=model, endpoint=endpoint, stream=stream,
                     status_code=CLIENT_CLOSED, prompt_tokens=0, completion_tokens=0,
                     cached_prompt_tokens=0, ttft_s=None, e2e_s=0.0, error_code="client_closed"))
             raise
@@ -217,9 +211,12 @@ class TenancyGate:
 
 
 def bearer_token(request: Request) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, else None."""
+    """The token of an ``Authorization: Bearer <token>`` header, else of an ``x-api-key``
+    header (what the Anthropic SDK sends), else None."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
+    if scheme.lower() == "bearer":
+        return token.strip()
+    return request.headers.get("x-api-key")
 
 
 async def require_tenant(request: Request) -> Principal:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select, update
 
-from moestack.api.generation import RequestRecord
+from moestack.usage import RequestRecord
 from moestack.tenancy.models import Tenant, UsageRow, utcnow
 from moestack.tenancy.store import TenancyStore
 

@@ -1,8 +1,11 @@
-"""A fake engine that honours the engine protocol without a model, for tests of upper layers.
+"""A fake engine that speaks the engine protocol (the OpenAI wire format) without a model.
 
-It "tokenizes" by whitespace (one token per word, chat messages rendered with role markers), emits
-``tok<N>`` words, obeys ``max_tokens``, the context length and ``stop``, and can be told to be slow
-or to fail, so gateways, routers and meters can be tested on a laptop.
+It serves ``/v1/chat/completions``, ``/v1/completions`` and ``/tokenize`` as an OpenAI server
+would: it "tokenizes" by whitespace (one token per word, chat messages rendered with role
+markers), emits ``tok<N>`` words, honours ``max_tokens``, ``n``, list prompts, ``stop``, the
+context length and ``stream_options.include_usage``, answers vLLM-shaped 400s, and can be told to
+be slow or to fail, so gateways, routers and meters can be tested on a laptop. Usage rides on
+every chunk as the engine protocol asks.
 
 With ``fake.prefix_cache_tokens`` set it also simulates a prefix cache: prompts are cut into blocks
 of ``fake.prefix_block_tokens`` token ids, whole blocks already seen (LRU) count as
@@ -13,21 +16,35 @@ time per engine, so routing policies change both cache hits and time to first to
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from moestack.config.schema import ModelConfig
 from moestack.engine.protocol import (
     Engine,
+    EngineChunk,
     EngineInfo,
+    EngineRequest,
     EngineStats,
-    GenerationChunk,
-    GenerationRequest,
-    check_fits_context,
 )
-from moestack.errors import EngineUnavailableError, InvalidRequestError
+from moestack.errors import EngineUnavailableError
+from moestack.usage import Usage
+
+_COMMON_FIELDS = frozenset({
+    "model", "max_tokens", "n", "stream", "stream_options", "stop", "temperature", "top_p",
+    "seed", "presence_penalty", "frequency_penalty", "user", "ignore_eos", "priority",
+    "request_id"})
+REQUEST_FIELDS = {
+    "/v1/chat/completions": _COMMON_FIELDS | {"messages", "max_completion_tokens"},
+    "/v1/completions": _COMMON_FIELDS | {"prompt"},
+    "/tokenize": frozenset({"model", "prompt", "messages", "add_special_tokens"}),
+}
+"""The fields the fake reads, per route: anything else is refused by the gateway."""
 
 
 @dataclass
@@ -38,8 +55,28 @@ class FakeFault:
     message: str = "injected engine failure"
 
 
+@dataclass(frozen=True)
+class SeenRequest:
+    """A request the fake accepted: its id, route and JSON body."""
+
+    request_id: str
+    path: str
+    body: dict[str, Any]
+    tenant: str | None = None
+
+    @property
+    def priority(self) -> int:
+        return self.body.get("priority", 0)
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 class FakeEngine(Engine):
-    """Deterministic stand-in for vLLM; see the module docstring."""
+    """Deterministic stand-in for vLLM's OpenAI server; see the module docstring."""
 
     def __init__(self, config: ModelConfig, cache_dir: Path | None = None):
         self._config = config
@@ -47,7 +84,8 @@ class FakeEngine(Engine):
         self._in_flight = 0
         self.fault: FakeFault | None = None
         self.healthy = True
-        self.requests_seen: list[GenerationRequest] = []
+        self.requests_seen: list[SeenRequest] = []
+        """The generation requests the engine accepted, in order."""
         self.aborted: list[str] = []
         self.prefix_cache = FakePrefixCache(config.fake.prefix_cache_tokens,
                                             config.fake.prefix_block_tokens)
@@ -56,63 +94,14 @@ class FakeEngine(Engine):
     @property
     def info(self) -> EngineInfo:
         return EngineInfo(model=self._config.name, max_model_len=self._config.max_model_len,
-                          architecture="FakeMoE")
+                          architecture="FakeMoE", request_fields=REQUEST_FIELDS,
+                          priority_scheduling=True)
 
     async def start(self) -> None:
         self._started = True
 
     def stop(self) -> None:
         self._started = False
-
-    async def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
-        if request.prompt_token_ids is not None:
-            return list(request.prompt_token_ids)
-        if request.messages is not None:
-            text = " ".join(f"<|{m.role}|> {m.content} <|end|>" for m in request.messages)
-            text += " <|assistant|>"
-        else:
-            text = request.prompt or ""
-        return [hash_word(w) for w in text.split()]
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        if not self._started or not self.healthy:
-            raise EngineUnavailableError("fake engine is not running")
-        ids = await self.prompt_token_ids(request)
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        max_tokens = check_fits_context(len(ids), request.sampling.max_tokens,
-                                        self._config.max_model_len,
-                                        request.prompt_param)
-        self.requests_seen.append(request)
-        timing, fault = self._config.fake, self.fault
-        done = False
-        self._in_flight += 1
-        try:
-            cached = await self._prefill(ids)
-            if timing.ttft_s:
-                await asyncio.sleep(timing.ttft_s)
-            text_so_far = ""
-            for n in range(1, max_tokens + 1):
-                if fault is not None and n > fault.after_tokens:
-                    raise EngineUnavailableError(fault.message)
-                interval = (timing.token_interval_s
-                            + timing.token_interval_per_running_request_s * self._in_flight)
-                if n > 1 and interval:
-                    await asyncio.sleep(interval)
-                word = f"tok{n} "
-                text_so_far += word
-                stop_hit = any(s and s in text_so_far for s in request.sampling.stop)
-                done = stop_hit or n == max_tokens
-                yield GenerationChunk(
-                    text="" if stop_hit else word, token_ids=(1000 + n,), prompt_tokens=len(ids),
-                    completion_tokens=n, cached_prompt_tokens=cached,
-                    finish_reason=("stop" if stop_hit else "length") if done else None)
-                if done:
-                    return
-        finally:
-            self._in_flight -= 1
-            if not done:
-                self.aborted.append(request.request_id)
 
     async def check_health(self) -> None:
         if not self._started or not self.healthy:
@@ -121,6 +110,124 @@ class FakeEngine(Engine):
     def stats(self) -> EngineStats:
         return EngineStats(running_requests=self._in_flight,
                            kv_cache_usage_ratio=self.prefix_cache.usage_ratio)
+
+    # -- the wire format ----------------------------------------------------------------------
+
+    async def serve(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        if not self._started or not self.healthy:
+            raise EngineUnavailableError("fake engine is not running")
+        try:
+            body = json.loads(request.body)
+            if request.path == "/tokenize":
+                ids = self.tokenize(_prompts(body, "messages" in body)[0])
+                yield _json(200, {"count": len(ids), "max_model_len": self._config.max_model_len,
+                                  "tokens": ids})
+                return
+            chat = request.path == "/v1/chat/completions"
+            if request.path not in REQUEST_FIELDS:
+                yield _error(404, f"no route {request.path}", None)
+                return
+            prompts = [self.tokenize(p) for p in _prompts(body, chat)]
+            max_tokens = self._max_tokens(body, prompts)
+            n = _int(body, "n", 1)
+            stops = body.get("stop") or []
+            stops = [stops] if isinstance(stops, str) else list(stops)
+        except _BadRequest as exc:
+            yield _error(400, str(exc), exc.param)
+            return
+        except ValueError:
+            yield _error(400, "The request body is not valid JSON.", None)
+            return
+        self.requests_seen.append(SeenRequest(request.request_id, request.path, body,
+                                              request.tenant))
+        answer = self._generate(request, body, chat, prompts, max_tokens, n, stops)
+        try:
+            async for chunk in answer:
+                yield chunk
+        finally:
+            await answer.aclose()  # the consumer left: abort now, not when garbage collected
+
+    def tokenize(self, text: str) -> list[int]:
+        return [hash_word(w) for w in text.split()]
+
+    def _max_tokens(self, body: dict, prompts: list[list[int]]) -> int:
+        limit = self._config.max_model_len
+        requested = body.get("max_completion_tokens", body.get("max_tokens"))
+        longest = max(len(p) for p in prompts)
+        if longest == 0:
+            raise _BadRequest("the prompt is empty", "prompt")
+        if requested is None:
+            requested = limit - longest
+        if not isinstance(requested, int) or requested < 1:
+            raise _BadRequest("max_tokens must be a positive integer", "max_tokens")
+        if longest + requested > limit:
+            raise _BadRequest(f"This model's maximum context length is {limit} tokens. However, "
+                              f"you requested {longest + requested} tokens ({longest} in the "
+                              f"prompt, {requested} for the completion).", "max_tokens")
+        return requested
+
+    async def _generate(self, request, body, chat, prompts, max_tokens, n, stops):
+        timing, fault = self._config.fake, self.fault
+        stream = bool(body.get("stream"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        kind = "chat.completion" if chat else "text_completion"
+        choices = [(p, c) for p in range(len(prompts)) for c in range(n)]
+        texts = [""] * len(choices)
+        finish: list[str | None] = [None] * len(choices)
+        prompt_tokens, cached, completion = sum(map(len, prompts)), 0, 0
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request.request_id}",
+                "object": kind + (".chunk" if stream and chat else ""),
+                "created": int(time.time()), "model": self._config.name}
+        done, first = False, True
+        self._in_flight += 1
+        try:
+            for ids in prompts:
+                cached += await self._prefill(ids)
+            if timing.ttft_s:
+                await asyncio.sleep(timing.ttft_s)
+            for step in range(1, max_tokens + 1):
+                if fault is not None and step > fault.after_tokens:
+                    raise EngineUnavailableError(fault.message)
+                interval = (timing.token_interval_s
+                            + timing.token_interval_per_running_request_s * self._in_flight)
+                if step > 1 and interval:
+                    await asyncio.sleep(interval)
+                deltas = []
+                for i, _ in enumerate(choices):
+                    if finish[i] is not None:
+                        continue
+                    word = f"tok{step} "
+                    completion += 1
+                    texts[i] += word
+                    if any(s and s in texts[i] for s in stops):
+                        finish[i], word = "stop", ""
+                    elif step == max_tokens:
+                        finish[i] = "length"
+                    deltas.append((i, word, finish[i]))
+                done = all(f is not None for f in finish)
+                usage = Usage(prompt_tokens, completion, cached)
+                if stream:
+                    events = [{**head, "choices": [_delta(chat, i, w, f, first)]}
+                              for i, w, f in deltas]
+                    if done and include_usage:
+                        events.append({**head, "choices": [], "usage": _usage(usage)})
+                    data = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
+                    if done:
+                        data += "data: [DONE]\n\n"
+                    yield EngineChunk(data.encode(), usage, *((200, "text/event-stream")
+                                                              if first else (None, None)))
+                    first = False
+                if done:
+                    break
+            if not stream:
+                out = {**head, "choices": [_choice(chat, i, t, f) for i, (t, f)
+                                           in enumerate(zip(texts, finish))],
+                       "usage": _usage(usage)}
+                yield EngineChunk(json.dumps(out).encode(), usage, 200, "application/json")
+        finally:
+            self._in_flight -= 1
+            if not done:
+                self.aborted.append(request.request_id)
 
     async def _prefill(self, ids: list[int]) -> int:
         """Look the prompt up in the prefix cache, "compute" the rest; returns cached tokens."""
@@ -131,6 +238,66 @@ class FakeEngine(Engine):
                 await asyncio.sleep((len(ids) - cached) * self._config.fake.prefill_s_per_token)
         self.prefix_cache.insert(keys)
         return cached
+
+
+def _int(body: dict, name: str, default: int) -> int:
+    value = body.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise _BadRequest(f"{name} must be a positive integer", name)
+    return value
+
+
+def _prompts(body: dict, chat: bool) -> list[str]:
+    """The prompt texts of a body: one per list prompt (chat: the rendered messages)."""
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _BadRequest("messages must be a non-empty list", "messages")
+        parts = []
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("content", ""), str):
+                raise _BadRequest("each message needs a role and a text content", "messages")
+            parts.append(f"<|{m.get('role')}|> {m.get('content') or ''} <|end|>")
+        return [" ".join(parts) + " <|assistant|>"]
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        return [" ".join(map(str, prompt))]
+    raise _BadRequest("prompt must be a string, a list of strings or a list of token ids",
+                      "prompt")
+
+
+def _usage(u: Usage) -> dict:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
+
+
+def _delta(chat: bool, index: int, word: str, finish: str | None, first: bool) -> dict:
+    if chat:
+        delta = {"role": "assistant", "content": word} if first else {"content": word}
+        return {"index": index, "delta": delta, "finish_reason": finish}
+    return {"index": index, "text": word, "finish_reason": finish}
+
+
+def _choice(chat: bool, index: int, text: str, finish: str | None) -> dict:
+    if chat:
+        return {"index": index, "message": {"role": "assistant", "content": text},
+                "finish_reason": finish}
+    return {"index": index, "text": text, "finish_reason": finish}
+
+
+def _json(status: int, body: dict) -> EngineChunk:
+    return EngineChunk(json.dumps(body).encode(), Usage(), status, "application/json")
+
+
+def _error(status: int, message: str, param: str | None) -> EngineChunk:
+    """An error answer shaped as vLLM's server shapes it."""
+    return _json(status, {"error": {"message": message, "type": "BadRequestError",
+                                    "param": param, "code": status}})
 
 
 class FakePrefixCache:

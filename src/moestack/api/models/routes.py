@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from moestack.api.protocol import ModelCard, ModelList
+from moestack.api.models.protocol import ModelCard, ModelList
 from moestack.config.schema import ModelConfig
 from moestack.errors import ModelNotFoundError
 

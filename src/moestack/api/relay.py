@@ -1,0 +1,262 @@
+"""The gateway's data path: admit a request, relay it to an engine, relay the answer, meter it.
+
+The body goes to the engine as the client sent it, plus the ``priority`` that tenancy decides;
+the answer's bytes come back as the engine's serving layer produced them. What this module adds:
+
+* before the engine: body checks the engine cannot do for us (the fields it would ignore, invalid
+  Unicode), model access, admission (limits, budget reservation, fair queue);
+* the wait for the first chunk, raced against the client leaving and bounded by
+  ``gateway.first_token_timeout_s``, so every failure before the first byte is a proper status;
+* after it: bytes relayed as they come; a failure mid-stream becomes the stream's error event;
+* exactly one :class:`~moestack.usage.RequestRecord` per admitted request, with the engine's own
+  usage (the cumulative figure on the last chunk received), whatever happens: finish, engine
+  error, client gone (499), settled with the admission ticket in a shielded ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+import anyio
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from moestack.api.backend import ModelBackend
+from moestack.api.disconnect import until_disconnected
+from moestack.api.endpoints import (
+    Endpoint,
+    RequestFacts,
+    check_fields,
+    estimated_tokens,
+    read_body,
+    with_priority,
+)
+from moestack.api.errors import sse_error_event
+from moestack.config.schema import MoestackConfig
+from moestack.engine.protocol import EngineChunk, EngineInfo, EngineRequest
+from moestack.errors import (
+    EngineUnavailableError,
+    ModelNotFoundError,
+    MoestackError,
+    NotFoundError,
+)
+from moestack.usage import CLIENT_CLOSED, NO_USAGE, RequestRecord, Usage
+
+log = logging.getLogger(__name__)
+
+
+class UsageSink(Protocol):
+    def record(self, record: RequestRecord) -> None: ...
+
+
+class AdmissionTicket(Protocol):
+    priority: int
+    """Engine priority of the request (lower runs first, as in vLLM's priority scheduler)."""
+
+    async def settle(self, record: RequestRecord) -> RequestRecord:
+        """Settle what admission reserved with the real usage; returns the record to emit."""
+
+
+class Admission(Protocol):
+    """Runs before the backend is called (model access, limits, budget reservation, fair queue).
+
+    Raises the error to answer (403/404/429/503) or returns a ticket the relay settles exactly
+    once, in the same shielded path that emits the usage record.
+    """
+
+    async def admit(self, model: str, facts: RequestFacts, request_id: str, endpoint: str,
+                    generates: bool = True) -> AdmissionTicket: ...
+
+
+class Relay:
+    """Relays API calls to engines through a :class:`ModelBackend` and reports them to sinks."""
+
+    def __init__(self, config: MoestackConfig, backend: ModelBackend,
+                 sinks: Sequence[UsageSink] = (), admission: Admission | None = None):
+        self.config = config
+        self.backend = backend
+        self.sinks = list(sinks)
+        self.admission = admission
+        self._infos: dict[str, EngineInfo] = {}
+
+    async def engine_info(self, model: str) -> EngineInfo:
+        """The model's engine description, fetched from a replica once."""
+        info = self._infos.get(model)
+        if info is None:
+            info = self._infos[model] = await self.backend.info(model)
+        return info
+
+    async def handle(self, request: Request, endpoint: Endpoint) -> Response:
+        """Answer one API call (the route function of every relayed endpoint)."""
+        started = time.monotonic()
+        raw = await request.body()
+        facts, fields = read_body(endpoint, raw)
+        model = self.config.model(facts.model)
+        if model is None:
+            raise ModelNotFoundError(f"The model `{facts.model}` does not exist or you do not "
+                                     "have access to it.", param="model")
+        call = _Call(self, endpoint, facts, uuid.uuid4().hex, started)
+        opening = asyncio.ensure_future(call.open(raw, fields))
+        left = asyncio.ensure_future(until_disconnected(request))
+        try:
+            await asyncio.wait({opening, left}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left.cancel()
+            if not opening.done():  # the client left first: cancel admission / the engine
+                opening.cancel()
+        try:
+            first, chunks = await opening
+        except asyncio.CancelledError:
+            if not left.cancelled() and left.done():
+                return Response(status_code=CLIENT_CLOSED)
+            raise
+        headers = {"x-request-id": call.request_id}
+        if first.content_type and first.content_type.startswith("text/event-stream") \
+                and first.status < 400:
+            return StreamingResponse(call.stream(first, chunks), status_code=first.status,
+                                     media_type=first.content_type, headers=headers)
+        body = await _rest(call, first, chunks)
+        return Response(body, status_code=first.status, media_type=first.content_type,
+                        headers=headers)
+
+
+class _Call:
+    """One relayed request from admission to its usage record."""
+
+    def __init__(self, relay: Relay, endpoint: Endpoint, facts: RequestFacts, request_id: str,
+                 started: float):
+        self.relay, self.endpoint, self.facts = relay, endpoint, facts
+        self.request_id, self.started = request_id, started
+        self.ticket: AdmissionTicket | None = None
+        self.usage: Usage = NO_USAGE
+        self.ttft_s: float | None = None
+        self._emitted = False
+
+    async def open(self, raw: bytes, fields: frozenset[str]
+                   ) -> tuple[EngineChunk, AsyncIterator[EngineChunk]]:
+        """Admit, send, and wait for the first chunk; raises (after recording) if it fails."""
+        relay, facts = self.relay, self.facts
+        info = await relay.engine_info(facts.model)
+        if self.endpoint.path not in info.request_fields:
+            raise NotFoundError(f"The model `{facts.model}` does not serve "
+                                f"{self.endpoint.path}.", code="unsupported_endpoint")
+        accepted = info.request_fields[self.endpoint.path]
+        check_fields(self.endpoint, fields, accepted)
+        if relay.admission is not None:
+            self.ticket = await relay.admission.admit(facts.model, facts, self.request_id,
+                                                      self.endpoint.name,
+                                                      self.endpoint.generates)
+        chunks = None
+        try:
+            if "priority" in accepted:
+                priority = self.ticket.priority if (
+                    self.ticket is not None and info.priority_scheduling) else 0
+                raw = with_priority(raw, priority)
+            chunks = relay.backend.serve(facts.model, EngineRequest(
+                request_id=self.request_id, path=self.endpoint.path, body=raw,
+                tenant=getattr(getattr(self.ticket, "principal", None), "tenant", None),
+                prompt_text=facts.prompt_text, estimated_tokens=estimated_tokens(
+                    self.endpoint, facts, relay.config.model(facts.model).max_model_len)))
+            timeout_s = relay.config.gateway.first_token_timeout_s
+            try:
+                first = await asyncio.wait_for(anext(chunks), timeout=timeout_s)
+            except StopAsyncIteration:
+                raise EngineUnavailableError("the engine ended the request without output"
+                                             ) from None
+            except asyncio.TimeoutError:
+                raise EngineUnavailableError(f"no output from the engine within {timeout_s:g} s"
+                                             ) from None
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                if chunks is not None:
+                    await chunks.aclose()
+                await self.finish(_status_of(exc), _code_of(exc))
+            raise
+        self.ttft_s = time.monotonic() - self.started
+        self.usage = first.usage
+        return first, chunks
+
+    async def stream(self, first: EngineChunk, chunks: AsyncIterator[EngineChunk]
+                    ) -> AsyncIterator[bytes]:
+        """The stream's bytes; records the request once it ends, however it ends."""
+        status, code = CLIENT_CLOSED, "client_closed"
+        try:
+            yield first.data
+            async for chunk in chunks:
+                self.usage = chunk.usage
+                yield chunk.data
+            status, code = first.status, None
+        except MoestackError as exc:
+            status, code = exc.status_code, exc.code
+            yield sse_error_event(exc, self.endpoint.anthropic)
+        finally:
+            # Shielded: the client may have gone and the surrounding scope be cancelled, but the
+            # engine request must still be aborted and the usage recorded exactly once.
+            with anyio.CancelScope(shield=True):
+                await chunks.aclose()
+                await self.finish(status, code)
+
+    async def finish(self, status: int, code: str | None) -> None:
+        """Emit the request's record (once) to the ticket and the sinks."""
+        if self._emitted:
+            return
+        self._emitted = True
+        u = self.usage
+        rec = RequestRecord(
+            request_id=self.request_id, model=self.facts.model, endpoint=self.endpoint.name,
+            stream=self.facts.stream, status_code=status, prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens, cached_prompt_tokens=u.cached_prompt_tokens,
+            ttft_s=self.ttft_s, e2e_s=time.monotonic() - self.started, error_code=code)
+        if self.ticket is not None:
+            rec = await self.ticket.settle(rec)
+        for sink in self.relay.sinks:
+            try:
+                sink.record(rec)
+            except Exception:  # fail open on purpose: a broken sink must not fail the request
+                log.exception("usage sink %r failed for request %s", sink, rec.request_id)
+
+
+async def _rest(call: _Call, first: EngineChunk, chunks: AsyncIterator[EngineChunk]) -> bytes:
+    """A whole (non-streamed) answer; records the request."""
+    parts, status, code = [first.data], CLIENT_CLOSED, "client_closed"
+    try:
+        async for chunk in chunks:
+            call.usage = chunk.usage
+            parts.append(chunk.data)
+        status = first.status
+        code = _engine_error_code(first) if status >= 400 else None
+    except MoestackError as exc:
+        status, code = exc.status_code, exc.code
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await chunks.aclose()
+            await call.finish(status, code)
+    return b"".join(parts)
+
+
+def _engine_error_code(first: EngineChunk) -> str:
+    """The ``code``/``type`` of an engine's own error answer, for the ledger."""
+    try:
+        error = json.loads(first.data).get("error") or {}
+        return str(error.get("type") or error.get("code") or f"http_{first.status}")[:64]
+    except (ValueError, AttributeError):
+        return f"http_{first.status}"
+
+
+def _status_of(exc: BaseException) -> int:
+    if isinstance(exc, MoestackError):
+        return exc.status_code
+    return CLIENT_CLOSED if isinstance(exc, asyncio.CancelledError) else 500
+
+
+def _code_of(exc: BaseException) -> str:
+    if isinstance(exc, MoestackError):
+        return exc.code or exc.error_type
+    return "client_closed" if isinstance(exc, asyncio.CancelledError) else "internal_error"

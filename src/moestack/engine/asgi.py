@@ -1,0 +1,181 @@
+"""Call an engine's own ASGI app in-process and stream its answer as :class:`EngineChunk`.
+
+vLLM's OpenAI server is a FastAPI app over an ``EngineClient``; a ModelServer replica builds that
+app over its own AsyncLLM and calls it here, without a socket. What this adds:
+
+* **Batching without a timer.** The first body piece is yielded as soon as the app sends it
+  (time to first token is untouched); after that, everything the app sent while the consumer was
+  busy goes out as one chunk. A fixed flush interval would add its length to every first token.
+* **Usage from the engine.** :class:`UsageMeter` is put in a context variable that the app's
+  tasks inherit; the engine client's ``generate``/``encode`` add what the engine reports
+  (prompt tokens, prefix-cached tokens, generated tokens of every choice), so every chunk carries
+  the request's usage so far, whatever the endpoint, and an aborted stream is billed for what ran.
+* **Abort on close.** Closing the generator cancels the app's task; vLLM aborts the request in
+  the engine when its ``generate`` is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from moestack.engine.protocol import EngineChunk, EngineRequest
+from moestack.errors import EngineUnavailableError
+from moestack.usage import Usage
+
+ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]],
+                   Awaitable[None]]
+
+
+class UsageMeter:
+    """Tokens one request used so far, summed over its prompts and choices."""
+
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens")
+
+    def __init__(self) -> None:
+        self.prompt_tokens = self.completion_tokens = self.cached_prompt_tokens = 0
+
+    def usage(self) -> Usage:
+        return Usage(self.prompt_tokens, self.completion_tokens, self.cached_prompt_tokens)
+
+
+current_meter: contextvars.ContextVar[UsageMeter | None] = contextvars.ContextVar(
+    "moestack_usage_meter", default=None)
+
+_DONE = object()
+
+
+def _scope(request: EngineRequest) -> dict[str, Any]:
+    path = request.path
+    return {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
+        "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(request.body)).encode()),
+                    (b"x-request-id", request.request_id.encode())],
+        "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "state": {},
+    }
+
+
+async def serve_asgi(app: ASGIApp, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+    """Run ``request`` through ``app``; see the module docstring."""
+    meter = UsageMeter()
+    messages: asyncio.Queue = asyncio.Queue()
+    gone = asyncio.Event()
+    body_given = False
+
+    async def receive() -> dict:
+        nonlocal body_given
+        if not body_given:
+            body_given = True
+            return {"type": "http.request", "body": request.body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        messages.put_nowait(message)
+
+    token = current_meter.set(meter)
+    try:  # the task copies the context now: the app's tasks all see this request's meter
+        task = asyncio.get_running_loop().create_task(app(_scope(request), receive, send))
+    finally:
+        current_meter.reset(token)
+    task.add_done_callback(lambda _t: messages.put_nowait(_DONE))
+    try:
+        start = await messages.get()
+        if start is _DONE:
+            raise EngineUnavailableError(f"the engine's server gave no answer: {_why(task)}")
+        status = start["status"]
+        content_type = next((v.decode("latin-1") for k, v in start.get("headers", ())
+                             if k.lower() == b"content-type"), "application/json")
+        first, more = await _body(messages)
+        if status >= 500:
+            raise EngineUnavailableError(f"the engine failed ({status}): "
+                                         f"{first[:300].decode('utf-8', 'replace')}")
+        yield EngineChunk(first, meter.usage(), status, content_type)
+        while more:
+            data, more = await _body(messages)
+            parts = [data]
+            while more and not messages.empty():  # everything sent meanwhile, in one chunk
+                data, more = _piece(messages.get_nowait())
+                parts.append(data)
+            yield EngineChunk(b"".join(parts), meter.usage())
+    finally:
+        if not task.done():
+            gone.set()
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _body(messages: asyncio.Queue) -> tuple[bytes, bool]:
+    """The next body piece and whether more follow (skips empty pieces)."""
+    while True:
+        data, more = _piece(await messages.get())
+        if data or not more:
+            return data, more
+
+
+def _piece(message: Any) -> tuple[bytes, bool]:
+    if message is _DONE:
+        return b"", False
+    if message.get("type") != "http.response.body":
+        return b"", True
+    return message.get("body", b""), message.get("more_body", False)
+
+
+def _why(task: asyncio.Task) -> str:
+    if task.cancelled():
+        return "cancelled"
+    exc = task.exception()
+    return f"{type(exc).__name__}: {exc}" if exc else "no response"
+
+
+def metered(generate: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    """Wrap an engine client's ``generate``/``encode`` so outputs count in the request's meter.
+
+    Outputs are vLLM ``RequestOutput``/``PoolingRequestOutput``: prompt tokens and cached tokens
+    are counted once per engine request (list prompts are one engine request each), generated
+    tokens per choice (``n`` choices are one engine request), whether outputs are deltas or
+    cumulative (``CUMULATIVE``/``FINAL_ONLY``, told by each output's growing token list).
+    """
+
+    async def wrapper(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        meter = current_meter.get()
+        stream = generate(*args, **kwargs)
+        if meter is None:
+            async for out in stream:
+                yield out
+            return
+        prompt_seen, cached_seen, tokens_seen = False, 0, {}
+        delta = _is_delta(args, kwargs)
+        try:
+            async for out in stream:
+                if not prompt_seen and getattr(out, "prompt_token_ids", None) is not None:
+                    prompt_seen = True
+                    meter.prompt_tokens += len(out.prompt_token_ids)
+                cached = getattr(out, "num_cached_tokens", None) or 0
+                if cached > cached_seen:
+                    meter.cached_prompt_tokens += cached - cached_seen
+                    cached_seen = cached
+                for o in getattr(out, "outputs", None) or ():
+                    n = len(getattr(o, "token_ids", None) or ())
+                    if delta:
+                        meter.completion_tokens += n
+                    else:
+                        index = getattr(o, "index", 0)
+                        meter.completion_tokens += max(0, n - tokens_seen.get(index, 0))
+                        tokens_seen[index] = max(n, tokens_seen.get(index, 0))
+                yield out
+        finally:
+            await stream.aclose()
+
+    return wrapper
+
+
+def _is_delta(args: tuple, kwargs: dict) -> bool:
+    params = kwargs.get("sampling_params", args[1] if len(args) > 1 else None)
+    kind = getattr(params, "output_kind", None)
+    return getattr(kind, "name", None) == "DELTA"
