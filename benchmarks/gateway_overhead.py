@@ -6,9 +6,13 @@ chat) is identical request for request:
 
 1. vLLM: ``python -m vllm.entrypoints.openai.api_server`` on the checkpoint;
 2. moestack: ``moestack up`` with a config on the same checkpoint (Ray Serve HTTP proxy ->
-   Gateway deployment -> ModelServer deployment with vLLM's AsyncLLM), tenancy off.
+   Gateway deployment -> ModelServer deployment hosting vLLM's serving layer over its
+   AsyncLLM), with tenancy on as users run it (API key, limits, budget reservation, fair queue,
+   ledger row per request);
+3. with ``--ingress direct`` (or ``both``): the same stack with Ray Serve's direct ingress
+   (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``: the Gateway replica serves HTTP itself, no proxy hop).
 
-Both servers run side by side (each idle while the other is measured) and are measured in
+The servers run side by side (each idle while another is measured) and are measured in
 alternating order over several rounds, so the drift of a shared machine's background load falls
 on both alike; each target's rounds are merged. Each round has two phases per target: the
 scenario's open-loop Poisson load (latency: the TTFT moestack adds at p50 and p99, in
@@ -18,6 +22,7 @@ load generator share the cores, so added latency includes CPU contention, not on
 Run it with a short TMPDIR (Ray's socket paths must stay under 108 bytes).
 
     .venv/bin/python benchmarks/gateway_overhead.py [--rounds 3] [--requests 60] [--rate 4]
+        [--ingress proxy|direct|both]
 """
 
 from __future__ import annotations
@@ -64,10 +69,24 @@ def start_vllm(checkpoint: Path, tmp: Path) -> tuple[subprocess.Popen, int]:
 def moestack_config(port: int, tmp: Path) -> dict:
     return {"models": [{"name": MODEL, "tiny": {"arch": "deepseek-v3", "seed": 0},
                         "architecture": "DeepseekV3ForCausalLM", "max_model_len": MAX_MODEL_LEN,
+                        "max_ongoing_requests": 256,
                         "env": ENGINE_ENV, "engine_args": {"enforce_eager": True}}],
             "gateway": {"host": "127.0.0.1", "port": port},
             "storage": {"url": f"sqlite:///{tmp / 'moestack.db'}"},
-            "tenancy": {"enabled": False}, "ray": {"num_cpus": 2}}
+            "tenancy": {"enabled": True, "bootstrap_tenant": "bench"}, "ray": {"num_cpus": 2}}
+
+
+def direct_ingress_url(stack) -> str:
+    """With direct ingress the Gateway replica listens on a port Serve allocates for it."""
+    import httpx
+
+    for port in range(30000, 30064):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return f"http://127.0.0.1:{port}/v1"
+        except httpx.HTTPError:
+            continue
+    raise RuntimeError("no direct-ingress Gateway port answered /health")
 
 
 def added(a: float | None, b: float | None) -> str:
@@ -82,6 +101,9 @@ def main() -> int:
                    "saturating phase")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each measures both targets "
                    "(alternating which goes first) and the figures merge all rounds")
+    p.add_argument("--ingress", choices=("proxy", "direct", "both"), default="proxy",
+                   help="how requests enter Ray Serve: its HTTP proxy, direct ingress, or both "
+                   "(one stack after the other, each against the same vLLM server)")
     args = p.parse_args()
     scenario = load_scenario(SCENARIO)
     if args.requests:
@@ -101,38 +123,48 @@ def main() -> int:
           f"checkpoint {checkpoint.name}; {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f} before the run", flush=True)
     vllm, port = start_vllm(checkpoint, tmp)
-    stack = None
+    modes = ("proxy", "direct") if args.ingress == "both" else (args.ingress,)
     rounds: dict[str, list[TargetRun]] = {}
     try:
-        stack = start_stack(moestack_config(free_port(), stack_tmp), stack_tmp)
-        targets = [("vLLM", f"http://127.0.0.1:{port}/v1", vllm.pid),
-                   ("moestack", stack.base_url, stack.proc.pid)]
-        for i in range(args.rounds):
-            for name, url, pid in targets[::1 if i % 2 == 0 else -1]:
-                for phase, sc in (("Poisson", scenario), ("saturated", saturate)):
-                    sc = sc.replace(seed=sc.seed + 100 * i)
-                    run = measure(f"{name}, {phase}, round {i + 1}", sc, url, [pid])
-                    rounds.setdefault(f"{name}, {phase}", []).append(run)
-                    print(table([run]).splitlines()[-1], flush=True)
+        for mode in modes:
+            env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1" if mode == "direct" else "0"}
+            stack = start_stack(moestack_config(free_port(), stack_tmp), stack_tmp,
+                                extra_env=env)
+            try:
+                url = direct_ingress_url(stack) if mode == "direct" else stack.base_url
+                key = stack.bootstrap_key()
+                targets = [("vLLM", f"http://127.0.0.1:{port}/v1", vllm.pid, None),
+                           (f"moestack {mode}", url, stack.proc.pid, key)]
+                for i in range(args.rounds):
+                    for name, target, pid, api_key in targets[::1 if i % 2 == 0 else -1]:
+                        for phase, sc in (("Poisson", scenario), ("saturated", saturate)):
+                            sc = sc.replace(seed=sc.seed + 100 * i)
+                            run = measure(f"{name}, {phase}, round {i + 1}", sc, target, [pid],
+                                          api_key=api_key)
+                            rounds.setdefault(f"{name}, {phase}", []).append(run)
+                            print(table([run]).splitlines()[-1], flush=True)
+            finally:
+                stack.stop()
     finally:
         stop_server(vllm)
-        if stack is not None:
-            stack.stop()
-    runs = [merge(name, scenario if "Poisson" in name else saturate, rs)
-            for name, rs in rounds.items()]
-    by = {r.name: r for r in runs}
-    runs = [by["vLLM, Poisson"], by["vLLM, saturated"], by["moestack, Poisson"],
-            by["moestack, saturated"]]
-    vl, vl_sat, mo, mo_sat = runs
-    print("\n" + table(runs))
-    print(f"\nmoestack adds TTFT p50 {added(mo.latency('ttft', 'p50'), vl.latency('ttft', 'p50'))}"
-          f", p99 {added(mo.latency('ttft', 'p99'), vl.latency('ttft', 'p99'))}; "
-          f"ITL p50 {added(mo.latency('itl', 'p50'), vl.latency('itl', 'p50'))}; "
-          f"E2E p50 {added(mo.latency('e2el', 'p50'), vl.latency('e2el', 'p50'))}")
+    runs = {name: merge(name, scenario if "Poisson" in name else saturate, rs)
+            for name, rs in rounds.items()}
+    vl, vl_sat = runs["vLLM, Poisson"], runs["vLLM, saturated"]
+    print("\n" + table(list(runs.values())))
     thr = lambda r: r.report["throughput"]["output_tokens_per_s"]  # noqa: E731
-    print(f"saturated throughput moestack / vLLM: requests/s "
-          f"{mo_sat.requests_per_s / vl_sat.requests_per_s:.3f}, "
-          f"output tokens/s {thr(mo_sat) / thr(vl_sat):.3f}")
+    cpu = lambda r: r.server_cpu_s / max(1, len(r.results))  # noqa: E731
+    for mode in modes:
+        mo, mo_sat = runs[f"moestack {mode}, Poisson"], runs[f"moestack {mode}, saturated"]
+        print(f"\nmoestack ({mode} ingress, tenancy on) adds TTFT p50 "
+              f"{added(mo.latency('ttft', 'p50'), vl.latency('ttft', 'p50'))}, p99 "
+              f"{added(mo.latency('ttft', 'p99'), vl.latency('ttft', 'p99'))}; ITL p50 "
+              f"{added(mo.latency('itl', 'p50'), vl.latency('itl', 'p50'))}; E2E p50 "
+              f"{added(mo.latency('e2el', 'p50'), vl.latency('e2el', 'p50'))}")
+        print(f"  saturated throughput moestack / vLLM: requests/s "
+              f"{mo_sat.requests_per_s / vl_sat.requests_per_s:.3f}, output tokens/s "
+              f"{thr(mo_sat) / thr(vl_sat):.3f}; server CPU per request (saturated) "
+              f"{cpu(mo_sat) * 1000:.1f} ms vs {cpu(vl_sat) * 1000:.1f} ms = "
+              f"{cpu(mo_sat) / cpu(vl_sat):.2f}x")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(stack_tmp, ignore_errors=True)
     return 0

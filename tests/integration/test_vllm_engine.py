@@ -1,20 +1,29 @@
-"""The vLLM engine implementation against the engine protocol, in-process, tiny Mixtral."""
+"""vLLM's own serving layer inside the engine protocol, in-process, on tiny DeepSeek-V3.
+
+The usage the engine meters must equal the usage vLLM reports, on every endpoint, and closing a
+stream must abort the request in the engine.
+"""
+
+import asyncio
+import json
 
 import pytest
 import pytest_asyncio
 
 from moestack.config.schema import ModelConfig
-from moestack.engine import GenerationRequest, SamplingOptions, build_engine
-from moestack.engine.protocol import ChatMessage
-from moestack.errors import ConfigError, PromptTooLongError
+from moestack.engine import build_engine
+from moestack.errors import ConfigError
+from moestack.testing.requests import engine_request
 
 pytestmark = pytest.mark.integration
+
+MODEL = "tiny-v3"
 
 
 def model_config(**overrides) -> ModelConfig:
     return ModelConfig.model_validate({
-        "name": "tiny-mixtral", "tiny": {"arch": "mixtral", "seed": 0},
-        "architecture": "MixtralForCausalLM", "max_model_len": 256,
+        "name": MODEL, "tiny": {"arch": "deepseek-v3", "seed": 0},
+        "architecture": "DeepseekV3ForCausalLM", "max_model_len": 512,
         "engine_args": {"enforce_eager": True}, **overrides})
 
 
@@ -26,46 +35,96 @@ async def engine():
     eng.stop()
 
 
-@pytest.mark.asyncio(loop_scope="module")
-async def test_chat_stream_follows_the_protocol(engine):
-    request = GenerationRequest("c1", messages=(ChatMessage("user", "Hello!"),),
-                                sampling=SamplingOptions(max_tokens=10, temperature=0))
-    ids = await engine.prompt_token_ids(request)
-    chunks = [c async for c in engine.generate(request)]
-    assert {c.prompt_tokens for c in chunks} == {len(ids)}
-    counts = [c.completion_tokens for c in chunks]
-    assert counts == sorted(set(counts)) and counts[0] >= 1  # cumulative, strictly increasing
-    assert [c.finish_reason is not None for c in chunks] == [False] * (len(chunks) - 1) + [True]
-    assert chunks[-1].completion_tokens <= 10
-    assert sum(len(c.token_ids) for c in chunks) == chunks[-1].completion_tokens
+async def answer(engine, path, body):
+    chunks = [c async for c in engine.serve(engine_request({"model": MODEL, **body}, path))]
+    return chunks, b"".join(c.data for c in chunks)
+
+
+def sse_json(data: bytes) -> list[dict]:
+    return [json.loads(line[6:]) for line in data.decode().split("\n")
+            if line.startswith("data: {")]
+
+
+CHAT = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 6}
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_rejects_too_long_prompt_before_generating(engine):
-    with pytest.raises(PromptTooLongError):
-        async for _ in engine.generate(GenerationRequest("c2", prompt="hello world " * 300)):
-            pass
+async def test_metered_usage_equals_vllms_usage_on_chat_and_completions(engine):
+    chunks, data = await answer(engine, "/v1/chat/completions", {**CHAT, "n": 2})
+    usage = json.loads(data)["usage"]
+    u = chunks[-1].usage
+    assert (u.prompt_tokens, u.completion_tokens) == (usage["prompt_tokens"],
+                                                       usage["completion_tokens"])
+    assert usage["completion_tokens"] == 12
+    chunks, data = await answer(engine, "/v1/completions",
+                                {"prompt": ["one two", "three"], "max_tokens": 3})
+    usage = json.loads(data)["usage"]
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (
+        usage["prompt_tokens"], usage["completion_tokens"]) and usage["completion_tokens"] == 6
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_closing_the_stream_aborts_and_frees_the_engine(engine):
-    stream = engine.generate(GenerationRequest("c3", prompt="Tell me",
-                                               sampling=SamplingOptions(max_tokens=200)))
-    await anext(stream)
+async def test_metered_usage_equals_vllms_usage_on_responses_and_messages(engine):
+    chunks, data = await answer(engine, "/v1/responses",
+                                {"input": "Hello", "max_output_tokens": 5, "stream": True})
+    done = [e for e in sse_json(data) if e.get("type") == "response.completed"][0]
+    u = chunks[-1].usage
+    assert (u.prompt_tokens, u.completion_tokens) == (
+        done["response"]["usage"]["input_tokens"], done["response"]["usage"]["output_tokens"])
+    assert chunks[0].content_type.startswith("text/event-stream")
+    chunks, data = await answer(engine, "/v1/messages", CHAT)
+    usage = json.loads(data)["usage"]
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (
+        usage["input_tokens"], usage["output_tokens"])
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_engine_errors_are_vllms_own_answers(engine):
+    chunks, data = await answer(engine, "/v1/chat/completions", {**CHAT, "max_tokens": 600})
+    assert chunks[0].status == 400 and b"max_model_len" in data
+    assert chunks[-1].usage.completion_tokens == 0
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", CHAT),
+    ("/v1/completions", {"prompt": "Once upon a time"}),
+    ("/v1/responses", {"input": "Once upon a time"}),
+    ("/v1/messages", CHAT),
+])
+@pytest.mark.asyncio(loop_scope="module")
+async def test_closing_a_stream_aborts_the_request_in_the_engine(engine, path, body):
+    budget = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
+    stream = engine.serve(engine_request(
+        {"model": MODEL, **body, budget: 400, "stream": True, "ignore_eos": True}
+        if path != "/v1/responses" else {"model": MODEL, **body, budget: 400, "stream": True},
+        path))
+    seen = 0
+    async for chunk in stream:
+        seen += 1
+        if chunk.usage.completion_tokens >= 3:
+            break
     await stream.aclose()
+    processor = engine._llm.output_processor
+    for _ in range(50):
+        if processor.get_num_unfinished_requests() == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert processor.get_num_unfinished_requests() == 0
+    assert 3 <= chunk.usage.completion_tokens < 400
     assert engine.stats().running_requests == 0
-    await engine.check_health()
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_wrong_architecture_fails_start_with_config_error():
-    eng = build_engine(model_config(architecture="DeepseekV3ForCausalLM"))
-    with pytest.raises(ConfigError, match="is MixtralForCausalLM"):
-        await eng.start()
+async def test_info_lists_vllms_routes_and_their_fields(engine):
+    fields = engine.info.request_fields
+    for route in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+                  "/tokenize", "/detokenize"):
+        assert route in fields
+    assert {"logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice",
+            "response_format", "n", "priority"} <= fields["/v1/chat/completions"]
+    assert "echo" in fields["/v1/completions"]
 
 
-@pytest.mark.asyncio(loop_scope="module")
-async def test_unknown_engine_arg_fails_start_with_config_error():
-    eng = build_engine(model_config(engine_args={"no_such_arg": 1}))
-    with pytest.raises(ConfigError, match="no_such_arg"):
-        await eng.start()
+def test_unknown_engine_argument_fails_at_start():
+    with pytest.raises(ConfigError, match="unknown vLLM engine argument"):
+        asyncio.run(build_engine(model_config(engine_args={"no_such_arg": 1})).start())

@@ -162,7 +162,7 @@ async def test_body_is_relayed_as_sent(stack):
     r = await stack.http.post("/v1/chat/completions", json=body)
     assert r.status_code == 200
     assert stack.engines[MODEL].requests_seen[-1].body == {**body, "priority": 0}
-    assert r.headers["x-request-id"] == stack.recorder.records[-1].request_id
+    assert r.headers["x-moestack-request-id"] == stack.recorder.records[-1].request_id
 
 
 async def test_streamed_usage_is_the_engines_even_without_the_usage_option(stack):

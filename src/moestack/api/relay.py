@@ -50,6 +50,10 @@ from moestack.usage import CLIENT_CLOSED, NO_USAGE, RequestRecord, Usage
 
 log = logging.getLogger(__name__)
 
+REQUEST_ID_HEADER = "x-moestack-request-id"
+"""Response header naming the request's id in the usage ledger (Ray Serve's proxy sets its own
+``x-request-id``)."""
+
 
 class UsageSink(Protocol):
     def record(self, record: RequestRecord) -> None: ...
@@ -116,7 +120,7 @@ class Relay:
             if not left.cancelled() and left.done():
                 return Response(status_code=CLIENT_CLOSED)
             raise
-        headers = {"x-request-id": call.request_id}
+        headers = {REQUEST_ID_HEADER: call.request_id}
         if first.content_type and first.content_type.startswith("text/event-stream") \
                 and first.status < 400:
             return StreamingResponse(call.stream(first, chunks), status_code=first.status,

@@ -116,7 +116,7 @@ class Scenario(_Strict):
                                  "measured run and left out of the report.")
     timeout_s: float = Field(300.0, gt=0, description="Per-request timeout, seconds.")
     ignore_eos: bool = Field(True, description="Ask the server to generate exactly the sampled "
-                             "output length (vLLM `ignore_eos`; moestack ignores the field).")
+                             "output length (vLLM `ignore_eos`, relayed by moestack).")
     arrival: ArrivalConfig = Field(default_factory=ArrivalConfig, description="Arrivals.")
     tenants: list[TenantLoad] = Field(min_length=1, description="The tenant mix.")
     prompt_tokens: LengthDistribution = Field(description="Prompt lengths in tokens.")
