@@ -174,3 +174,26 @@ def test_decode_reads_grow_with_context_but_far_slower_than_dense_mla():
     long = v4.kv_read_bytes(v, v.compress_ratios, 1048576)
     assert long > short
     assert long < 61 * 656 * 1048576 / 20    # V3.2-style dense latent reads, 20x less
+
+
+def test_shape_of_a_built_tiny_v4_counts_exactly_its_stored_parameters(tmp_path):
+    from moestack.engine import tiny
+
+    if "deepseek-v4" not in tiny.TINY_ARCHS:
+        pytest.skip("this tree's tiny builder makes no DeepSeek-V4 checkpoint yet")
+    from safetensors import safe_open
+
+    out = tiny.build_tiny_model(tiny.TinySpec("deepseek-v4"), tmp_path / "v4")
+    shape = shape_from_hf_config(out)
+    assert shape.hybrid is not None and shape.hybrid.compress_ratios
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        stored = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys()
+                     if not k.endswith("tid2eid"))       # hash tables are not parameters
+    assert shape.total_params() == stored
+
+
+def _numel(dims):
+    n = 1
+    for d in dims:
+        n *= d
+    return n
