@@ -197,3 +197,12 @@ def _numel(dims):
     for d in dims:
         n *= d
     return n
+
+
+def test_tensor_parallel_must_divide_the_output_groups():
+    s = SHAPES["deepseek-v4-flash"]                     # 8 output groups, 64 heads
+    gpu = replace(GPUS["h200"], gpus_per_node=16)
+    p = plan(PlanRequest(s, gpu, 16, layout=Layout(16, 1, 1, True)))
+    assert any("o_groups" in m for m in p.problems)
+    assert not any("o_groups" in m for m in plan(PlanRequest(
+        s, GPUS["h200"], 8, layout=Layout(8, 1, 1, True))).problems)

@@ -20,6 +20,9 @@ Byte figures follow vLLM (``vllm/models/deepseek_v4/attention.py``, ``compressor
 - A running sequence also holds fixed state: its sliding-window blocks (window / 64 + 1 per
   layer) and the compressors' fp32 pooling state (2 x overlap x head_dim floats per token slot,
   over a window of overlap x ratio tokens, in blocks of 4 (ratio 4) or 8 (ratio 128) slots).
+- Capacity sums these pages over the layers. vLLM's hybrid allocator groups layers and shares
+  one block pool between the groups, which can leave some of it unused; that loss is not
+  modelled, so capacity is an upper bound.
 - Weights: dense projections fp8 e4m3 with one UE8M0 scale per 128 x 128 block; routed experts
   fp4 (e2m1, two per byte) with one UE8M0 scale per 32 inputs; embeddings, head, gates, norms,
   compressors and the indexer's ``weights_proj`` bf16; hyper-connection tensors, compressor

@@ -1,7 +1,8 @@
 """The layout planner: does a model fit a set of GPUs, how, and what will it cost.
 
 :func:`plan` checks a given layout (or picks the best one) for a model shape on an accelerator
-kind and returns a :class:`Plan`: weight memory per GPU, KV-cache capacity in tokens (MLA-aware),
+kind and returns a :class:`Plan`: weight memory per GPU, KV-cache capacity in tokens (MLA- and
+DeepSeek-V4-aware, at the requested context and at 128K and 1M),
 a roofline ceiling on decode tokens/s, predicted USD per 1M output tokens at that ceiling, the
 reasons a layout does not fit, and the vLLM engine arguments and Ray placement bundles that
 realise it.
