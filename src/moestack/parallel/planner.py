@@ -33,7 +33,7 @@ RUNTIME_RESERVE_GIB = 3.0              # activations, CUDA graphs, NCCL/all-to-a
 MAX_SEQS_PER_RANK = 256                # vLLM's default max_num_seqs
 KV_BYTES = {"bf16": 2, "fp8": 1}
 REPORT_CONTEXTS = (131072, 1048576)    # contexts every plan reports KV capacity at (128K, 1M)
-V4_KV_CACHE_DTYPE = "fp8_ds_mla"       # vLLM's only KV layout for DeepSeek-V4 on CUDA
+V4_KV_CACHE_DTYPE = "fp8_ds_mla"       # the KV layout of vLLM's default V4 backend (FlashMLA)
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,8 @@ def _evaluate(req: PlanRequest, lay: Layout) -> Plan:
     kv_dtype = req.kv_cache_dtype
     if shape.hybrid is not None:
         kv_dtype = V4_KV_CACHE_DTYPE
-        notes.append("KV cache fp8_ds_mla (vLLM's only DeepSeek-V4 layout on CUDA): 584 B per "
+        notes.append("KV cache fp8_ds_mla (vLLM's FlashMLA sparse backend, the V4 default on "
+                     "Hopper and Blackwell; it takes no other KV dtype): 584 B per "
                      "entry, 128-token sliding window in every layer, 1/4 (+ indexer keys) or "
                      "1/128 of the tokens in the compressed layers, whole on every TP rank")
 
