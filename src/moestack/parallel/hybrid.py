@@ -14,8 +14,9 @@ Byte figures follow vLLM (``vllm/models/deepseek_v4/attention.py``, ``compressor
 - KV entries are stored in the ``fp8_ds_mla`` layout of vLLM's default V4 attention backend on
   Hopper and Blackwell (FlashMLA sparse; it accepts no other KV dtype; the opt-in FlashInfer
   backend on SM100 stores plain rows instead): 448 B fp8 no-RoPE part + 128 B bf16 RoPE part
-  + 8 B UE8M0 scales = 584 B per entry, in pages padded to a multiple of 576 B. Compressed layers use 256-token blocks (256 / ratio entries per
-  page); the sliding-window cache uses 64-token blocks.
+  + 8 B UE8M0 scales = 584 B per entry, in pages padded to a multiple of 576 B. Compressed
+  layers use 256-token blocks (256 / ratio entries per page); the sliding-window cache uses
+  64-token blocks.
 - The indexer keys are fp8 with fp32 scales: 128 + 4 = 132 B per compressed entry (ratio-4
   layers only), same 256-token blocks.
 - A running sequence also holds fixed state: its sliding-window blocks (window / 64 + 1 per
