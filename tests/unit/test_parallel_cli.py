@@ -136,3 +136,20 @@ def test_plan_json_of_a_v4_model_carries_both_contexts_and_the_baseline(capsys):
     assert out["baseline"]["name"] == "deepseek-v4-flash"
     assert out["vllm_engine_args"]["kv_cache_dtype"] == "fp8_ds_mla"
     assert out["kv_cache"]["fixed_bytes_per_sequence_per_gpu"] > 0
+
+
+def test_plan_of_v4_pro_on_one_h100_node_says_it_does_not_fit_and_exits_one(capsys):
+    assert main(["plan", "--model", "deepseek-v4-pro", "--gpu", "h100", "--context", "128k"]) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "GiB per GPU" in out
+
+
+@pytest.mark.parametrize("name,baseline", [("deepseek-v4-flash-1x8xh100.yaml", "deepseek-v4-flash"),
+                                           ("deepseek-v4-pro-1x8xh200.yaml", "deepseek-v4-pro")])
+def test_v4_deploy_configs_are_planned_beside_their_api_price(name, baseline):
+    config = load_config(DEPLOY / name)
+    (model,) = config.models
+    p = plan_model(model, config)
+    assert p.baseline is not None and p.baseline.name == baseline
+    assert p.usd_per_1m_output_tokens < p.baseline.usd_per_1m_output_tokens
+    assert {c.context_tokens for c in p.at_contexts} == {131072, 1048576}
