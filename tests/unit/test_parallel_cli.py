@@ -18,6 +18,8 @@ GPU_LAYOUTS = {
     "deepseek-v3-2x8xh100.yaml": (16, 2, True),   # GPUs, nodes, expert parallel
     "mixtral-8x7b-2xh100.yaml": (2, 1, True),
     "qwen3-30b-a3b-1xh100.yaml": (1, 1, False),
+    "deepseek-v4-flash-1x8xh100.yaml": (8, 1, True),
+    "deepseek-v4-pro-1x8xh200.yaml": (8, 1, False),
 }
 
 
@@ -29,7 +31,7 @@ def test_deploy_gpu_layout_passes_plan(name):
     gpus, nodes, ep = GPU_LAYOUTS[name]
     assert p.fits, p.problems
     assert (p.layout.world_size, p.nodes, p.layout.expert_parallel) == (gpus, nodes, ep)
-    assert p.usd_per_gpu_hour == load_pricing().usd_per_gpu_hour("H100")
+    assert p.usd_per_gpu_hour == load_pricing().usd_per_gpu_hour(p.gpu.accelerator_type)
     # The ModelServer reserves exactly what the plan says.
     bundles, strategy = p.placement()
     opts = model_server_options(model)
@@ -105,11 +107,49 @@ def test_plan_command_reads_a_checkpoint_folder(tmp_path, capsys):
     assert "FITS" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("text,tokens", [("32k", 32768), ("128K", 131072), ("4096", 4096)])
-def test_context_accepts_k_suffix(text, tokens):
+@pytest.mark.parametrize("text,tokens", [("32k", 32768), ("128K", 131072), ("4096", 4096),
+                                         ("1m", 1048576)])
+def test_context_accepts_k_and_m_suffixes(text, tokens):
     assert parse_tokens(text) == tokens
 
 
 def test_context_rejects_garbage():
     with pytest.raises(ConfigError, match="token count"):
         parse_tokens("lots")
+
+
+@pytest.mark.parametrize("model", ["deepseek-v4-flash", "deepseek-v4-pro"])
+def test_plan_of_a_v4_model_shows_the_deepseek_api_price_beside_its_own(model, capsys):
+    assert main(["plan", "--model", model, "--gpu", "b200", "--context", "128k"]) == 0
+    out = capsys.readouterr().out
+    api = load_pricing().baselines[model]
+    assert (f"baseline {model} (DeepSeek API, {api.as_of.isoformat()}): "
+            f"{api.usd_per_1m_input_tokens:g} input / {api.usd_per_1m_cached_input_tokens:g} "
+            f"cached input / {api.usd_per_1m_output_tokens:g} output USD per 1M tokens") in out
+    assert "at 128K context:" in out and "at 1M context:" in out
+
+
+def test_plan_json_of_a_v4_model_carries_both_contexts_and_the_baseline(capsys):
+    assert main(["plan", "--model", "deepseek-v4-flash", "--gpu", "h100", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [c["context_tokens"] for c in out["at_context"]] == [131072, 1048576]
+    assert out["baseline"]["name"] == "deepseek-v4-flash"
+    assert out["vllm_engine_args"]["kv_cache_dtype"] == "fp8_ds_mla"
+    assert out["kv_cache"]["fixed_bytes_per_sequence_per_gpu"] > 0
+
+
+def test_plan_of_v4_pro_on_one_h100_node_says_it_does_not_fit_and_exits_one(capsys):
+    assert main(["plan", "--model", "deepseek-v4-pro", "--gpu", "h100", "--context", "128k"]) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "GiB per GPU" in out
+
+
+@pytest.mark.parametrize("name,baseline", [("deepseek-v4-flash-1x8xh100.yaml", "deepseek-v4-flash"),
+                                           ("deepseek-v4-pro-1x8xh200.yaml", "deepseek-v4-pro")])
+def test_v4_deploy_configs_are_planned_beside_their_api_price(name, baseline):
+    config = load_config(DEPLOY / name)
+    (model,) = config.models
+    p = plan_model(model, config)
+    assert p.baseline is not None and p.baseline.name == baseline
+    assert p.usd_per_1m_output_tokens < p.baseline.usd_per_1m_output_tokens
+    assert {c.context_tokens for c in p.at_contexts} == {131072, 1048576}

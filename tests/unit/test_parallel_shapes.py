@@ -12,6 +12,7 @@ from moestack.parallel import SHAPES, get_shape, shape_from_hf_config
 PUBLISHED = {
     "deepseek-v3": (671, 37), "kimi-k2": (1040, 32.6), "mixtral-8x7b": (46.7, 12.9),
     "mixtral-8x22b": (141, 39), "qwen3-30b-a3b": (30.5, 3.3), "qwen3-235b-a22b": (235, 22),
+    "deepseek-v4-flash": (284, 13), "deepseek-v4-pro": (1600, 49),
 }
 
 

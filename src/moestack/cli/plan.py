@@ -13,20 +13,23 @@ from moestack.errors import ConfigError
 
 
 def parse_tokens(text: str) -> int:
-    """``32k`` -> 32768, ``128K`` -> 131072, ``4096`` -> 4096."""
+    """``32k`` -> 32768, ``128K`` -> 131072, ``1m`` -> 1048576, ``4096`` -> 4096."""
     t = text.strip().lower()
+    scale = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
     try:
-        return int(t[:-1]) * 1024 if t.endswith("k") else int(t)
+        return int(t[:-1] if scale > 1 else t) * scale
     except ValueError:
-        raise ConfigError(f"--context: `{text}` is not a token count like 4096 or 32k") from None
+        raise ConfigError(f"--context: `{text}` is not a token count like 4096, 32k or "
+                          "1m") from None
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="check or choose a parallel layout (TP/PP/DP/EP) "
                               "for an MoE model: memory, KV cache, decode roofline, cost")
     p.add_argument("--config", "-c", help="plan the models of this stack config as configured")
-    p.add_argument("--model", "-m", help="catalog shape (deepseek-v3, mixtral-8x7b, "
-                   "qwen3-30b-a3b, ...) or a checkpoint folder; with --config: a model name")
+    p.add_argument("--model", "-m", help="catalog shape (deepseek-v4-flash, deepseek-v4-pro, "
+                   "deepseek-v3, mixtral-8x7b, qwen3-30b-a3b, ...) or a checkpoint folder; with "
+                   "--config: a model name")
     p.add_argument("--gpu", default="h100", help="GPU catalog entry (h100, h200, a100, l40s, "
                    "b200)")
     p.add_argument("--nodes", type=int, default=1, help="nodes one replica may span")
@@ -35,7 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp8"), help="weight dtype (default: the "
                    "checkpoint's)")
     p.add_argument("--kv-cache-dtype", choices=("bf16", "fp8"), default="bf16")
-    p.add_argument("--context", type=parse_tokens, help="context tokens, e.g. 32k (default: "
+    p.add_argument("--context", type=parse_tokens, help="context tokens, e.g. 32k or 1m (default: "
                    "the model's maximum)")
     p.add_argument("--tp", type=int, help="check this tensor_parallel_size")
     p.add_argument("--pp", type=int, help="check this pipeline_parallel_size")
@@ -62,8 +65,10 @@ def run(args) -> int:
 
 
 def _cli_plan(args):
+    from dataclasses import replace
+
     from moestack.parallel import Layout, PlanRequest, get_gpu, get_shape, plan
-    from moestack.parallel.from_config import gpu_price
+    from moestack.parallel.from_config import baseline_quote, gpu_price
 
     if not args.model:
         raise ConfigError("plan: give --model (or --config)")
@@ -72,11 +77,13 @@ def _cli_plan(args):
     layout = None
     if args.tp or args.pp or args.dp or args.ep:
         layout = Layout(args.tp or 1, args.pp or 1, args.dp or 1, args.ep)
-    return plan(PlanRequest(
-        shape=get_shape(args.model), gpu=gpu, gpus=gpus, weight_dtype=args.dtype,
+    shape = get_shape(args.model)
+    result = plan(PlanRequest(
+        shape=shape, gpu=gpu, gpus=gpus, weight_dtype=args.dtype,
         kv_cache_dtype=args.kv_cache_dtype, context_tokens=args.context, layout=layout,
         gpu_memory_utilization=args.gpu_memory_utilization,
         usd_per_gpu_hour=gpu_price(gpu.accelerator_type, args.pricing, args.usd_per_gpu_hour)))
+    return replace(result, baseline=baseline_quote(shape, args.pricing))
 
 
 def _config_plans(args):

@@ -9,7 +9,13 @@ from moestack.config.schema import ModelConfig, MoestackConfig
 from moestack.errors import ConfigError
 from moestack.parallel.gpus import get_gpu
 from moestack.parallel.layout import Layout
-from moestack.parallel.planner import DEFAULT_GPU_MEMORY_UTILIZATION, Plan, PlanRequest, plan
+from moestack.parallel.planner import (
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    BaselineQuote,
+    Plan,
+    PlanRequest,
+    plan,
+)
 from moestack.parallel.shapes import ModelShape, get_shape, shape_from_hf_config
 
 
@@ -45,6 +51,21 @@ def gpu_price(accelerator: str, pricing_file: Path | None = None,
     return load_pricing(pricing_file, catalog_overrides).usd_per_gpu_hour(accelerator)
 
 
+def baseline_quote(shape: ModelShape, pricing_file: Path | None = None) -> BaselineQuote | None:
+    """The pricing catalog's prices for the API that serves ``shape`` itself (the DeepSeek API
+    for DeepSeek-V4), or None when the catalog has none."""
+    if shape.api_baseline is None:
+        return None
+    from moestack.metering.pricing import load_pricing
+
+    b = load_pricing(pricing_file).baselines.get(shape.api_baseline)
+    if b is None:
+        return None
+    return BaselineQuote(shape.api_baseline, b.provider, b.usd_per_1m_input_tokens,
+                         b.usd_per_1m_cached_input_tokens, b.usd_per_1m_output_tokens,
+                         b.as_of.isoformat())
+
+
 def plan_model(model: ModelConfig, config: MoestackConfig | None = None, *,
                usd_per_gpu_hour: float | None = None) -> Plan:
     """Check the configured layout of ``model`` on its `gpu`; problems include config
@@ -61,8 +82,9 @@ def plan_model(model: ModelConfig, config: MoestackConfig | None = None, *,
     lay = layout_of(model)
     price = gpu_price(gpu.accelerator_type, config.pricing_file if config else None,
                       usd_per_gpu_hour, dict(config.cost.usd_per_gpu_hour) if config else None)
+    shape = shape_of(model, config.cache_dir if config else None)
     result = plan(PlanRequest(
-        shape=shape_of(model, config.cache_dir if config else None), gpu=gpu,
+        shape=shape, gpu=gpu,
         gpus=lay.world_size, weight_dtype=weight_dtype, kv_cache_dtype=kv_dtype,
         context_tokens=model.max_model_len, layout=lay,
         gpu_memory_utilization=args.get("gpu_memory_utilization",
@@ -78,4 +100,5 @@ def plan_model(model: ModelConfig, config: MoestackConfig | None = None, *,
                      "the replica's placement group: engine_args.distributed_executor_backend "
                      f"must be `ray` (or unset), not `{backend}`")
     return replace(result, problems=[*result.problems, *extra],
-                   cpus_per_worker=model.cpus_per_worker)
+                   cpus_per_worker=model.cpus_per_worker,
+                   baseline=baseline_quote(shape, config.pricing_file if config else None))

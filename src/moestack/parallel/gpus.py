@@ -26,6 +26,7 @@ class GPUSpec:
     intra_node_gb_per_s: float      # NVLink (or PCIe) per GPU, one direction
     inter_node_gb_per_s: float      # network per GPU, one direction
     source: str
+    fp4_tflops: float | None = None  # None: no FP4 tensor cores (FP4 weights run as W4A16)
 
     @property
     def memory_bytes(self) -> float:
@@ -50,8 +51,10 @@ GPUS: dict[str, GPUSpec] = {g.name: g for g in (
             "https://www.nvidia.com/en-us/data-center/l40s/ (datasheet)"),
     # B200 (HGX/DGX B200, 180 GB per GPU, ~179 GiB reported): 8 TB/s HBM3e, 2.25 PFLOPS BF16 /
     # 4.5 PFLOPS FP8 dense, NVLink5 1.8 TB/s bidirectional; 8x ConnectX-7 400 Gb/s.
+    # 9 PFLOPS FP4 dense (18 with sparsity).
     GPUSpec("b200", "B200", 179.0, 8000, 2250, 4500, 8, 900, 50,
-            "https://www.nvidia.com/en-us/data-center/dgx-b200/ (DGX B200 datasheet)"),
+            "https://www.nvidia.com/en-us/data-center/dgx-b200/ (DGX B200 datasheet)",
+            fp4_tflops=9000),
 )}
 
 

@@ -54,6 +54,9 @@ def layout_problems(layout: Layout, shape: ModelShape, gpus_per_node: int,
                    f"{gpus_available} are available")
     if shape.num_attention_heads % tp:
         out.append(f"TP={tp} does not divide the {shape.num_attention_heads} attention heads")
+    if shape.hybrid is not None and shape.hybrid.o_groups % tp:
+        out.append(f"TP={tp} does not divide the {shape.hybrid.o_groups} output-projection "
+                   "groups (o_groups): vLLM splits the grouped wo_a by group")
     if not shape.is_mla and shape.num_kv_heads % tp and tp % shape.num_kv_heads:
         out.append(f"TP={tp} and the {shape.num_kv_heads} KV heads do not divide one another")
     if tp > gpus_per_node or gpus_per_node % tp:

@@ -1,7 +1,8 @@
 """The layout planner: does a model fit a set of GPUs, how, and what will it cost.
 
 :func:`plan` checks a given layout (or picks the best one) for a model shape on an accelerator
-kind and returns a :class:`Plan`: weight memory per GPU, KV-cache capacity in tokens (MLA-aware),
+kind and returns a :class:`Plan`: weight memory per GPU, KV-cache capacity in tokens (MLA- and
+DeepSeek-V4-aware, at the requested context and at 128K and 1M),
 a roofline ceiling on decode tokens/s, predicted USD per 1M output tokens at that ceiling, the
 reasons a layout does not fit, and the vLLM engine arguments and Ray placement bundles that
 realise it.
@@ -22,6 +23,7 @@ from functools import partial
 from typing import Any
 
 from moestack.errors import ConfigError
+from moestack.parallel import hybrid as v4
 from moestack.parallel.gpus import GIB, GPUSpec
 from moestack.parallel.layout import Layout, candidate_layouts, layout_problems
 from moestack.parallel.shapes import BYTES_PER_PARAM, ModelShape
@@ -30,6 +32,31 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.9   # vLLM's default
 RUNTIME_RESERVE_GIB = 3.0              # activations, CUDA graphs, NCCL/all-to-all buffers
 MAX_SEQS_PER_RANK = 256                # vLLM's default max_num_seqs
 KV_BYTES = {"bf16": 2, "fp8": 1}
+REPORT_CONTEXTS = (131072, 1048576)    # contexts every plan reports KV capacity at (128K, 1M)
+V4_KV_CACHE_DTYPE = "fp8_ds_mla"       # the KV layout of vLLM's default V4 backend (FlashMLA)
+
+
+@dataclass(frozen=True)
+class ContextFigures:
+    """What one replica holds and decodes at one context length."""
+
+    context_tokens: int
+    kv_capacity_tokens: int
+    max_concurrent_sequences: int      # sequences that can each reach this context
+    decode_ceiling_tokens_per_s: float
+    usd_per_1m_output_tokens: float | None
+
+
+@dataclass(frozen=True)
+class BaselineQuote:
+    """A proprietary API's list prices for the same model, USD per 1M tokens."""
+
+    name: str
+    provider: str
+    usd_per_1m_input_tokens: float
+    usd_per_1m_cached_input_tokens: float
+    usd_per_1m_output_tokens: float
+    as_of: str
 
 
 @dataclass(frozen=True)
@@ -65,6 +92,9 @@ class Plan:
     usd_per_gpu_hour: float | None
     notes: list[str] = field(default_factory=list)
     cpus_per_worker: float = 1.0
+    kv_fixed_bytes_per_sequence_per_gpu: int = 0   # sliding windows and compressor state
+    at_contexts: tuple[ContextFigures, ...] = ()   # REPORT_CONTEXTS the model reaches
+    baseline: BaselineQuote | None = None          # the model's own API, when it has one
 
     @property
     def fits(self) -> bool:
@@ -102,8 +132,13 @@ class Plan:
         }
         if self.weight_dtype == "fp8" and self.shape.checkpoint_dtype != "fp8":
             args["quantization"] = "fp8"
-        if self.kv_cache_dtype == "fp8":
-            args["kv_cache_dtype"] = "fp8"
+        if self.kv_cache_dtype in ("fp8", V4_KV_CACHE_DTYPE):
+            args["kv_cache_dtype"] = self.kv_cache_dtype
+        if self.shape.hybrid is not None:
+            # V4's compressed caches page 256 tokens (vLLM's sparse-MLA kernels); its
+            # tokenizer mode renders the V4 chat format.
+            args["block_size"] = v4.KV_BLOCK_TOKENS
+            args["tokenizer_mode"] = "deepseek_v4"
         if lay.world_size > 1:
             # Workers run as Ray actors inside the replica's placement group (one per bundle).
             args["distributed_executor_backend"] = "ray"
@@ -151,23 +186,33 @@ def _evaluate(req: PlanRequest, lay: Layout) -> Plan:
         problems.append(f"context {context} exceeds the model's {shape.max_context_tokens} tokens")
     if wdtype == "fp8" and gpu.fp8_tflops is None:
         notes.append(f"{gpu.name} has no FP8 tensor cores: FP8 weights run as W8A16 (bf16 math)")
+    if wdtype == "fp8" and shape.expert_dtype == "fp4" and gpu.fp4_tflops is None:
+        notes.append(f"{gpu.name} has no FP4 tensor cores: the fp4 experts stay fp4 in memory "
+                     "and are dequantized in the MoE kernel (weight-only FP4)")
+
+    kv_dtype = req.kv_cache_dtype
+    if shape.hybrid is not None:
+        kv_dtype = V4_KV_CACHE_DTYPE
+        notes.append("KV cache fp8_ds_mla (vLLM's FlashMLA sparse backend, the V4 default on "
+                     "Hopper and Blackwell; it takes no other KV dtype): 584 B per "
+                     "entry, 128-token sliding window in every layer, 1/4 (+ indexer keys) or "
+                     "1/128 of the tokens in the compressed layers, whole on every TP rank")
 
     # Weights on the heaviest GPU: the stage with the most layers, plus one vocab matrix when
     # pipelined (first stage: embedding, last: head), both when not.
     stage_layers = -(-shape.num_layers // pp)
     stage = stage_layers / shape.num_layers
-    wb = BYTES_PER_PARAM[wdtype]
-    embed = shape.embedding_params() * (1.0 if pp == 1 else 0.5)
-    body = shape.non_expert_params() - shape.embedding_params()
-    non_expert_bytes = (body * stage * wb + embed * 2.0) / tp      # embeddings stay bf16
-    expert_bytes = shape.routed_expert_params() * stage * wb / lay.expert_group_size
+    wbytes = shape.weight_bytes(wdtype)
+    embed = wbytes["embedding"] * (1.0 if pp == 1 else 0.5)          # embeddings stay bf16
+    non_expert_bytes = ((wbytes["sharded"] * stage + embed) / tp
+                        + wbytes["replicated"] * stage)
+    expert_bytes = wbytes["routed"] * stage / lay.expert_group_size
     weight = non_expert_bytes + expert_bytes
 
     usable = gpu.memory_bytes * req.gpu_memory_utilization
     kv_free = usable - weight - RUNTIME_RESERVE_GIB * GIB
-    kv_per_token = (stage_layers * shape.kv_elements_per_token_per_layer(tp)
-                    * KV_BYTES[req.kv_cache_dtype])
-    tokens_per_rank = max(0, int(kv_free // kv_per_token))
+    kv_per_token, kv_per_seq = _kv_footprint(shape, tp, pp, kv_dtype)
+    tokens_per_rank = _tokens_per_rank(kv_free, kv_per_token, kv_per_seq, context)
     if kv_free <= 0:
         problems.append(
             f"weights need {weight / GIB:.1f} GiB per GPU plus a {RUNTIME_RESERVE_GIB:g} GiB "
@@ -180,22 +225,51 @@ def _evaluate(req: PlanRequest, lay: Layout) -> Plan:
             f"after {weight / GIB:.1f} GiB of weights per GPU the KV cache holds "
             f"{tokens_per_rank} tokens per {'DP rank' if dp > 1 else 'replica'}, less than one "
             f"sequence of {context} tokens: shorten --context, use an FP8 KV cache or more GPUs")
-    seqs_per_rank = min(MAX_SEQS_PER_RANK, tokens_per_rank // context)
-    batch = max(1, seqs_per_rank * dp)
-    step_s = partial(_step_time_s, shape, gpu, lay, wdtype, context,
+    step_s = partial(_step_time_s, shape, gpu, lay, wdtype,
                      non_expert_bytes=non_expert_bytes, expert_bytes=expert_bytes,
                      stage_layers=stage_layers, kv_per_token=kv_per_token)
-    single = 1.0 / (pp * step_s(batch_total=1))
-    ceiling = batch / (pp * step_s(batch_total=batch))
+
+    def at(ctx: int) -> ContextFigures:
+        tokens = _tokens_per_rank(kv_free, kv_per_token, kv_per_seq, ctx)
+        seqs = min(MAX_SEQS_PER_RANK, tokens // ctx)
+        ceiling = (max(1, seqs * dp) / (pp * step_s(ctx, batch_total=max(1, seqs * dp)))
+                   if seqs else 0.0)
+        usd = (req.usd_per_gpu_hour * lay.world_size / (ceiling * 3600) * 1e6
+               if req.usd_per_gpu_hour is not None and ceiling > 0 else None)
+        return ContextFigures(ctx, tokens * dp, seqs * dp, ceiling, usd)
+
+    here = at(context)
+    single = 1.0 / (pp * step_s(context, batch_total=1))
     return Plan(
         shape=shape, gpu=gpu, layout=lay, weight_dtype=wdtype,
-        kv_cache_dtype=req.kv_cache_dtype, context_tokens=context,
+        kv_cache_dtype=kv_dtype, context_tokens=context,
         gpu_memory_utilization=req.gpu_memory_utilization, problems=problems,
         weight_gib_per_gpu=weight / GIB, kv_cache_gib_per_gpu=max(0.0, kv_free) / GIB,
-        kv_bytes_per_token_per_gpu=kv_per_token, kv_capacity_tokens=tokens_per_rank * dp,
-        max_concurrent_sequences=seqs_per_rank * dp, single_stream_tokens_per_s=single,
-        decode_ceiling_tokens_per_s=ceiling if seqs_per_rank else 0.0,
-        usd_per_gpu_hour=req.usd_per_gpu_hour, notes=notes)
+        kv_bytes_per_token_per_gpu=kv_per_token, kv_capacity_tokens=here.kv_capacity_tokens,
+        max_concurrent_sequences=here.max_concurrent_sequences,
+        single_stream_tokens_per_s=single,
+        decode_ceiling_tokens_per_s=here.decode_ceiling_tokens_per_s,
+        usd_per_gpu_hour=req.usd_per_gpu_hour, notes=notes,
+        kv_fixed_bytes_per_sequence_per_gpu=kv_per_seq,
+        at_contexts=tuple(at(c) for c in REPORT_CONTEXTS if c <= shape.max_context_tokens))
+
+
+def _kv_footprint(shape: ModelShape, tp: int, pp: int, kv_dtype: str) -> tuple[int, int]:
+    """(bytes per token of context, fixed bytes per running sequence) on one GPU of the stage
+    with the largest cache."""
+    if shape.hybrid is not None:
+        ratios = v4.stage_ratios(shape.hybrid, pp)
+        return (round(v4.kv_bytes_per_token(shape.hybrid, ratios)),
+                v4.kv_bytes_per_sequence(shape.hybrid, ratios, shape.head_dim))
+    stage_layers = -(-shape.num_layers // pp)
+    return (stage_layers * shape.kv_elements_per_token_per_layer(tp) * KV_BYTES[kv_dtype], 0)
+
+
+def _tokens_per_rank(kv_free: float, per_token: int, per_seq: int, context: int) -> int:
+    """Tokens the free memory holds as sequences of ``context`` tokens each."""
+    if kv_free <= 0:
+        return 0
+    return int(kv_free // (per_token + per_seq / context))
 
 
 def _step_time_s(shape: ModelShape, gpu: GPUSpec, lay: Layout, wdtype: str, context: int, *,
@@ -207,20 +281,26 @@ def _step_time_s(shape: ModelShape, gpu: GPUSpec, lay: Layout, wdtype: str, cont
     mean_context = context / 2                  # sequences spread from empty to full
     moe_layers = shape.num_moe_layers * stage_layers / shape.num_layers
     touched = 1 - (1 - shape.experts_per_token / shape.num_experts) ** batch_total
-    hbm = (non_expert_bytes + expert_bytes * touched
-           + per_rank * mean_context * kv_per_token)
+    if shape.hybrid is not None:  # sparse reads: windows, top-k entries, indexer keys
+        ratios = v4.stage_ratios(shape.hybrid, lay.pipeline_parallel_size)
+        kv_read = v4.kv_read_bytes(shape.hybrid, ratios, mean_context)
+        attn_flops_seq = v4.attention_flops_per_token(shape, ratios, mean_context)
+    else:
+        kv_read = mean_context * kv_per_token
+        if shape.is_mla:  # absorbed MLA: scores and values against the latent for every head
+            attn_per_ctx = 2 * shape.num_attention_heads * (2 * shape.kv_lora_rank
+                                                            + shape.qk_rope_head_dim)
+        else:
+            attn_per_ctx = 2 * shape.num_attention_heads * 2 * shape.head_dim
+        attn_flops_seq = stage_layers * mean_context * attn_per_ctx
+    hbm = non_expert_bytes + expert_bytes * touched + per_rank * kv_read
     t_mem = hbm / (gpu.hbm_bandwidth_gb_per_s * 1e9)
 
     wb = BYTES_PER_PARAM[wdtype]
     non_expert_params = non_expert_bytes / wb
     expert_flops = (2 * batch_total * moe_layers * shape.experts_per_token
                     * shape.expert_params() / lay.expert_group_size)
-    if shape.is_mla:  # absorbed MLA: scores and values against the latent for every head
-        attn_per_ctx = 2 * shape.num_attention_heads * (2 * shape.kv_lora_rank
-                                                        + shape.qk_rope_head_dim)
-    else:
-        attn_per_ctx = 2 * shape.num_attention_heads * 2 * shape.head_dim
-    attn_flops = per_rank * stage_layers * mean_context * attn_per_ctx / tp
+    attn_flops = per_rank * attn_flops_seq / tp
     flops = 2 * per_rank * non_expert_params + expert_flops + attn_flops
     tflops = gpu.fp8_tflops if (wdtype == "fp8" and gpu.fp8_tflops) else gpu.bf16_tflops
     t_compute = flops / (tflops * 1e12)

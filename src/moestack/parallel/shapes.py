@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 from moestack.errors import ConfigError
+from moestack.parallel import hybrid as v4
+from moestack.parallel.hybrid import HybridAttention
 
 WeightDtype = Literal["bf16", "fp8"]
 BYTES_PER_PARAM: dict[str, float] = {"bf16": 2.0, "fp8": 1.0}
@@ -47,6 +49,9 @@ class ModelShape:
     router_bias: bool = False      # DeepSeek-V3 noaux_tc routing: a per-expert score bias
     max_context_tokens: int = 32768
     checkpoint_dtype: WeightDtype = "bf16"
+    expert_dtype: Literal["fp4", "fp8", "bf16"] | None = None  # routed experts, if not as above
+    hybrid: HybridAttention | None = None  # DeepSeek-V4 attention (see moestack.parallel.hybrid)
+    api_baseline: str | None = None  # pricing-catalog baseline serving this model as an API
     source: str = ""
 
     @property
@@ -86,6 +91,8 @@ class ModelShape:
     def non_expert_params(self) -> int:
         """Everything that is not a routed expert: attention, dense MLPs, shared experts,
         routers, norms and embeddings (replicated or tensor-sharded, never expert-sharded)."""
+        if self.hybrid is not None:
+            return v4.non_expert_params(self)
         h = self.hidden_size
         per_moe_layer = (self.num_shared_experts * self.expert_params()
                          + self.num_experts * (h + self.router_bias))  # router
@@ -101,9 +108,24 @@ class ModelShape:
         return self.non_expert_params() + self.routed_expert_params()
 
     def active_params(self) -> int:
-        """Parameters one token passes through (top-k routed experts in each MoE layer)."""
-        return (self.non_expert_params()
+        """Parameters one token passes through (top-k routed experts in each MoE layer).
+
+        DeepSeek counts V4's active parameters without the input embedding table (a token reads
+        one row of it); earlier model cards count it, so only hybrid shapes leave it out."""
+        lookup = self.vocab_size * self.hidden_size if self.hybrid is not None else 0
+        return (self.non_expert_params() - lookup
                 + self.num_moe_layers * self.experts_per_token * self.expert_params())
+
+    def weight_bytes(self, dtype: str) -> dict[str, float]:
+        """Bytes of the loaded weights in ``dtype`` by how layouts split them: ``sharded``
+        (split by TP), ``replicated`` (whole on every TP rank), ``embedding`` (embedding and
+        head, bf16, split by TP) and ``routed`` (split over the expert group)."""
+        if self.hybrid is not None:
+            return v4.weight_bytes(self, dtype)
+        wb = BYTES_PER_PARAM[dtype]
+        embed = self.embedding_params()
+        return {"sharded": (self.non_expert_params() - embed) * wb, "replicated": 0.0,
+                "embedding": embed * 2.0, "routed": self.routed_expert_params() * wb}
 
     # -- KV cache -------------------------------------------------------------------------
     def kv_elements_per_token_per_layer(self, tensor_parallel_size: int = 1) -> int:
@@ -140,8 +162,25 @@ def shape_from_hf_config(path: str | Path, name: str | None = None) -> ModelShap
                           f"(missing {exc.args[0]})") from None
 
 
+def _hybrid_from_dict(cfg: dict) -> HybridAttention | None:
+    """DeepSeek-V4's attention figures; ``compress_ratios`` lists the MTP layers last."""
+    ratios = cfg.get("compress_ratios")
+    if ratios is None:
+        return None
+    layers, mtp = cfg["num_hidden_layers"], cfg.get("num_nextn_predict_layers", 0)
+    return HybridAttention(
+        q_lora_rank=cfg["q_lora_rank"], o_lora_rank=cfg["o_lora_rank"],
+        o_groups=cfg["o_groups"], rope_head_dim=cfg["qk_rope_head_dim"],
+        sliding_window=cfg["sliding_window"], compress_ratios=tuple(ratios[:layers]),
+        index_n_heads=cfg["index_n_heads"], index_head_dim=cfg["index_head_dim"],
+        index_topk=cfg["index_topk"], hc_mult=cfg.get("hc_mult", 1),
+        num_hash_layers=cfg.get("num_hash_layers", 0), num_mtp_layers=mtp,
+        mtp_compress_ratio=ratios[layers] if len(ratios) > layers else 0)
+
+
 def _from_dict(cfg: dict, name: str, source: str) -> ModelShape:
     g = cfg.get
+    hybrid = _hybrid_from_dict(cfg)
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     num_experts = g("n_routed_experts") or g("num_local_experts") or cfg["num_experts"]
     moe_inter = g("moe_intermediate_size") or cfg["intermediate_size"]
@@ -165,7 +204,9 @@ def _from_dict(cfg: dict, name: str, source: str) -> ModelShape:
         tie_word_embeddings=bool(g("tie_word_embeddings", False)),
         router_bias=g("topk_method") == "noaux_tc",
         max_context_tokens=g("max_position_embeddings") or 32768,
-        checkpoint_dtype="fp8" if qc.get("quant_method") == "fp8" else "bf16", source=source)
+        checkpoint_dtype="fp8" if qc.get("quant_method") == "fp8" else "bf16",
+        expert_dtype=g("expert_dtype") if qc.get("quant_method") == "fp8" else None,
+        hybrid=hybrid, source=source)
 
 
 # Figures from each model's config.json on Hugging Face (linked in `source`); the tests check the
@@ -181,8 +222,39 @@ _DEEPSEEK_V3 = ModelShape(
     source="https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json "
            "(671B total, 37B active per the model card)")
 
+# DeepSeek-V4: values of the published config.json files. Flash: 43 layers, compress_ratios
+# [0, 0] + [4, 128] x 20 + [4] (+ a trailing 0 for the MTP layer); Pro: 61 layers,
+# [128, 128] + [4, 128] x 29 + [4] (+ 0). Flash 284B total / 13B active, Pro 1.6T / 49B per the
+# model cards; both ship fp8 e4m3 (128 x 128 UE8M0-scaled blocks) with fp4 routed experts.
+def _v4(name: str, *, hidden: int, layers: int, heads: int, q_lora: int, o_groups: int,
+        experts: int, expert_width: int, index_topk: int, ratios: tuple[int, ...],
+        source: str) -> ModelShape:
+    return ModelShape(
+        name=name, architecture="DeepseekV4ForCausalLM", vocab_size=129280, hidden_size=hidden,
+        num_layers=layers, num_dense_layers=0, dense_intermediate_size=expert_width,
+        num_experts=experts, experts_per_token=6, num_shared_experts=1,
+        moe_intermediate_size=expert_width, num_attention_heads=heads, num_kv_heads=1,
+        head_dim=512, router_bias=True, max_context_tokens=1048576, checkpoint_dtype="fp8",
+        expert_dtype="fp4", api_baseline=name, source=source,
+        hybrid=HybridAttention(
+            q_lora_rank=q_lora, o_lora_rank=1024, o_groups=o_groups, rope_head_dim=64,
+            sliding_window=128, compress_ratios=ratios, index_n_heads=64, index_head_dim=128,
+            index_topk=index_topk, hc_mult=4, num_hash_layers=3, num_mtp_layers=1))
+
+
+_V4_FLASH = _v4(
+    "deepseek-v4-flash", hidden=4096, layers=43, heads=64, q_lora=1024, o_groups=8,
+    experts=256, expert_width=2048, index_topk=512, ratios=(0, 0) + (4, 128) * 20 + (4,),
+    source="https://huggingface.co/deepseek-ai/DeepSeek-V4-Flash/blob/main/config.json "
+           "(284B total, 13B active per the model card; ~160 GB of safetensors)")
+_V4_PRO = _v4(
+    "deepseek-v4-pro", hidden=7168, layers=61, heads=128, q_lora=1536, o_groups=16,
+    experts=384, expert_width=3072, index_topk=1024, ratios=(128, 128) + (4, 128) * 29 + (4,),
+    source="https://huggingface.co/deepseek-ai/DeepSeek-V4-Pro/blob/main/config.json "
+           "(1.6T total, 49B active per the model card; 862B safetensors elements)")
+
 SHAPES: dict[str, ModelShape] = {s.name: s for s in (
-    _DEEPSEEK_V3,
+    _DEEPSEEK_V3, _V4_FLASH, _V4_PRO,
     # R1 and V3.1 share V3's architecture and sizes.
     replace(_DEEPSEEK_V3, name="deepseek-r1",
             source="https://huggingface.co/deepseek-ai/DeepSeek-R1/blob/main/config.json"),
