@@ -64,6 +64,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              ("system", "tools"), anthropic=True),
     Endpoint("/v1/embeddings", "embeddings", "input", list_prompts=True),
     Endpoint("/v1/score", "score", "text_1", extra_prompt_fields=("text_2",)),
+    Endpoint("/v1/rerank", "rerank", "query", extra_prompt_fields=("documents",)),
+    Endpoint("/classify", "classify", "input", list_prompts=True),
+    Endpoint("/pooling", "pooling", "input", list_prompts=True),
     Endpoint("/tokenize", "tokenize", "prompt", extra_prompt_fields=("messages", "tools")),
     Endpoint("/detokenize", "detokenize", "tokens"),
 )
