@@ -116,7 +116,6 @@ def main() -> int:
                                 arrival={**scenario.arrival.model_dump(), "rate_rps": None})
     checkpoint = ensure_tiny_model(TinySpec("deepseek-v3", 0), progress=print)
     tmp = Path(tempfile.mkdtemp(prefix="moestack-ovh-"))
-    stack_tmp = short_temp_dir()  # Ray's socket paths must stay short
     print(f"gateway overhead: {args.rounds} rounds of {scenario.num_requests} Poisson + "
           f"{saturate.num_requests} saturating streamed chat requests per target, "
           f"{scenario.arrival.process} arrivals at {scenario.arrival.rate_rps} req/s, "
@@ -128,6 +127,7 @@ def main() -> int:
     try:
         for mode in modes:
             env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1" if mode == "direct" else "0"}
+            stack_tmp = short_temp_dir()  # Ray's socket paths must stay short; a fresh store
             stack = start_stack(moestack_config(free_port(), stack_tmp), stack_tmp,
                                 extra_env=env)
             try:
@@ -145,6 +145,7 @@ def main() -> int:
                             print(table([run]).splitlines()[-1], flush=True)
             finally:
                 stack.stop()
+                shutil.rmtree(stack_tmp, ignore_errors=True)
     finally:
         stop_server(vllm)
     runs = {name: merge(name, scenario if "Poisson" in name else saturate, rs)
@@ -166,7 +167,6 @@ def main() -> int:
               f"{cpu(mo_sat) * 1000:.1f} ms vs {cpu(vl_sat) * 1000:.1f} ms = "
               f"{cpu(mo_sat) / cpu(vl_sat):.2f}x")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(stack_tmp, ignore_errors=True)
     return 0
 
 

@@ -255,3 +255,14 @@ async def test_metrics_count_requests_and_tokens(stack):
 async def test_unknown_route_is_openai_shaped_404(stack):
     r = await stack.http.get("/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_errors_on_the_anthropic_routes_are_anthropic_shaped(stack):
+    r = await stack.http.post("/v1/messages", json={"model": "nope", "max_tokens": 4,
+                                                   "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404
+    assert r.json() == {"type": "error", "error": {
+        "type": "not_found_error", "message": r.json()["error"]["message"]}}
+    r = await stack.http.post("/v1/messages", content=b"{oops",
+                              headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"

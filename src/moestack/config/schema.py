@@ -165,6 +165,10 @@ class ServingConfig(_Strict):
                                                "(usage.prompt_tokens_details.cached_tokens).")
     max_log_len: int | None = Field(None, ge=0, description="Longest prompt excerpt vLLM logs "
                                     "per request (None: vLLM does not log requests).")
+    stream_batch_interval_ms: float = Field(30.0, ge=0, le=1000, description="After a stream's "
+                                            "first chunk (always sent at once), how long the "
+                                            "replica gathers events into one chunk for the "
+                                            "gateway; 0 sends what is ready without waiting.")
 
 
 class ModelConfig(_Strict):

@@ -3,9 +3,13 @@
 vLLM's OpenAI server is a FastAPI app over an ``EngineClient``; a ModelServer replica builds that
 app over its own AsyncLLM and calls it here, without a socket. What this adds:
 
-* **Batching without a timer.** The first body piece is yielded as soon as the app sends it
-  (time to first token is untouched); after that, everything the app sent while the consumer was
-  busy goes out as one chunk. A fixed flush interval would add its length to every first token.
+* **Batching that spares the first token.** The first body piece is yielded as soon as the app
+  sends it (time to first token is untouched: a fixed flush timer would add its length to every
+  first token). After that, each chunk gathers what the app sends within ``batch_interval_s`` of
+  the piece that opens it, plus whatever piled up while the consumer was busy, and goes out the
+  moment the answer ends. Every chunk costs a crossing of Ray Serve's object transport (replica
+  to gateway, gateway to proxy), so fewer, larger chunks are what keeps the relay's CPU near the
+  engine's own server.
 * **Usage from the engine.** :class:`UsageMeter` is put in a context variable that the app's
   tasks inherit; the engine client's ``generate``/``encode`` add what the engine reports
   (prompt tokens, prefix-cached tokens, generated tokens of every choice), so every chunk carries
@@ -60,7 +64,8 @@ def _scope(request: EngineRequest) -> dict[str, Any]:
     }
 
 
-async def serve_asgi(app: ASGIApp, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+async def serve_asgi(app: ASGIApp, request: EngineRequest,
+                     batch_interval_s: float = 0.0) -> AsyncIterator[EngineChunk]:
     """Run ``request`` through ``app``; see the module docstring."""
     meter = UsageMeter()
     messages: asyncio.Queue = asyncio.Queue()
@@ -99,9 +104,7 @@ async def serve_asgi(app: ASGIApp, request: EngineRequest) -> AsyncIterator[Engi
         while more:
             data, more = await _body(messages)
             parts = [data]
-            while more and not messages.empty():  # everything sent meanwhile, in one chunk
-                data, more = _piece(messages.get_nowait())
-                parts.append(data)
+            more = await _gather(messages, parts, more, batch_interval_s)
             yield EngineChunk(b"".join(parts), meter.usage())
     finally:
         if not task.done():
@@ -116,6 +119,27 @@ async def _body(messages: asyncio.Queue) -> tuple[bytes, bool]:
         data, more = _piece(await messages.get())
         if data or not more:
             return data, more
+
+
+async def _gather(messages: asyncio.Queue, parts: list[bytes], more: bool,
+                  interval_s: float) -> bool:
+    """Add to ``parts`` what arrives within ``interval_s`` (and what is queued already); returns
+    whether more body follows."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + interval_s
+    while more:
+        while more and not messages.empty():
+            data, more = _piece(messages.get_nowait())
+            parts.append(data)
+        left = end - loop.time()
+        if not more or left <= 0:
+            break
+        try:
+            data, more = _piece(await asyncio.wait_for(messages.get(), left))
+        except asyncio.TimeoutError:
+            break
+        parts.append(data)
+    return more
 
 
 def _piece(message: Any) -> tuple[bytes, bool]:

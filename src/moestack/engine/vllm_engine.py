@@ -197,7 +197,8 @@ class VLLMEngine(Engine):
             raise EngineUnavailableError("engine not started")
         self._in_flight += 1
         try:
-            async for chunk in serve_asgi(self._app, request):
+            async for chunk in serve_asgi(self._app, request,
+                                          self._config.serving.stream_batch_interval_ms / 1000):
                 yield chunk
         finally:
             self._in_flight -= 1

@@ -42,6 +42,7 @@ class ServeBackend:
     def __init__(self, handles: Mapping[str, DeploymentHandle],
                  max_attempts: Mapping[str, int] | None = None):
         self.handles = dict(handles)
+        self._streaming = {m: h.options(stream=True) for m, h in self.handles.items()}
         self.max_attempts = dict(max_attempts or {})
         """Per model: attempts on replicas while no token has been produced (failover)."""
         self.failovers: Counter[str] = Counter()
@@ -65,10 +66,11 @@ class ServeBackend:
         Once a chunk was yielded a failure is final (the client has seen tokens): it becomes
         :class:`EngineUnavailableError`, which the API turns into an error event.
         """
-        handle = self._handle(model)
+        self._handle(model)
+        handle = self._streaming[model]
         attempts = self.max_attempts.get(model, DEFAULT_MAX_ATTEMPTS)
         for attempt in range(1, attempts + 1):
-            stream = handle.options(stream=True).serve.remote(request)
+            stream = handle.serve.remote(request)
             finished = streamed = False
             try:
                 async for chunk in stream:
