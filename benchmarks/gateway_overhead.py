@@ -9,8 +9,8 @@ chat) is identical request for request:
    Gateway deployment -> ModelServer deployment hosting vLLM's serving layer over its
    AsyncLLM), with tenancy on as users run it (API key, limits, budget reservation, fair queue,
    ledger row per request);
-3. with ``--ingress direct`` (or ``both``): the same stack with Ray Serve's direct ingress
-   (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``: the Gateway replica serves HTTP itself, no proxy hop).
+3. with ``--ingress direct`` (or ``both``): the same stack with ``gateway.ingress: direct``,
+   Ray Serve's direct ingress (the Gateway replica serves HTTP itself, no proxy hop).
 
 The servers run side by side (each idle while another is measured) and are measured in
 alternating order over several rounds, so the drift of a shared machine's background load falls
@@ -66,27 +66,14 @@ def start_vllm(checkpoint: Path, tmp: Path) -> tuple[subprocess.Popen, int]:
 
 
 
-def moestack_config(port: int, tmp: Path) -> dict:
+def moestack_config(port: int, tmp: Path, ingress: str) -> dict:
     return {"models": [{"name": MODEL, "tiny": {"arch": "deepseek-v3", "seed": 0},
                         "architecture": "DeepseekV3ForCausalLM", "max_model_len": MAX_MODEL_LEN,
                         "max_ongoing_requests": 256,
                         "env": ENGINE_ENV, "engine_args": {"enforce_eager": True}}],
-            "gateway": {"host": "127.0.0.1", "port": port},
+            "gateway": {"host": "127.0.0.1", "port": port, "ingress": ingress},
             "storage": {"url": f"sqlite:///{tmp / 'moestack.db'}"},
             "tenancy": {"enabled": True, "bootstrap_tenant": "bench"}, "ray": {"num_cpus": 2}}
-
-
-def direct_ingress_url(stack) -> str:
-    """With direct ingress the Gateway replica listens on a port Serve allocates for it."""
-    import httpx
-
-    for port in range(30000, 30064):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return f"http://127.0.0.1:{port}/v1"
-        except httpx.HTTPError:
-            continue
-    raise RuntimeError("no direct-ingress Gateway port answered /health")
 
 
 def added(a: float | None, b: float | None) -> str:
@@ -126,13 +113,10 @@ def main() -> int:
     rounds: dict[str, list[TargetRun]] = {}
     try:
         for mode in modes:
-            env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1" if mode == "direct" else "0"}
             stack_tmp = short_temp_dir()  # Ray's socket paths must stay short; a fresh store
-            stack = start_stack(moestack_config(free_port(), stack_tmp), stack_tmp,
-                                extra_env=env)
+            stack = start_stack(moestack_config(free_port(), stack_tmp, mode), stack_tmp)
             try:
-                url = direct_ingress_url(stack) if mode == "direct" else stack.base_url
-                key = stack.bootstrap_key()
+                url, key = stack.base_url, stack.bootstrap_key()
                 targets = [("vLLM", f"http://127.0.0.1:{port}/v1", vllm.pid, None),
                            (f"moestack {mode}", url, stack.proc.pid, key)]
                 for i in range(args.rounds):

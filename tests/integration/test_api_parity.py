@@ -33,7 +33,9 @@ def stack():
             "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
             "engine_args": {"enforce_eager": True},
         }],
-        "gateway": {"host": "127.0.0.1", "port": free_port(), "first_token_timeout_s": 120},
+        # Direct ingress, as the embedded default runs (tests/integration/test_stack.py: the proxy)
+        "gateway": {"host": "127.0.0.1", "port": free_port(), "first_token_timeout_s": 120,
+                    "ingress": "direct"},
         "storage": {"url": f"sqlite:///{tmp / 'moestack.db'}"},
         "tenancy": {"enabled": True, "bootstrap_tenant": "default"},
         "ray": {"num_cpus": 2},

@@ -243,6 +243,11 @@ class GatewayConfig(_Strict):
                                 "larger bodies get 413.")
     first_token_timeout_s: float = Field(300.0, gt=0, description="Longest wait for an engine's "
                                          "first output before the request fails with 503.")
+    ingress: Literal["proxy", "direct"] = Field(
+        "proxy", description="How requests reach the Gateway: `proxy`, Ray Serve's HTTP proxy on "
+        "`port` (balances over gateway replicas; what KubeRay expects); `direct`, Ray Serve's "
+        "direct ingress, the Gateway replica serving HTTP itself (one hop less; replica i "
+        "listens on `port` + i). Direct applies to clusters `moestack up` starts itself.")
 
 
 class StorageConfig(_Strict):

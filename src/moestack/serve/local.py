@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -39,9 +40,21 @@ def start_ray(config: MoestackConfig, verbose: bool) -> None:
         return
     if config.monitoring.ray_metrics_export_port:
         kwargs["_metrics_export_port"] = config.monitoring.ray_metrics_export_port
+    os.environ.update(direct_ingress_env(config))  # read by Serve's processes when they start
     if config.ray.temp_dir:
         kwargs["_temp_dir"] = str(config.ray.temp_dir)
     ray.init(num_cpus=config.ray.num_cpus, **kwargs)
+
+
+def direct_ingress_env(config: MoestackConfig) -> dict[str, str]:
+    """Ray Serve's environment for ``gateway.ingress``: direct ingress on the gateway's ports
+    (replica i on ``port + i``), or none."""
+    gw = config.gateway
+    if gw.ingress != "direct":
+        return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(gw.port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(gw.port + gw.num_replicas)}
 
 
 def deploy(config: MoestackConfig, say: Say, timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
