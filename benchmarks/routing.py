@@ -19,9 +19,10 @@ import time
 from dataclasses import dataclass
 
 from moestack.config.schema import ModelConfig, RoutingConfig
-from moestack.engine import GenerationRequest, SamplingOptions, build_engine
+from moestack.engine import build_engine
 from moestack.routing import Router
 from moestack.routing.local import ReplicaSet
+from moestack.testing.requests import engine_request
 
 POLICIES = [
     ("random", {}),
@@ -79,15 +80,16 @@ async def run_policy(label: str, routing: dict, arrivals: list[Arrival], replica
         nonlocal tokens
         await asyncio.sleep(max(0.0, a.at_s - (time.monotonic() - start)))
         sent = time.monotonic()
-        request = GenerationRequest(f"b{i}", prompt=a.prompt,
-                                    sampling=SamplingOptions(max_tokens=max_tokens))
+        request = engine_request({"model": model.name, "prompt": a.prompt,
+                                  "max_tokens": max_tokens, "stream": True},
+                                 request_id=f"b{i}", max_model_len=model.max_model_len)
         first = True
-        async for chunk in replica_set.generate(request, a.tenant):
+        async for chunk in replica_set.serve(request, a.tenant):
             if first:
                 ttfts.append(time.monotonic() - sent)
                 first = False
             last = chunk
-        tokens += last.completion_tokens
+        tokens += last.usage.completion_tokens
 
     start = time.monotonic()
     await asyncio.gather(*(one(i, a) for i, a in enumerate(arrivals)))

@@ -1,21 +1,24 @@
 """Several ModelServer replicas (fake engine) on a real Ray Serve: routing, autoscaling, drain and
-failover through the gateway's ServeBackend. One Ray cluster for the module; each test deploys
-and deletes its own application."""
+failover through the gateway's HTTP app over its ServeBackend (in-process ASGI, so every request
+leaves the gateway's usage record). One Ray cluster for the module; each test deploys and deletes
+its own application."""
 
 import asyncio
+import json
 import os
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass
 
+import httpx
 import pytest
 
-from moestack.api.generation import GenerationService
+from moestack.api.relay import REQUEST_ID_HEADER
 from moestack.config.schema import ModelConfig
-from moestack.engine import GenerationRequest, SamplingOptions
-from moestack.errors import EngineUnavailableError
 from moestack.testing import fake_config, fake_model
 from moestack.testing.stack_process import free_port, short_temp_dir
+from moestack.usage import NO_USAGE, Usage
 
 pytestmark = pytest.mark.integration
 
@@ -59,10 +62,52 @@ class Records:
         self.items.append(record)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What a client read from one /v1/completions call."""
+
+    request_id: str
+    status: int
+    finish_reason: str | None
+    usage: Usage
+    """The answer's own usage (for streams: the include_usage event; none if it failed)."""
+    error: dict | None = None
+    """The error object (a stream's error event, or a non-2xx body)."""
+
+
+def _usage(u: dict | None) -> Usage:
+    if not u:
+        return NO_USAGE
+    return Usage(u["prompt_tokens"], u["completion_tokens"],
+                 (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+
+
+def read_answer(response: httpx.Response, stream: bool) -> Answer:
+    rid, status = response.headers[REQUEST_ID_HEADER], response.status_code
+    if not stream or status >= 400:
+        body = response.json()
+        if status >= 400:
+            return Answer(rid, status, None, NO_USAGE, body.get("error", body))
+        return Answer(rid, status, body["choices"][0]["finish_reason"], _usage(body["usage"]))
+    finish, usage, error = None, NO_USAGE, None
+    for line in response.text.splitlines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[len("data: "):])
+        if "error" in event:
+            error = event["error"]
+            continue
+        for choice in event.get("choices") or ():
+            finish = choice.get("finish_reason") or finish
+        usage = _usage(event.get("usage")) if event.get("usage") else usage
+    return Answer(rid, status, finish, usage, error)
+
+
 class Deployed:
-    """One model's ModelServer deployment, reached like the gateway reaches it."""
+    """One model's ModelServer deployment, behind the gateway's app as the gateway reaches it."""
 
     def __init__(self, serve, app: str, **model):
+        from moestack.api.app import build_api
         from moestack.serve.app import model_server_app
         from moestack.serve.backend import ServeBackend
 
@@ -74,7 +119,9 @@ class Deployed:
         self.backend = ServeBackend({MODEL: self.handle},
                                     {MODEL: self.model.routing.max_attempts_before_first_token})
         self.records = Records()
-        self.service = GenerationService(self.config, self.backend, [self.records])
+        api = build_api(self.config, self.backend, [self.records])
+        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=api),
+                                      base_url="http://moestack.test", timeout=300)
 
     async def redeploy(self, **changes):
         """Apply a changed model config (waits in a thread: serve.run blocks until deployed)."""
@@ -104,16 +151,17 @@ class Deployed:
                 break
         return found
 
-    async def complete(self, rid: str, prompt: str = "hello there", max_tokens: int = 4):
-        text, last = await self.service.complete(MODEL, request(rid, prompt, max_tokens), "t")
-        return last
+    async def complete(self, prompt: str = "hello there", max_tokens: int = 4,
+                       stream: bool = False) -> Answer:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens}
+        if stream:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        response = await self.http.post("/v1/completions", json=body)
+        return read_answer(response, stream)
 
-    def delete(self):
-        self.serve.delete(self.app)
-
-
-def request(rid: str, prompt: str = "hello there", max_tokens: int = 4) -> GenerationRequest:
-    return GenerationRequest(rid, prompt=prompt, sampling=SamplingOptions(max_tokens=max_tokens))
+    async def delete(self):
+        await self.http.aclose()
+        await asyncio.to_thread(self.serve.delete, self.app)
 
 
 async def wait_until(predicate, timeout_s: float, what: str):
@@ -128,13 +176,15 @@ async def test_routing_spreads_concurrent_load_over_replicas(serve_cluster):
     try:
         before = await d.reports(3)  # also connects the handle to every replica
         assert all(r["requests"] == 0 for r in before.values())
-        lasts = await asyncio.gather(*(d.complete(f"s{i}", max_tokens=20) for i in range(30)))
-        assert all(last.finish_reason == "length" for last in lasts)
+        answers = await asyncio.gather(*(d.complete(f"hello {i}", max_tokens=20)
+                                         for i in range(30)))
+        assert all(a.status == 200 and a.finish_reason == "length" for a in answers)
+        assert all(a.usage.completion_tokens == 20 for a in answers)
         served = {r: rep["requests"] for r, rep in (await d.reports(3)).items()}
         assert len(served) == 3 and sum(served.values()) == 30
         assert min(served.values()) >= 6, served
     finally:
-        d.delete()
+        await d.delete()
 
 
 async def test_prefix_affinity_raises_prefix_cache_hits_across_replicas(serve_cluster):
@@ -146,11 +196,15 @@ async def test_prefix_affinity_raises_prefix_cache_hits_across_replicas(serve_cl
                      routing={"policy": policy},
                      fake={"prefix_cache_tokens": 100_000, "prefix_block_tokens": 16})
         try:
-            lasts = [await d.complete(f"p{i}", p) for i, p in enumerate(prompts)]
-            hit_ratio[policy] = (sum(c.cached_prompt_tokens for c in lasts)
-                                 / sum(c.prompt_tokens for c in lasts))
+            answers = [await d.complete(p) for p in prompts]
+            usages = [a.usage for a in answers]
+            hit_ratio[policy] = (sum(u.cached_prompt_tokens for u in usages)
+                                 / sum(u.prompt_tokens for u in usages))
+            # The gateway's records carry the engine's cached-token counts too.
+            assert sum(r.cached_prompt_tokens for r in d.records.items) == sum(
+                u.cached_prompt_tokens for u in usages)
         finally:
-            d.delete()
+            await d.delete()
     assert hit_ratio["prefix_affinity"] > 0.7, hit_ratio
     assert hit_ratio["prefix_affinity"] > hit_ratio["least_outstanding_tokens"] + 0.15, hit_ratio
 
@@ -159,22 +213,25 @@ async def test_scale_down_and_rollout_drain_in_flight_streams_without_dropping_a
     d = Deployed(serve_cluster, "drain", num_replicas=3,
                  fake={"token_interval_s": 0.1}, autoscaling={"drain_timeout_s": 60})
     try:
-        streams = [asyncio.create_task(d.complete(f"d{i}", max_tokens=40)) for i in range(9)]
+        streams = [asyncio.create_task(d.complete(f"drain {i}", max_tokens=40, stream=True))
+                   for i in range(9)]
         await asyncio.sleep(1.0)
         await d.redeploy(num_replicas=1)
         await wait_until(lambda: d.running_replicas() == 1, 60, "scale-down to one replica")
-        lasts = await asyncio.gather(*streams)
-        assert [c.completion_tokens for c in lasts] == [40] * 9
+        answers = await asyncio.gather(*streams)
+        assert [(a.error, a.usage.completion_tokens) for a in answers] == [(None, 40)] * 9
         # Rollout: a new replica version replaces the old one while it streams.
-        streams = [asyncio.create_task(d.complete(f"u{i}", max_tokens=40)) for i in range(3)]
+        streams = [asyncio.create_task(d.complete(f"roll {i}", max_tokens=40, stream=True))
+                   for i in range(3)]
         await asyncio.sleep(1.0)
         await d.redeploy(num_replicas=1, env={"MOESTACK_ROLLOUT": "2"})
-        lasts = await asyncio.gather(*streams)
-        assert [c.completion_tokens for c in lasts] == [40] * 3
+        answers = await asyncio.gather(*streams)
+        assert [(a.error, a.usage.completion_tokens) for a in answers] == [(None, 40)] * 3
         assert len(d.records.items) == 12 and {r.status_code for r in d.records.items} == {200}
+        assert [r.completion_tokens for r in d.records.items] == [40] * 12
         assert (await d.complete("after")).finish_reason == "length"
     finally:
-        d.delete()
+        await d.delete()
 
 
 async def test_autoscaling_follows_load_up_and_back_down(serve_cluster):
@@ -184,13 +241,13 @@ async def test_autoscaling_follows_load_up_and_back_down(serve_cluster):
                               "downscale_delay_s": 2})
     try:
         assert d.running_replicas() == 1
-        load = [asyncio.create_task(d.complete(f"a{i}", max_tokens=300)) for i in range(8)]
+        load = [asyncio.create_task(d.complete(f"load {i}", max_tokens=300)) for i in range(8)]
         await wait_until(lambda: d.running_replicas() == 3, 60, "scale-up to 3 replicas")
-        lasts = await asyncio.gather(*load)
-        assert all(c.completion_tokens == 300 for c in lasts)
+        answers = await asyncio.gather(*load)
+        assert all(a.usage.completion_tokens == 300 for a in answers)
         await wait_until(lambda: d.running_replicas() == 1, 90, "scale-down to 1 replica")
     finally:
-        d.delete()
+        await d.delete()
 
 
 async def test_gateway_fair_queue_depth_scales_the_model_and_its_slots_up(
@@ -198,7 +255,6 @@ async def test_gateway_fair_queue_depth_scales_the_model_and_its_slots_up(
     """Replicas take 2 requests each, so the gateway hands Serve 2 per replica and keeps the
     rest in its fair queue: Serve alone sees one replica's target. The queue depth reaches the
     autoscaler through the board, the model scales up, and the gateway's slots follow."""
-    import httpx
     from openai import AsyncOpenAI
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -254,10 +310,10 @@ async def test_scaled_to_zero_model_queues_the_first_request_through_cold_start(
         "look_back_period_s": 1})
     try:
         assert d.running_replicas() == 0
-        last = await asyncio.wait_for(d.complete("cold"), timeout=60)
-        assert last.finish_reason == "length" and d.running_replicas() == 1
+        answer = await asyncio.wait_for(d.complete("cold"), timeout=60)
+        assert answer.finish_reason == "length" and d.running_replicas() == 1
     finally:
-        d.delete()
+        await d.delete()
 
 
 async def test_killed_replica_loses_no_request_that_had_not_streamed(serve_cluster):
@@ -265,17 +321,19 @@ async def test_killed_replica_loses_no_request_that_had_not_streamed(serve_clust
 
     d = Deployed(serve_cluster, "failover", num_replicas=2, fake={"ttft_s": 4.0})
     try:
-        pending = [asyncio.create_task(d.complete(f"f{i}")) for i in range(6)]
+        await d.reports(2)  # connects the handle to both replicas: requests spread over them
+        pending = [asyncio.create_task(d.complete(f"fail {i}")) for i in range(6)]
         await asyncio.sleep(1.5)
         victim = d.replica_names()[0]
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-        lasts = await asyncio.gather(*pending)
-        assert all(c.finish_reason == "length" for c in lasts)
+        answers = await asyncio.gather(*pending)
+        assert all(a.status == 200 and a.finish_reason == "length" for a in answers), answers
+        assert d.backend.failovers[MODEL] >= 1  # the victim held some of them
         records = Counter(r.request_id for r in d.records.items)
-        assert records == Counter(f"f{i}" for i in range(6))  # one usage record each
+        assert records == Counter(a.request_id for a in answers)  # one usage record each
         assert {r.status_code for r in d.records.items} == {200}
     finally:
-        d.delete()
+        await d.delete()
 
 
 async def test_killed_replica_ends_streaming_requests_with_one_error_each(serve_cluster):
@@ -283,25 +341,29 @@ async def test_killed_replica_ends_streaming_requests_with_one_error_each(serve_
 
     d = Deployed(serve_cluster, "midstream", num_replicas=2, fake={"token_interval_s": 0.1})
     try:
-        streams = [await d.service.open_stream(MODEL, request(f"m{i}", max_tokens=100), "t",
-                                               stream=True) for i in range(6)]
+        await d.reports(2)
+        streams = [asyncio.create_task(d.complete(f"mid {i}", max_tokens=100, stream=True))
+                   for i in range(6)]
+        # Kill once every stream has its first chunk (replicas count a request at its first).
+        deadline = time.monotonic() + 30
+        while sum(r["requests"] for r in (await d.reports(2)).values()) < 6:
+            assert time.monotonic() < deadline, "streams did not start"
+            await asyncio.sleep(0.2)
         for name in d.replica_names()[:1]:
             ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-
-        async def drain(stream):
-            try:
-                return [c async for c in stream][-1].completion_tokens
-            except EngineUnavailableError:
-                return "error"
-        outcomes = await asyncio.gather(*(drain(s) for s in streams))
+        answers = await asyncio.gather(*streams)
+        outcomes = ["error" if a.error else a.usage.completion_tokens for a in answers]
         assert "error" in outcomes and 100 in outcomes, outcomes
+        assert set(outcomes) == {"error", 100}, outcomes
         records = {r.request_id: r for r in d.records.items}
         assert len(d.records.items) == 6 == len(records)
-        for i, outcome in enumerate(outcomes):
-            rec = records[f"m{i}"]
+        for answer, outcome in zip(answers, outcomes):
+            rec = records[answer.request_id]
+            assert answer.status == 200  # the stream had started: the error is its last event
             if outcome == "error":
+                assert answer.error["code"] == "engine_unavailable", answer.error
                 assert rec.status_code == 503 and 0 < rec.completion_tokens < 100
             else:
                 assert rec.status_code == 200 and rec.completion_tokens == 100
     finally:
-        d.delete()
+        await d.delete()

