@@ -224,10 +224,6 @@ class GatewayConfig(_Strict):
                                             "rollout) retries until one frees.")
     docs_enabled: bool = Field(False, description="Serve /docs and /openapi.json on the public "
                                "port (off: they reveal every route to anyone).")
-    ray_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray "
-                                            "resources each gateway replica requires, to pin "
-                                            "gateways to the nodes that hold their secrets (the "
-                                            "Helm chart pins them to the head pod).")
 
     @property
     def operator_ports(self) -> range:

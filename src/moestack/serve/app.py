@@ -26,7 +26,7 @@ def build_app(config: MoestackConfig) -> Application:
     servers = {m.name: model_server_app(m, cache_dir) for m in config.models}
     gateway = serve.deployment(serve.ingress()(Gateway)).options(
         name="Gateway", num_replicas=config.gateway.num_replicas, max_ongoing_requests=2048,
-        ray_actor_options={"num_cpus": 0, "resources": dict(config.gateway.ray_resources)})
+        ray_actor_options={"num_cpus": 0})
     return gateway.bind(config.model_dump(mode="json"), servers)
 
 
