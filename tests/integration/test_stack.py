@@ -170,10 +170,9 @@ def test_client_disconnect_mid_stream_is_recorded_as_499(stack, key):
         for n, _ in enumerate(r.iter_lines()):
             if n > 3:
                 break
-    root = stack.base_url.removesuffix("/v1")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        metrics = httpx.get(f"{root}/metrics", timeout=30).text
+        metrics = httpx.get(f"{stack.operator_url}/metrics", timeout=30).text
         if 'status="499"' in metrics:
             break
         time.sleep(0.5)
@@ -196,7 +195,7 @@ def test_every_request_has_one_settled_ledger_row(stack):
 
 
 def test_metrics_count_tokens(stack):
-    metrics = httpx.get(f"{stack.base_url.removesuffix('/v1')}/metrics", timeout=30).text
+    metrics = httpx.get(f"{stack.operator_url}/metrics", timeout=30).text
     assert any(line.startswith("moestack_tokens_total") and 'kind="completion"' in line
                and MODEL in line for line in metrics.splitlines())
     assert "moestack_time_to_first_token_seconds_bucket" in metrics

@@ -28,7 +28,9 @@ def build_operator_api(config: MoestackConfig, metrics: GatewayMetrics | None,
     """The operator app over the replica's ``metrics`` and ``tenancy`` (either may be None:
     then /metrics, or the admin API, is absent). Raises ConfigError for an admin key under 32
     characters, so a replica with a weak key fails to start."""
-    app = FastAPI(title="moestack operator", docs_url=None, redoc_url=None, openapi_url=None)
+    docs = config.gateway.docs_enabled  # as on the public app: opt-in
+    app = FastAPI(title="moestack operator", docs_url="/docs" if docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.config = config
     app.state.tenancy = tenancy
     install_error_handlers(app)

@@ -93,9 +93,12 @@ class OperatorListener:
     async def _run(self, sock: socket.socket | None) -> None:
         import uvicorn
 
+        if sock is None:
+            log.warning("operator ports %d-%d on %s are all taken (a rollout, or more gateway "
+                        "replicas on this node than gateway.operator_port_count); retrying "
+                        "every %g s", self.ports.start, self.ports.stop - 1, self.host,
+                        self.retry_interval_s)
         while sock is None:
-            log.warning("operator ports %d-%d on %s are all taken; retrying in %g s",
-                        self.ports.start, self.ports.stop - 1, self.host, self.retry_interval_s)
             await asyncio.sleep(self.retry_interval_s)
             sock = bind_first_free(self.host, self.ports)
         self.port = sock.getsockname()[1]
