@@ -65,6 +65,17 @@ def test_banner_shows_ready_to_paste_curl_and_openai_examples(stack, key):
     text = stack.text()
     assert "curl http://127.0.0.1:" in text and "/v1/chat/completions" in text
     assert f"Bearer {key}" in text and "from openai import OpenAI" in text
+    assert f"operator (/admin/v1, /metrics; not public): {stack.operator_url}" in text
+
+
+def test_admin_api_and_metrics_answer_on_the_operator_port_only(stack):
+    root = stack.base_url.removesuffix("/v1")
+    for path in ("/metrics", "/admin/v1/tenants", "/docs", "/openapi.json"):
+        assert httpx.get(f"{root}{path}", timeout=30).status_code == 404, path
+    assert httpx.get(f"{stack.operator_url}/metrics", timeout=30).status_code == 200
+    # No admin key in this stack's environment: the admin API is there, and refuses.
+    r = httpx.get(f"{stack.operator_url}/admin/v1/tenants", timeout=30)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
 
 
 def test_requests_without_a_valid_key_are_401(stack):

@@ -197,3 +197,35 @@ def test_a_64_mib_authorization_header_is_not_read_whole(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_moestack_up_refuses_a_short_admin_key_before_starting_ray(tmp_path, monkeypatch):
+    import ray
+
+    from moestack.serve.local import up
+
+    monkeypatch.setenv("MOESTACK_ADMIN_KEY", "short-key")
+    said: list[str] = []
+    assert up(tenancy_config(tmp_path), say=said.append) == 1
+    text = "\n".join(said)
+    assert "$MOESTACK_ADMIN_KEY has 9 characters; it needs at least 32" in text
+    assert "short-key" not in text and "starting Ray" not in text
+    assert not ray.is_initialized()
+
+
+def test_admin_key_and_tenant_keys_never_reach_the_logs(tmp_path, monkeypatch, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("MOESTACK_ADMIN_KEY", ADMIN_KEY)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    with serve_gateway(tenancy_config(tmp_path, admin_auth_max_failures=2)) as srv:
+        key = httpx.post(srv.operator_url + "/admin/v1/tenants", headers=admin,
+                         json={"name": "acme"}).json()["api_key"]
+        httpx.get(srv.base_url + "/models", headers={"Authorization": f"Bearer {key}"})
+        for _ in range(3):  # failures, then throttled
+            httpx.get(srv.operator_url + "/admin/v1/tenants",
+                      headers={"Authorization": f"Bearer {ADMIN_KEY[:-1]}"})
+    assert caplog.records  # the servers did log
+    assert ADMIN_KEY not in caplog.text and ADMIN_KEY[:-1] not in caplog.text
+    assert key not in caplog.text

@@ -69,6 +69,13 @@ groups; all replicas fit in the GPUs of the groups at maxReplicas.
 {{- if and .Values.adminKey.value (lt (len .Values.adminKey.value) 32) -}}
 {{- $errors = append $errors (printf "adminKey.value has %d characters; the gateway refuses admin keys under 32 (e.g. openssl rand -hex 32), or leave it empty to have one generated" (len .Values.adminKey.value)) -}}
 {{- end -}}
+{{- $operatorPort := include "moestack.operatorPort" . | int -}}
+{{- $operatorEnd := add $operatorPort (include "moestack.operatorPortCount" . | int) -}}
+{{- range $name, $port := dict "the gateway port (moestack.gateway.port)" (include "moestack.gatewayPort" . | int) "monitoring.rayMetricsPort" (int .Values.monitoring.rayMetricsPort) "the Ray dashboard port" 8265 "the Ray agent port" 52365 "the Ray GCS port" 6379 "the Ray client port" 10001 -}}
+{{- if and (ge (int $port) $operatorPort) (lt (int $port) $operatorEnd) -}}
+{{- $errors = append $errors (printf "the operator ports %d-%d (moestack.gateway.operator_port, one per gateway replica) overlap %s, %d" $operatorPort (sub $operatorEnd 1) $name (int $port)) -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.operatorFrom) -}}
 {{- $errors = append $errors "networkPolicy.operatorFrom is empty: name the KubeRay operator's pods (an empty list would open the Ray dashboard to every pod)" -}}
 {{- end -}}
