@@ -15,8 +15,8 @@ from moestack.api.chat.serving import ChatServing
 from moestack.api.completions.routes import router as completions_router
 from moestack.api.completions.serving import CompletionServing
 from moestack.api.errors import install_error_handlers
-from moestack.api.header_limit import CredentialHeaderLimitMiddleware
 from moestack.api.generation import GenerationService, UsageSink
+from moestack.api.header_limit import CredentialHeaderLimitMiddleware
 from moestack.api.models.routes import router as models_router
 from moestack.config.schema import MoestackConfig
 from moestack.metering.metrics import GatewayMetrics
