@@ -233,19 +233,19 @@ def kill_phase(tmp: Path, admin_key: str, n: int) -> Phase:
                     "lease_s": 1.5}}))
     env = {**os.environ, ADMIN_ENV: admin_key}
 
-    def gateway(port):
+    def gateway(port, operator_port=None):
         proc = subprocess.Popen([sys.executable, "-m", "moestack.loadtest.local_server",
                                  "--config", str(config), "--port", str(port),
-                                 "--operator-port", str(port + 1)], env=env,
+                                 "--operator-port", str(operator_port or free_port())], env=env,
                                 start_new_session=True)
         wait_http_ok(f"http://127.0.0.1:{port}/health", timeout_s=60, proc=proc)
         return proc
 
-    port = free_port()
-    first = gateway(port)
+    port, operator_port = free_port(), free_port()
+    first = gateway(port, operator_port)
     survivor = None
     try:
-        _, key = new_tenant(f"http://127.0.0.1:{port + 1}", admin_key, "t-kill")
+        _, key = new_tenant(f"http://127.0.0.1:{operator_port}", admin_key, "t-kill")
         scenario = parse_scenario({
             "name": "kill", "model": SLOW, "num_requests": n, "max_concurrency": n,
             "ignore_eos": False, "timeout_s": 60,

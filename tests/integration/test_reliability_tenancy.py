@@ -165,10 +165,10 @@ async def test_multi_tenant_load_with_disconnects_bills_each_request_exactly_onc
         assert 0 < billed[rid].completion_tokens < 100
 
 
-def _gateway_process(config_path, port, env):
+def _gateway_process(config_path, port, env, operator_port=None):
     return subprocess.Popen(
         [sys.executable, "-m", "moestack.loadtest.local_server", "--config", str(config_path),
-         "--port", str(port), "--operator-port", str(port + 1)], env=env,
+         "--port", str(port), "--operator-port", str(operator_port or free_port())], env=env,
         start_new_session=True)
 
 
@@ -179,12 +179,12 @@ async def test_gateway_killed_mid_load_bills_completed_requests_once_and_closes_
     config_path.write_text(yaml.safe_dump({"models": models(), "tenancy": tenancy(lease_s=1.5),
                                            "storage": {"url": db_url}}))
     env = {**os.environ, ADMIN_ENV: ADMIN_KEY}
-    port = free_port()
-    first = _gateway_process(config_path, port, env)
+    port, operator_port = free_port(), free_port()
+    first = _gateway_process(config_path, port, env, operator_port)
     survivor = None
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/health", timeout_s=60, proc=first)
-        _, key = new_tenant(f"http://127.0.0.1:{port + 1}", "t-crash")
+        _, key = new_tenant(f"http://127.0.0.1:{operator_port}", "t-crash")
         scenario = parse_scenario({
             "name": "crash", "model": SLOW, "num_requests": 60, "max_concurrency": 60,
             "ignore_eos": False, "timeout_s": 60, "arrival": {"process": "constant",
