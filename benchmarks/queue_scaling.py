@@ -39,7 +39,7 @@ class Run:
         return sum((b[0] - a[0]) * a[1] for a, b in zip(self.trace, self.trace[1:]))
 
 
-def config(args, db_url: str, count_queue: bool):
+def config(args, db_url: str, count_queue: bool, operator_port: int):
     from moestack.testing import fake_config, fake_model
 
     return fake_config(
@@ -51,10 +51,11 @@ def config(args, db_url: str, count_queue: bool):
                                 "target_ongoing_requests": args.per_replica,
                                 "count_gateway_queue": count_queue,
                                 "look_back_period_s": 2, "downscale_delay_s": 600}),
-        storage={"url": db_url}, tenancy={"enabled": True, "bootstrap_tenant": None})
+        storage={"url": db_url}, tenancy={"enabled": True, "bootstrap_tenant": None},
+        gateway={"operator_port": operator_port})
 
 
-async def burst(args, run: Run, base: str, api_key: str, serve) -> None:
+async def burst(args, run: Run, base: str, api_key: str, serve, operator: str) -> None:
     import httpx
     from openai import AsyncOpenAI
     from prometheus_client.parser import text_string_to_metric_families
@@ -74,7 +75,7 @@ async def burst(args, run: Run, base: str, api_key: str, serve) -> None:
         while not all(t.done() for t in tasks):
             status = await asyncio.to_thread(serve.status)
             dep = status.applications[run.name].deployments[f"ModelServer:{MODEL}"]
-            text = (await http.get(f"{base}/metrics")).text
+            text = (await http.get(f"{operator}/metrics")).text  # the gateway's own port
             queued = sum(s.value for f in text_string_to_metric_families(text)
                          for s in f.samples if s.name == "moestack_queue_depth_requests")
             now = time.monotonic() - start
@@ -145,11 +146,12 @@ def main() -> None:
     try:
         for name, count_queue in (("queue-off", False), ("queue-on", True)):
             print(f"deploying {name}", flush=True)
-            serve.run(build_app(config(args, db_url, count_queue)), name=name,
+            operator_port = free_port()
+            serve.run(build_app(config(args, db_url, count_queue, operator_port)), name=name,
                       route_prefix=f"/{name}")
             run = Run(name)
             asyncio.run(burst(args, run, f"http://127.0.0.1:{port}/{name}", key.plaintext,
-                              serve))
+                              serve, f"http://127.0.0.1:{operator_port}"))
             runs.append(run)
             serve.delete(name)
     finally:

@@ -175,9 +175,9 @@ def new_tenant(root: str, admin_key: str, name: str) -> tuple[str, str]:
     return resp.json()["key_id"], resp.json()["api_key"]
 
 
-def keys_phase(root: str, admin_key: str) -> Phase:
-    key_id, key = new_tenant(root, admin_key, "t-keys")
-    httpx.delete(f"{root}/admin/v1/keys/{key_id}",
+def keys_phase(root: str, operator: str, admin_key: str) -> Phase:
+    key_id, key = new_tenant(operator, admin_key, "t-keys")
+    httpx.delete(f"{operator}/admin/v1/keys/{key_id}",
                  headers={"Authorization": f"Bearer {admin_key}"}, timeout=30).raise_for_status()
     bad = [None, "sk-wrong", key[:-2] + "xx", key]  # missing, unknown, tampered, revoked
     failed = sent = 0
@@ -191,8 +191,8 @@ def keys_phase(root: str, admin_key: str) -> Phase:
     return Phase("wrong, tampered, missing and revoked keys", sent, failed, 0, 0, "")
 
 
-def ledger_load_phase(root: str, admin_key: str, db_url: str, n: int) -> Phase:
-    keys = {t: new_tenant(root, admin_key, t)[1] for t in ("t-a", "t-b")}
+def ledger_load_phase(root: str, operator: str, admin_key: str, db_url: str, n: int) -> Phase:
+    keys = {t: new_tenant(operator, admin_key, t)[1] for t in ("t-a", "t-b")}
     scenario = parse_scenario({
         "name": "ledger", "model": FAST, "num_requests": n, "max_concurrency": 100,
         "ignore_eos": False, "timeout_s": 120,
@@ -233,18 +233,19 @@ def kill_phase(tmp: Path, admin_key: str, n: int) -> Phase:
                     "lease_s": 1.5}}))
     env = {**os.environ, ADMIN_ENV: admin_key}
 
-    def gateway(port):
+    def gateway(port, operator_port=None):
         proc = subprocess.Popen([sys.executable, "-m", "moestack.loadtest.local_server",
-                                 "--config", str(config), "--port", str(port)], env=env,
+                                 "--config", str(config), "--port", str(port),
+                                 "--operator-port", str(operator_port or free_port())], env=env,
                                 start_new_session=True)
         wait_http_ok(f"http://127.0.0.1:{port}/health", timeout_s=60, proc=proc)
         return proc
 
-    port = free_port()
-    first = gateway(port)
+    port, operator_port = free_port(), free_port()
+    first = gateway(port, operator_port)
     survivor = None
     try:
-        _, key = new_tenant(f"http://127.0.0.1:{port}", admin_key, "t-kill")
+        _, key = new_tenant(f"http://127.0.0.1:{operator_port}", admin_key, "t-kill")
         scenario = parse_scenario({
             "name": "kill", "model": SLOW, "num_requests": n, "max_concurrency": n,
             "ignore_eos": False, "timeout_s": 60,
@@ -280,7 +281,7 @@ def kill_phase(tmp: Path, admin_key: str, n: int) -> Phase:
 
 
 def tenancy_phases(n: int) -> list[Phase]:
-    admin_key = "admin-" + os.urandom(8).hex()
+    admin_key = "admin-" + os.urandom(16).hex()  # the gateway wants 32+ characters
     os.environ[ADMIN_ENV] = admin_key
     tmp = Path(tempfile.mkdtemp(prefix="moestack-rel-"))
     db_url = f"sqlite:///{tmp / 'ledger.db'}"
@@ -290,8 +291,8 @@ def tenancy_phases(n: int) -> list[Phase]:
                                   "admin_key_env": ADMIN_ENV},
                          storage={"url": db_url})
     with serve_gateway(config) as server:
-        phases = [keys_phase(server.root_url, admin_key),
-                  ledger_load_phase(server.root_url, admin_key, db_url, n)]
+        phases = [keys_phase(server.root_url, server.operator_url, admin_key),
+                  ledger_load_phase(server.root_url, server.operator_url, admin_key, db_url, n)]
     phases.append(kill_phase(tmp, admin_key, 60))
     os.environ.pop(ADMIN_ENV, None)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, settings
 
 from moestack.api.app import build_api
 from moestack.api.backend import LocalBackend
+from moestack.api.operator import build_operator_api
 from moestack.engine import build_engine
 from moestack.testing import fake_config, fake_model
 
@@ -27,13 +28,13 @@ pytestmark = pytest.mark.integration
 
 MODEL = "fake-moe"
 ADMIN_ENV = "MOESTACK_FUZZ_ADMIN_KEY"
-ADMIN_KEY = "fuzz-admin-key"
+ADMIN_KEY = "fuzz-admin-key-of-at-least-32-characters"
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 def _app(**sections):
     config = fake_config(fake_model(MODEL, max_model_len=512),
-                         gateway={"max_body_bytes": 65536}, **sections)
+                         gateway={"max_body_bytes": 65536, "docs_enabled": True}, **sections)
     engines = {m.name: build_engine(m) for m in config.models}
     for engine in engines.values():
         asyncio.run(engine.start())  # the fake engine only marks itself started
@@ -52,15 +53,18 @@ def _tenancy_app():
     app = _app(tenancy={"enabled": True, "bootstrap_tenant": None, "admin_key_env": ADMIN_ENV},
                storage={"url": f"sqlite:///{DB_DIR.name}/ledger.db"})
     client = TestClient(app, raise_server_exceptions=False)
-    resp = client.post("/admin/v1/tenants", json={"name": "fuzz"},
-                       headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    operator = build_operator_api(app.state.config, app.state.metrics, app.state.tenancy)
+    operator_client = TestClient(operator, raise_server_exceptions=False)
+    resp = operator_client.post("/admin/v1/tenants", json={"name": "fuzz"},
+                                headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert resp.status_code == 201, resp.text
-    return app, client, resp.json()["api_key"]
+    return app, client, operator, operator_client, resp.json()["api_key"]
 
 
 DB_DIR = tempfile.TemporaryDirectory(prefix="fuzz-ledger-")
-TENANCY_APP, TENANCY_CLIENT, TENANT_KEY = _tenancy_app()
+TENANCY_APP, TENANCY_CLIENT, OPERATOR_APP, OPERATOR_CLIENT, TENANT_KEY = _tenancy_app()
 tenancy_schema = schemathesis.openapi.from_asgi("/openapi.json", TENANCY_APP)
+operator_schema = schemathesis.openapi.from_asgi("/openapi.json", OPERATOR_APP)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -96,8 +100,9 @@ def _fuzz(client, kwargs: dict) -> None:
 def test_schemas_list_every_public_route():
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"} <= set(
         APP.openapi()["paths"])
-    paths = set(TENANCY_APP.openapi()["paths"])
-    assert {"/v1/usage", "/admin/v1/tenants", "/admin/v1/keys/{key_id}"} <= paths
+    assert "/v1/usage" in set(TENANCY_APP.openapi()["paths"])
+    assert {"/admin/v1/tenants", "/admin/v1/keys/{key_id}", "/metrics"} <= set(
+        OPERATOR_APP.openapi()["paths"])
 
 
 @schema.parametrize()
@@ -106,16 +111,22 @@ def test_no_input_gets_a_server_error(case):
     _fuzz(CLIENT, case.as_transport_kwargs(base_url="http://testserver"))
 
 
-def _fuzz_with_keys(case) -> None:
+def _fuzz_with_keys(case, client=None) -> None:
     kwargs = case.as_transport_kwargs(base_url="http://testserver")
     headers = dict(kwargs.get("headers") or {})
     if not any(h.lower() == "authorization" for h in headers):
         key = ADMIN_KEY if case.path.startswith("/admin/") else TENANT_KEY
         headers["Authorization"] = f"Bearer {key}"
-    _fuzz(TENANCY_CLIENT, {**kwargs, "headers": headers})
+    _fuzz(client or TENANCY_CLIENT, {**kwargs, "headers": headers})
 
 
 @tenancy_schema.parametrize()
 @FUZZ
 def test_no_input_gets_a_server_error_with_tenancy(case):
     _fuzz_with_keys(case)
+
+
+@operator_schema.parametrize()
+@FUZZ
+def test_no_input_gets_a_server_error_on_the_operator_app(case):
+    _fuzz_with_keys(case, OPERATOR_CLIENT)

@@ -29,7 +29,7 @@ from moestack.testing import fake_config
 pytestmark = pytest.mark.integration
 
 ADMIN_ENV = "MOESTACK_RELIABILITY_ADMIN_KEY"
-ADMIN_KEY = "admin-secret-for-tests"
+ADMIN_KEY = "admin-secret-for-tests-of-32-characters-or-more"
 FAST, SLOW = "fake-moe", "slow-moe"
 
 
@@ -93,7 +93,7 @@ def rows(db_url) -> dict[str, ledger.LedgerEntry]:
 @pytest.mark.parametrize("auth", [None, "Bearer", "Bearer sk-wrong", "Basic abc",
                                   "Bearer msk-0123456789abcdef-unknownkeyid", "tampered"])
 def test_wrong_or_missing_keys_get_401_on_every_openai_route(server, auth):
-    _, good = new_tenant(server.root_url, f"t-auth-{abs(hash(auth)) % 10**8}")
+    _, good = new_tenant(server.operator_url, f"t-auth-{abs(hash(auth)) % 10**8}")
     if auth == "tampered":
         auth = "Bearer " + good[:-2] + ("aa" if not good.endswith("aa") else "bb")
     headers = {"Authorization": auth} if auth else {}
@@ -107,7 +107,7 @@ def test_wrong_or_missing_keys_get_401_on_every_openai_route(server, auth):
 
 
 async def test_revoked_key_is_refused_but_streams_already_running_finish_and_bill(server, db_url):
-    key_id, key = new_tenant(server.root_url, "t-revoke")
+    key_id, key = new_tenant(server.operator_url, "t-revoke")
     headers = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(base_url=server.base_url, headers=headers, timeout=60) as http:
         async def full_stream():
@@ -120,7 +120,7 @@ async def test_revoked_key_is_refused_but_streams_already_running_finish_and_bil
 
         running = [asyncio.create_task(full_stream()) for _ in range(5)]
         await asyncio.sleep(0.5)  # all five are streaming now
-        with admin(server.root_url) as adm:
+        with admin(server.operator_url) as adm:
             assert adm.delete(f"keys/{key_id}").status_code == 200
         refused = await http.post("chat/completions", json=chat())
         ids = await asyncio.gather(*running)
@@ -133,7 +133,7 @@ async def test_revoked_key_is_refused_but_streams_already_running_finish_and_bil
 
 async def test_multi_tenant_load_with_disconnects_bills_each_request_exactly_once(server,
                                                                                   db_url):
-    keys = {name: new_tenant(server.root_url, name)[1] for name in ("t-load-a", "t-load-b")}
+    keys = {name: new_tenant(server.operator_url, name)[1] for name in ("t-load-a", "t-load-b")}
     scenario = parse_scenario({
         "name": "billing", "model": FAST, "num_requests": 300, "max_concurrency": 100,
         "ignore_eos": False, "timeout_s": 120,
@@ -165,10 +165,11 @@ async def test_multi_tenant_load_with_disconnects_bills_each_request_exactly_onc
         assert 0 < billed[rid].completion_tokens < 100
 
 
-def _gateway_process(config_path, port, env):
+def _gateway_process(config_path, port, env, operator_port=None):
     return subprocess.Popen(
         [sys.executable, "-m", "moestack.loadtest.local_server", "--config", str(config_path),
-         "--port", str(port)], env=env, start_new_session=True)
+         "--port", str(port), "--operator-port", str(operator_port or free_port())], env=env,
+        start_new_session=True)
 
 
 async def test_gateway_killed_mid_load_bills_completed_requests_once_and_closes_the_rest(
@@ -178,12 +179,12 @@ async def test_gateway_killed_mid_load_bills_completed_requests_once_and_closes_
     config_path.write_text(yaml.safe_dump({"models": models(), "tenancy": tenancy(lease_s=1.5),
                                            "storage": {"url": db_url}}))
     env = {**os.environ, ADMIN_ENV: ADMIN_KEY}
-    port = free_port()
-    first = _gateway_process(config_path, port, env)
+    port, operator_port = free_port(), free_port()
+    first = _gateway_process(config_path, port, env, operator_port)
     survivor = None
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/health", timeout_s=60, proc=first)
-        _, key = new_tenant(f"http://127.0.0.1:{port}", "t-crash")
+        _, key = new_tenant(f"http://127.0.0.1:{operator_port}", "t-crash")
         scenario = parse_scenario({
             "name": "crash", "model": SLOW, "num_requests": 60, "max_concurrency": 60,
             "ignore_eos": False, "timeout_s": 60, "arrival": {"process": "constant",

@@ -271,13 +271,15 @@ async def test_gateway_fair_queue_depth_scales_the_model_and_its_slots_up(
                    autoscaling={"enabled": True, "min_replicas": 1, "max_replicas": 3,
                                 "target_ongoing_requests": 2, "look_back_period_s": 1,
                                 "downscale_delay_s": 600}),
-        storage={"url": url}, tenancy={"enabled": True, "bootstrap_tenant": None})
+        storage={"url": url}, tenancy={"enabled": True, "bootstrap_tenant": None},
+        gateway={"operator_port": free_port()})
     serve_cluster.run(build_app(config), name="queued", route_prefix="/queued")
     base = f"http://127.0.0.1:{proxy_port}/queued"
+    operator = f"http://127.0.0.1:{config.gateway.operator_port}"  # the gateway's own port
 
     def gauge(name: str) -> float:
         """The model's samples of ``name`` on the gateway's /metrics, summed over labels."""
-        text = httpx.get(f"{base}/metrics", timeout=10).text
+        text = httpx.get(f"{operator}/metrics", timeout=10).text
         return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
                    if s.name == name and s.labels.get("model") == MODEL)
 

@@ -65,6 +65,17 @@ def test_banner_shows_ready_to_paste_curl_and_openai_examples(stack, key):
     text = stack.text()
     assert "curl http://127.0.0.1:" in text and "/v1/chat/completions" in text
     assert f"Bearer {key}" in text and "from openai import OpenAI" in text
+    assert f"operator (/admin/v1, /metrics; not public): {stack.operator_url}" in text
+
+
+def test_admin_api_and_metrics_answer_on_the_operator_port_only(stack):
+    root = stack.base_url.removesuffix("/v1")
+    for path in ("/metrics", "/admin/v1/tenants", "/docs", "/openapi.json"):
+        assert httpx.get(f"{root}{path}", timeout=30).status_code == 404, path
+    assert httpx.get(f"{stack.operator_url}/metrics", timeout=30).status_code == 200
+    # No admin key in this stack's environment: the admin API is there, and refuses.
+    r = httpx.get(f"{stack.operator_url}/admin/v1/tenants", timeout=30)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
 
 
 def test_requests_without_a_valid_key_are_401(stack):
@@ -170,10 +181,9 @@ def test_client_disconnect_mid_stream_is_recorded_as_499(stack, key):
         for n, _ in enumerate(r.iter_lines()):
             if n > 3:
                 break
-    root = stack.base_url.removesuffix("/v1")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        metrics = httpx.get(f"{root}/metrics", timeout=30).text
+        metrics = httpx.get(f"{stack.operator_url}/metrics", timeout=30).text
         if 'status="499"' in metrics:
             break
         time.sleep(0.5)
@@ -196,7 +206,7 @@ def test_every_request_has_one_settled_ledger_row(stack):
 
 
 def test_metrics_count_tokens(stack):
-    metrics = httpx.get(f"{stack.base_url.removesuffix('/v1')}/metrics", timeout=30).text
+    metrics = httpx.get(f"{stack.operator_url}/metrics", timeout=30).text
     assert any(line.startswith("moestack_tokens_total") and 'kind="completion"' in line
                and MODEL in line for line in metrics.splitlines())
     assert "moestack_time_to_first_token_seconds_bucket" in metrics

@@ -246,7 +246,7 @@ async def test_health_reports_unhealthy_engines(stack):
 
 async def test_metrics_count_requests_and_tokens(stack):
     await stack.openai().completions.create(model=MODEL, prompt="a b", max_tokens=3)
-    text = (await stack.http.get("/metrics")).text
+    text = (await stack.operator.get("/metrics")).text
     assert f'moestack_requests_total{{endpoint="completions",model="{MODEL}",status="200"}} 1.0' \
         in text
     assert f'moestack_tokens_total{{kind="completion",model="{MODEL}"}} 3.0' in text

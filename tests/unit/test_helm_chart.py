@@ -292,12 +292,12 @@ def test_should_run_cpu_workers_without_gpu_resources_when_gpus_per_worker_is_ze
 def test_should_pass_the_database_url_from_an_existing_secret_when_existing_secret_is_set():
     docs = render_scenario("deepseek-v3-2x8-h100-values.yaml")
     assert rendered_moestack_config(docs)["storage"]["url_env"] == "MOESTACK_DATABASE_URL"
-    pods = [ray_cluster(docs)["headGroupSpec"]["template"], worker_group(docs, "h100")["template"]]
-    for pod in pods:
-        env = {e["name"]: e for e in container(pod)["env"]}
-        assert env["MOESTACK_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == \
-            {"name": "moestack-db", "key": "url"}
-    assert not objects(docs, "Secret")
+    env = {e["name"]: e for e in container(ray_cluster(docs)["headGroupSpec"]["template"])["env"]}
+    assert env["MOESTACK_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == \
+        {"name": "moestack-db", "key": "url"}
+    # An external database replaces the bundled one; only the generated admin key is a Secret.
+    assert not objects(docs, "StatefulSet")
+    assert [d["metadata"]["name"] for d in objects(docs, "Secret")] == ["moestack-admin"]
 
 
 def test_should_keep_the_database_url_in_a_secret_not_the_config_when_url_is_set():
@@ -311,10 +311,66 @@ def test_should_keep_the_database_url_in_a_secret_not_the_config_when_url_is_set
         {"name": "moestack-admin", "key": "key"}
 
 
-def test_should_use_the_config_storage_url_when_no_database_is_set():
-    docs = render()
+def test_should_use_the_config_storage_url_only_when_insecure_no_auth_is_set():
+    docs = render(sets=("insecureNoAuth=true", "database.postgresql.enabled=false",
+                        "moestack.tenancy.enabled=false", "adminKey.generate=false"))
     assert "url_env" not in rendered_moestack_config(docs).get("storage", {})
+    assert rendered_moestack_config(docs)["tenancy"] == {"enabled": False}
     assert not objects(docs, "Secret") and not objects(docs, "StatefulSet")
+
+
+def test_should_run_tenancy_on_with_the_bundled_postgresql_when_nothing_is_set():
+    docs = render()
+    raw = rendered_moestack_config(docs)
+    assert raw["tenancy"]["enabled"] is True
+    assert raw["storage"] == {"url_env": "MOESTACK_DATABASE_URL"}  # no URL in the config
+    secret = one(docs, "Secret", "moestack-database")
+    assert secret["stringData"]["url"].startswith("postgresql+psycopg2://moestack:")
+    one(docs, "StatefulSet", "moestack-postgresql")
+    env = {e["name"]: e for e in container(ray_cluster(docs)["headGroupSpec"]["template"])["env"]}
+    assert env["MOESTACK_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == \
+        {"name": "moestack-database", "key": "url"}
+    password = secret["stringData"]["password"]
+    for doc in (one(docs, "RayService"), one(docs, "ConfigMap", "moestack-config")):
+        assert password not in json.dumps(doc) and "postgresql+psycopg2" not in json.dumps(doc)
+
+
+def test_should_fail_to_render_when_tenancy_is_off_unless_insecure_no_auth_is_set():
+    proc = run_helm(*template_args(sets=("moestack.tenancy.enabled=false",)))
+    assert proc.returncode != 0 and "set insecureNoAuth: true (private tests only)" in proc.stderr
+    docs = render(sets=("moestack.tenancy.enabled=false", "insecureNoAuth=true"))
+    assert rendered_moestack_config(docs)["tenancy"]["enabled"] is False
+
+
+@pytest.mark.parametrize("scenario", [None, *SCENARIOS])
+def test_should_give_the_admin_key_and_database_url_to_the_head_pod_only(scenario):
+    docs = render_scenario(scenario) if scenario else render()
+    head_env = {e["name"] for e in container(ray_cluster(docs)["headGroupSpec"]["template"])["env"]}
+    assert {"MOESTACK_DATABASE_URL", "MOESTACK_ADMIN_KEY"} <= head_env
+    for group in ray_cluster(docs)["workerGroupSpecs"]:
+        text = json.dumps(group)
+        assert "MOESTACK_DATABASE_URL" not in text and "MOESTACK_ADMIN_KEY" not in text
+        assert "secretKeyRef" not in text
+
+
+def test_should_pin_the_gateway_replicas_to_the_head_pod_when_rendered():
+    docs = render()
+    deployments = {d["name"]: d for d in serve_config(docs)["applications"][0]["deployments"]}
+    assert deployments["Gateway"]["ray_actor_options"] == {
+        "num_cpus": 0, "label_selector": {"moestack.io/gateway": "true"}}
+    head = ray_cluster(docs)["headGroupSpec"]
+    assert head["rayStartParams"]["labels"] == "moestack.io/gateway=true"
+    for group in ray_cluster(docs)["workerGroupSpecs"]:
+        assert "labels" not in group["rayStartParams"]
+
+
+def test_should_generate_an_admin_key_of_48_characters_when_no_admin_key_is_set():
+    key = one(render(), "Secret", "moestack-admin")["stringData"]["admin-key"]
+    assert len(key) == 48
+    docs = render(sets=("adminKey.generate=false",))
+    assert not [s for s in objects(docs, "Secret") if s["metadata"]["name"] == "moestack-admin"]
+    head_env = {e["name"] for e in container(ray_cluster(docs)["headGroupSpec"]["template"])["env"]}
+    assert "MOESTACK_ADMIN_KEY" not in head_env
 
 
 def test_should_run_postgresql_and_create_the_model_cache_claim_when_bundled_is_enabled():
@@ -332,12 +388,15 @@ def test_should_run_postgresql_and_create_the_model_cache_claim_when_bundled_is_
         "moestack-model-cache"
 
 
-def test_should_route_the_ingress_to_the_gateway_service_when_ingress_is_enabled():
+def test_should_route_only_v1_to_the_gateway_service_when_ingress_is_enabled():
     docs = render_scenario("ingress-values.yaml")
     ingress = one(docs, "Ingress")
     assert ingress["spec"]["ingressClassName"] == "nginx"
     (rule,) = ingress["spec"]["rules"]
     assert rule["host"] == "llm.example.com"
+    # Only the public API: the admin API and /metrics are on another port altogether, and
+    # /health, /ready, /docs, /openapi.json stay inside the cluster.
+    assert [(p["path"], p["pathType"]) for p in rule["http"]["paths"]] == [("/v1", "Prefix")]
     backend = rule["http"]["paths"][0]["backend"]["service"]
     service = gateway_service(docs)
     assert backend["name"] == service["metadata"]["name"] == "moestack"
@@ -361,9 +420,32 @@ def test_should_scrape_ray_pods_and_the_gateway_when_monitoring_is_enabled():
     head = container(ray_cluster(docs)["headGroupSpec"]["template"])
     assert {"name": "metrics", "containerPort": 8080} in head["ports"]
     sm = one(docs, "ServiceMonitor")
-    gateway = gateway_service(docs)
-    assert sm["spec"]["selector"]["matchLabels"].items() <= gateway["metadata"]["labels"].items()
-    assert sm["spec"]["endpoints"][0]["port"] == gateway["spec"]["ports"][0]["name"]
+    operator = one(docs, "Service", "moestack-operator")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= operator["metadata"]["labels"].items()
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == \
+        [p["name"] for p in operator["spec"]["ports"]] == ["operator-0", "operator-1"]
+    assert {e["path"] for e in sm["spec"]["endpoints"]} == {"/metrics"}
+
+
+def test_should_scrape_each_gateway_replica_on_its_own_operator_port_when_num_replicas_is_set():
+    docs = render_scenario("monitoring-values.yaml", ("moestack.gateway.num_replicas=3",))
+    operator = one(docs, "Service", "moestack-operator")
+    assert [(p["name"], p["port"]) for p in operator["spec"]["ports"]] == \
+        [("operator-0", 8001), ("operator-1", 8002), ("operator-2", 8003)]
+    assert operator["spec"]["selector"]["app.kubernetes.io/component"] == "ray-head"
+    head = container(ray_cluster(docs)["headGroupSpec"]["template"])
+    assert {"name": "operator-2", "containerPort": 8003} in head["ports"]
+    assert len(one(docs, "ServiceMonitor")["spec"]["endpoints"]) == 3
+    # The public Service carries the OpenAI API only.
+    assert [p["name"] for p in gateway_service(docs)["spec"]["ports"]] == ["serve"]
+
+
+def test_should_probe_worker_readiness_on_ready_when_proxies_run_on_every_node():
+    docs = render_scenario("deepseek-v3-2x8-h100-values.yaml")
+    probe = container(worker_group(docs, "h100")["template"])["readinessProbe"]
+    assert probe["httpGet"] == {"path": "/ready", "port": 8000}
+    docs = render_scenario("deepseek-v3-2x8-h100-values.yaml", ("serve.proxyLocation=HeadOnly",))
+    assert "readinessProbe" not in container(worker_group(docs, "h100")["template"])
 
 
 def test_prometheus_rule_carries_every_rule_group_of_the_chart_copy():
@@ -396,15 +478,68 @@ def test_should_give_each_worker_group_a_disruption_budget():
     assert pdb["spec"]["maxUnavailable"] == 1
 
 
+def network_rules(docs) -> dict[frozenset, list]:
+    """The NetworkPolicy's rules from outside the release, by the set of ports each opens, to
+    its `from` peers (None: every source)."""
+    policy = one(docs, "NetworkPolicy")
+    release, *rules = policy["spec"]["ingress"]
+    assert "ports" not in release  # the release's own pods: all ports
+    return {frozenset(p["port"] for p in r["ports"]): r.get("from") for r in rules}
+
+
+GATEWAY, RAY_METRICS, DASHBOARD = {8000}, {8080}, {8265, 52365}
+OPERATOR = {8001, 8002}  # one per gateway replica (the default values run two)
+PROMETHEUS = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+ADMINS = [{"podSelector": {"matchLabels": {"app": "admin-tools"}}}]
+
+
 def test_network_policy_admits_release_pods_and_the_configured_peers_only():
     docs = render_scenario("ingress-values.yaml")
     policy = one(docs, "NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= \
         ray_cluster(docs)["headGroupSpec"]["template"]["metadata"]["labels"].items()
-    gateway_rule = policy["spec"]["ingress"][1]
-    assert gateway_rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
-    assert gateway_rule["from"][0]["namespaceSelector"]["matchLabels"] == \
+    rules = network_rules(docs)
+    assert rules[frozenset(GATEWAY)][0]["namespaceSelector"]["matchLabels"] == \
         {"kubernetes.io/metadata.name": "ingress-nginx"}
+
+
+def test_should_not_open_the_gateway_port_to_metricsFrom_when_metrics_from_is_set():
+    rules = network_rules(render_scenario("monitoring-values.yaml"))
+    assert rules[frozenset(RAY_METRICS | OPERATOR)] == PROMETHEUS
+    for ports, peers in rules.items():
+        if peers == PROMETHEUS:
+            assert not ports & GATEWAY and not ports & DASHBOARD
+
+
+def test_should_not_open_the_admin_or_metrics_ports_at_all_when_their_peers_are_empty():
+    rules = network_rules(render())
+    assert set(rules) == {frozenset(GATEWAY), frozenset(DASHBOARD)}
+    assert rules[frozenset(GATEWAY)] is None  # the public API: open, it needs a tenant key
+    assert rules[frozenset(DASHBOARD)][0]["podSelector"]["matchLabels"] == \
+        {"app.kubernetes.io/name": "kuberay-operator"}
+
+
+def test_should_open_the_operator_ports_to_adminFrom_only_when_admin_from_is_set():
+    docs = render(sets=(
+        "networkPolicy.adminFrom[0].podSelector.matchLabels.app=admin-tools",))
+    rules = network_rules(docs)
+    assert rules[frozenset(OPERATOR)] == ADMINS
+    assert set(rules) == {frozenset(GATEWAY), frozenset(OPERATOR), frozenset(DASHBOARD)}
+
+
+def test_should_open_the_operator_ports_to_every_source_only_when_allow_admin_from_anywhere_is_set():
+    rules = network_rules(render(sets=("networkPolicy.allowAdminFromAnywhere=true",)))
+    assert rules[frozenset(OPERATOR)] is None
+    rules = network_rules(render(sets=("networkPolicy.allowMetricsFromAnywhere=true",)))
+    assert rules[frozenset(RAY_METRICS | OPERATOR)] is None
+    assert frozenset(OPERATOR) not in rules
+
+
+def test_should_not_open_the_dashboard_to_gatewayFrom_when_gateway_from_is_set():
+    rules = network_rules(render_scenario("ingress-values.yaml"))
+    ingress_nginx = rules[frozenset(GATEWAY)]
+    assert [ports for ports, peers in rules.items() if peers == ingress_nginx] == \
+        [frozenset(GATEWAY)]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -462,7 +597,7 @@ def test_default_values_document_every_chart_field():
     assert not undocumented, f"values.yaml fields without a comment: {undocumented}"
 
 
-def test_notes_say_how_to_check_and_reach_the_service_and_warn_without_a_database():
+def test_notes_say_how_to_reach_the_api_and_the_operator_port_and_warn_when_insecure():
     proc = run_helm("install", "moestack", str(CHART), "--namespace", "llm", "--dry-run=client",
                     "--set", "kuberay.checkCRDs=false", "-f",
                     str(CHART / "ci" / "ingress-values.yaml"))
@@ -470,6 +605,15 @@ def test_notes_say_how_to_check_and_reach_the_service_and_warn_without_a_databas
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert "moestack k8s status --namespace llm --name moestack" in notes
     assert "https://llm.example.com/v1" in notes
+    assert "svc/moestack-operator 8001:8001" in notes
+    assert "kubectl get secret -n llm moestack-admin" in notes
+    assert "no database is configured" not in notes and "WARNING" not in notes
+    proc = run_helm("install", "moestack", str(CHART), "--namespace", "llm", "--dry-run=client",
+                    "--set", "kuberay.checkCRDs=false", "--set", "insecureNoAuth=true",
+                    "--set", "moestack.tenancy.enabled=false",
+                    "--set", "database.postgresql.enabled=false")
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert "WARNING: insecureNoAuth is true: tenancy is off" in notes
     assert "no database is configured" in notes
 
 

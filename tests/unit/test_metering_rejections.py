@@ -31,7 +31,7 @@ async def test_counts_rate_limited_and_unauthenticated_requests_per_tenant(tmp_p
         with pytest.raises(openai.AuthenticationError):
             await stack.openai(api_key="sk-wrong").completions.create(
                 model=MODEL, prompt="a b", max_tokens=2)
-        text = (await stack.http.get("/metrics")).text
+        text = (await stack.operator.get("/metrics")).text
     assert _rejections(text) == {("acme", "429"): 1.0, ("unknown", "401"): 1.0}
     assert 'moestack_tenant_requests_total{model="fake-moe",status="200",tenant="acme"} 1.0' \
         in text

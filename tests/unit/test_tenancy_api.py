@@ -12,6 +12,7 @@ from moestack.testing import FakeFault, fake_config, fake_model
 from moestack.testing.local_api import local_stack
 
 MODEL, OTHER = "fake-moe", "fake-other"
+ADMIN_KEY = "admin-secret-of-the-tests-0123456789"  # 32+ characters, as a gateway requires
 PRICE = {"usd_per_1m_prompt_tokens": 1_000_000.0, "usd_per_1m_completion_tokens": 2_000_000.0}
 """1 USD per prompt token and 2 USD per completion token: budgets in whole tokens."""
 
@@ -179,7 +180,7 @@ async def test_budget_exhausted_is_insufficient_quota(stack):
     assert err.value.body["code"] == "insufficient_quota"
     assert "Retry-After" in err.value.response.headers
     assert sum(r.charged_usd for r in rows(stack)) == pytest.approx(10)
-    metrics = (await stack.http.get("/metrics")).text
+    metrics = (await stack.operator.get("/metrics")).text
     assert 'moestack_tenant_budget_remaining_usd{tenant="acme"} 16.0' in metrics  # 60 - 44
 
 
@@ -256,37 +257,46 @@ async def test_tenant_reads_only_its_own_usage(stack):
     r = await stack.http.get("/v1/usage", headers={"Authorization": f"Bearer {a}"})
     assert r.status_code == 200
     assert [row["tenant"] for row in r.json()["data"]] == ["a"]
-    r = await stack.http.get("/admin/v1/usage", headers={"Authorization": f"Bearer {a}"})
+    r = await stack.operator.get("/admin/v1/usage", headers={"Authorization": f"Bearer {a}"})
     assert r.status_code in (401, 403)
 
 
 async def test_admin_api_manages_tenants_with_admin_key_only(stack, monkeypatch):
-    r = await stack.http.get("/admin/v1/tenants")
+    r = await stack.operator.get("/admin/v1/tenants")
     assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
-    monkeypatch.setenv("MOESTACK_ADMIN_KEY", "admin-secret")
-    admin = {"Authorization": "Bearer admin-secret"}
-    assert (await stack.http.get("/admin/v1/tenants",
+    monkeypatch.setenv("MOESTACK_ADMIN_KEY", ADMIN_KEY)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert (await stack.operator.get("/admin/v1/tenants",
                                  headers={"Authorization": "Bearer wrong"})).status_code == 401
-    r = await stack.http.post("/admin/v1/tenants", headers=admin,
+    r = await stack.operator.post("/admin/v1/tenants", headers=admin,
                               json={"name": "team-x", "requests_per_min": 1, "weight": 2})
     assert r.status_code == 201
     key = r.json()["api_key"]
-    assert key not in (await stack.http.get("/admin/v1/tenants", headers=admin)).text
+    assert key not in (await stack.operator.get("/admin/v1/tenants", headers=admin)).text
     await chat(stack.openai(key))
     with pytest.raises(openai.RateLimitError):
         await chat(stack.openai(key))
-    r = await stack.http.patch("/admin/v1/tenants/team-x", headers=admin,
+    r = await stack.operator.patch("/admin/v1/tenants/team-x", headers=admin,
                                json={"requests_per_min": None})
     assert r.json()["requests_per_min"] is None and r.json()["weight"] == 2
     await chat(stack.openai(key))
     key_id = r.json()["active_key_ids"][0]
-    assert (await stack.http.delete(f"/admin/v1/keys/{key_id}", headers=admin)).status_code == 200
+    assert (await stack.operator.delete(f"/admin/v1/keys/{key_id}", headers=admin)).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         await chat(stack.openai(key))
-    r = await stack.http.get("/admin/v1/usage?tenant=team-x&since=1h", headers=admin)
+    r = await stack.operator.get("/admin/v1/usage?tenant=team-x&since=1h", headers=admin)
     assert len(r.json()["data"]) == 2
-    dup = await stack.http.post("/admin/v1/tenants", headers=admin, json={"name": "team-x"})
+    dup = await stack.operator.post("/admin/v1/tenants", headers=admin, json={"name": "team-x"})
     assert dup.status_code == 400
+
+
+async def test_admin_api_and_metrics_are_not_on_the_public_app(stack, monkeypatch):
+    monkeypatch.setenv("MOESTACK_ADMIN_KEY", ADMIN_KEY)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    for path in ("/admin/v1/tenants", "/metrics", "/docs", "/openapi.json"):
+        assert (await stack.http.get(path, headers=admin)).status_code == 404, path
+    assert (await stack.operator.get("/admin/v1/tenants", headers=admin)).status_code == 200
+    assert (await stack.operator.get("/metrics")).status_code == 200
 
 
 async def test_models_list_needs_a_key(stack):
@@ -324,7 +334,7 @@ async def test_refusals_are_counted_per_tenant_and_status(stack):
             pass
     with pytest.raises(openai.AuthenticationError):
         await chat(stack.openai("wrong"))
-    text = (await stack.http.get("/metrics")).text
+    text = (await stack.operator.get("/metrics")).text
     for tenant_name, status in (("acme", 403), ("acme", 429), ("unknown", 401)):
         assert (f'moestack_tenant_rejections_total{{status="{status}",tenant="{tenant_name}"}} '
                 "1.0") in text

@@ -54,11 +54,16 @@ app.kubernetes.io/part-of: moestack
 {{- end -}}
 {{- end -}}
 
+{{/* Whether the bundled PostgreSQL runs: on, unless an external database is given. */}}
+{{- define "moestack.bundledPostgres" -}}
+{{- if and .Values.database.postgresql.enabled (not (or .Values.database.url .Values.database.existingSecret)) -}}true{{- end -}}
+{{- end -}}
+
 {{/* Name of the Secret with the database URL and its key; empty when none is used. */}}
 {{- define "moestack.databaseSecretName" -}}
 {{- if .Values.database.existingSecret -}}
 {{- .Values.database.existingSecret -}}
-{{- else if or .Values.database.url .Values.database.postgresql.enabled -}}
+{{- else if or .Values.database.url (include "moestack.bundledPostgres" .) -}}
 {{- printf "%s-database" (include "moestack.fullname" .) -}}
 {{- end -}}
 {{- end -}}
@@ -71,7 +76,7 @@ app.kubernetes.io/part-of: moestack
 {{- define "moestack.adminSecretName" -}}
 {{- if .Values.adminKey.existingSecret -}}
 {{- .Values.adminKey.existingSecret -}}
-{{- else if .Values.adminKey.value -}}
+{{- else if or .Values.adminKey.value .Values.adminKey.generate -}}
 {{- printf "%s-admin" (include "moestack.fullname" .) -}}
 {{- end -}}
 {{- end -}}
@@ -88,7 +93,13 @@ app.kubernetes.io/part-of: moestack
 {{- $cfg := deepCopy .Values.moestack -}}
 {{- $gateway := default (dict) $cfg.gateway -}}
 {{- $_ := set $gateway "host" "0.0.0.0" -}}
+{{- $_ := set $gateway "operator_host" "0.0.0.0" -}}
 {{- $_ := set $cfg "gateway" $gateway -}}
+{{- $tenancy := default (dict) $cfg.tenancy -}}
+{{- if not (hasKey $tenancy "enabled") -}}
+{{- $_ := set $tenancy "enabled" true -}}
+{{- end -}}
+{{- $_ := set $cfg "tenancy" $tenancy -}}
 {{- if include "moestack.databaseSecretName" . -}}
 {{- $storage := default (dict) $cfg.storage -}}
 {{- $_ := set $storage "url_env" (include "moestack.databaseUrlEnv" .) -}}
@@ -104,7 +115,11 @@ app.kubernetes.io/part-of: moestack
 {{- define "moestack.serveConfig" -}}
 {{- $port := 8000 -}}
 {{- with .Values.moestack.gateway }}{{ with .port }}{{ $port = . }}{{ end }}{{ end -}}
-{{- $app := dict "name" "moestack" "route_prefix" "/" "import_path" "moestack.serve.app:app_builder" "args" (dict "config_yaml" (include "moestack.config" .)) -}}
+{{- /* Gateway replicas (and so the app build task, which follows their label selector) run
+only on the head pod, the one pod holding the admin key and the database URL. */ -}}
+{{- $gatewayOptions := dict "num_cpus" 0 "label_selector" (dict (include "moestack.gatewayNodeLabel" .) "true") -}}
+{{- $deployments := list (dict "name" "Gateway" "ray_actor_options" $gatewayOptions) -}}
+{{- $app := dict "name" "moestack" "route_prefix" "/" "import_path" "moestack.serve.app:app_builder" "args" (dict "config_yaml" (include "moestack.config" .)) "deployments" $deployments -}}
 {{- $serve := dict "proxy_location" .Values.serve.proxyLocation "http_options" (dict "host" "0.0.0.0" "port" (int $port)) "applications" (list $app) -}}
 {{- toYaml $serve -}}
 {{- end -}}
@@ -116,7 +131,25 @@ app.kubernetes.io/part-of: moestack
 {{- int $port -}}
 {{- end -}}
 
-{{/* Environment of every Ray container: secrets the moestack config refers to. */}}
+{{/* Ray node label of the head pod, which the Gateway deployment selects. */}}
+{{- define "moestack.gatewayNodeLabel" -}}moestack.io/gateway{{- end -}}
+
+{{/* First operator port (moestack.gateway.operator_port: admin API and /metrics). */}}
+{{- define "moestack.operatorPort" -}}
+{{- $port := 8001 -}}
+{{- with .Values.moestack.gateway }}{{ with .operator_port }}{{ $port = . }}{{ end }}{{ end -}}
+{{- int $port -}}
+{{- end -}}
+
+{{/* Operator ports on the head pod: one per gateway replica (operator_port_count, default
+num_replicas), as the replicas bind the first free one. */}}
+{{- define "moestack.operatorPortCount" -}}
+{{- $gw := default (dict) .Values.moestack.gateway -}}
+{{- int (default (default 1 $gw.num_replicas) $gw.operator_port_count) -}}
+{{- end -}}
+
+{{/* Environment of the head container (where the gateways run): the secrets the moestack
+config refers to. Worker pods run only engines and get none. */}}
 {{- define "moestack.secretEnv" -}}
 {{- with include "moestack.databaseSecretName" . }}
 - name: {{ include "moestack.databaseUrlEnv" $ }}

@@ -55,8 +55,29 @@ groups; all replicas fit in the GPUs of the groups at maxReplicas.
 {{- if and (gt $maxGpw 0) (gt $neededGpus $totalGpus) -}}
 {{- $errors = append $errors (printf "the GPU models need %d GPUs (parallel size x num_replicas, summed) but the worker groups provide at most %d (gpusPerWorker x maxReplicas)" $neededGpus $totalGpus) -}}
 {{- end -}}
-{{- if and .Values.database.postgresql.enabled (or .Values.database.url .Values.database.existingSecret) -}}
-{{- $errors = append $errors "database: set either database.postgresql.enabled (bundled) or database.url / database.existingSecret (external), not both" -}}
+{{- if not .Values.insecureNoAuth -}}
+{{- if not (dig "tenancy" "enabled" true .Values.moestack) -}}
+{{- $errors = append $errors "moestack.tenancy.enabled is false: the API would serve anyone with no key, limit, budget or ledger. Keep tenancy on, or set insecureNoAuth: true (private tests only)" -}}
+{{- end -}}
+{{- if not (include "moestack.databaseSecretName" .) -}}
+{{- $errors = append $errors "tenancy needs a database: keep database.postgresql.enabled (bundled) or set database.url / database.existingSecret (external); or set insecureNoAuth: true (private tests only)" -}}
+{{- end -}}
+{{- if dig "storage" "url" "" .Values.moestack -}}
+{{- $errors = append $errors "moestack.storage.url would put the database URL in the rendered config: set database.url or database.existingSecret (kept in a Secret) instead" -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.adminKey.value (lt (len .Values.adminKey.value) 32) -}}
+{{- $errors = append $errors (printf "adminKey.value has %d characters; the gateway refuses admin keys under 32 (e.g. openssl rand -hex 32), or leave it empty to have one generated" (len .Values.adminKey.value)) -}}
+{{- end -}}
+{{- $operatorPort := include "moestack.operatorPort" . | int -}}
+{{- $operatorEnd := add $operatorPort (include "moestack.operatorPortCount" . | int) -}}
+{{- range $name, $port := dict "the gateway port (moestack.gateway.port)" (include "moestack.gatewayPort" . | int) "monitoring.rayMetricsPort" (int .Values.monitoring.rayMetricsPort) "the Ray dashboard port" 8265 "the Ray agent port" 52365 "the Ray GCS port" 6379 "the Ray client port" 10001 -}}
+{{- if and (ge (int $port) $operatorPort) (lt (int $port) $operatorEnd) -}}
+{{- $errors = append $errors (printf "the operator ports %d-%d (moestack.gateway.operator_port, one per gateway replica) overlap %s, %d" $operatorPort (sub $operatorEnd 1) $name (int $port)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.operatorFrom) -}}
+{{- $errors = append $errors "networkPolicy.operatorFrom is empty: name the KubeRay operator's pods (an empty list would open the Ray dashboard to every pod)" -}}
 {{- end -}}
 {{- if and .Values.ingress.enabled (not .Values.ingress.hosts) -}}
 {{- $errors = append $errors "ingress.enabled needs at least one entry in ingress.hosts" -}}

@@ -7,31 +7,36 @@ from collections.abc import Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from moestack.api.backend import ModelBackend
 from moestack.api.body_limit import BodyLimitMiddleware
 from moestack.api.endpoints import ENDPOINTS, Endpoint
 from moestack.api.errors import install_error_handlers
+from moestack.api.header_limit import CredentialHeaderLimitMiddleware
 from moestack.api.models.routes import router as models_router
 from moestack.api.relay import Relay, UsageSink
 from moestack.config.schema import MoestackConfig
 from moestack.metering.metrics import GatewayMetrics
 from moestack.metering.rejections import RejectionMetrics
-from moestack.tenancy.admin_routes import admin_router, tenant_router
+from moestack.tenancy.admin_routes import tenant_router
 from moestack.tenancy.gate import TenancyGate, require_tenant
 
 
 def build_api(config: MoestackConfig, backend: ModelBackend,
               sinks: Sequence[UsageSink] = (), tenancy: TenancyGate | None = None) -> FastAPI:
-    """The gateway's HTTP app: the relayed API routes (:data:`ENDPOINTS`), /v1/models, /health,
-    /metrics, errors, body limit.
+    """The gateway's public HTTP app: the relayed API routes (:data:`ENDPOINTS`), /v1/models,
+    /health, errors, body and header limits.
 
     With ``config.tenancy.enabled`` the OpenAI routes need a tenant key and run through
-    ``tenancy`` (built from ``config.storage.url`` if not given); the admin API is mounted too.
+    ``tenancy`` (built from ``config.storage.url`` if not given). The admin API and /metrics
+    are not here: :func:`moestack.api.operator.build_operator_api` serves them on the
+    operator listener over this app's ``state.metrics`` and ``state.tenancy``.
     """
+    docs = config.gateway.docs_enabled  # /docs and /openapi.json reveal every route: opt-in
     app = FastAPI(title="moestack", version="0.1.0",
-                  description="OpenAI-compatible API of moestack.")
+                  description="OpenAI-compatible API of moestack.",
+                  docs_url="/docs" if docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None)
     metrics = GatewayMetrics(config=config)
     if config.tenancy.enabled and tenancy is None:
         tenancy = TenancyGate.from_config(config)
@@ -55,8 +60,7 @@ def build_api(config: MoestackConfig, backend: ModelBackend,
                           dependencies=auth, name=endpoint.name,
                           summary=f"{endpoint.path}, relayed to the model's engine")
     app.include_router(models_router, dependencies=auth)
-    if app.state.tenancy:
-        app.include_router(admin_router)
+    if app.state.tenancy:  # the admin API is on the operator listener (moestack.api.operator)
         app.include_router(tenant_router)
 
     @app.get("/health")
@@ -66,13 +70,9 @@ def build_api(config: MoestackConfig, backend: ModelBackend,
             return JSONResponse({"status": "unhealthy", "models": problems}, status_code=503)
         return {"status": "ok"}
 
-    if config.monitoring.metrics_enabled:
-        @app.get("/metrics")
-        async def metrics_endpoint():
-            return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
     app.add_middleware(RejectionMetrics, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.gateway.max_body_bytes)
+    app.add_middleware(CredentialHeaderLimitMiddleware)
     return app
 
 

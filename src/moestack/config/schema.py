@@ -248,6 +248,38 @@ class GatewayConfig(_Strict):
         "`port` (balances over gateway replicas; what KubeRay expects); `direct`, Ray Serve's "
         "direct ingress, the Gateway replica serving HTTP itself (one hop less; replica i "
         "listens on `port` + i). Direct applies to clusters `moestack up` starts itself.")
+    operator_host: str = Field("127.0.0.1", description="Address the operator listener (admin "
+                               "API and /metrics, never the public port) binds.")
+    operator_port: int = Field(8001, ge=1, le=65535, description="First port of the operator "
+                               "listener: each gateway replica binds the first free port of "
+                               "[operator_port, operator_port + operator_port_count), so every "
+                               "replica on a node has its own port and Prometheus scrapes each.")
+    operator_port_count: int | None = Field(None, ge=1, le=64, description="Ports the gateway "
+                                            "replicas of one node share, one each (unset: "
+                                            "num_replicas); a replica finding all taken (a "
+                                            "rollout) retries until one frees.")
+    docs_enabled: bool = Field(False, description="Serve /docs and /openapi.json on the public "
+                               "port (off: they reveal every route to anyone).")
+
+    @property
+    def operator_ports(self) -> range:
+        """The ports the gateway replicas of one node may bind."""
+        return range(self.operator_port,
+                     self.operator_port + (self.operator_port_count or self.num_replicas))
+
+    @property
+    def public_ports(self) -> range:
+        """The ports the public API listens on: the proxy's, or one per direct-ingress replica."""
+        return range(self.port, self.port + (self.num_replicas if self.ingress == "direct"
+                                              else 1))
+
+    @model_validator(mode="after")
+    def _ports_apart(self) -> GatewayConfig:
+        if set(self.public_ports) & set(self.operator_ports):
+            raise ValueError(f"operator ports {self.operator_ports.start}-"
+                             f"{self.operator_ports.stop - 1} overlap the public API's "
+                             f"{self.public_ports.start}-{self.public_ports.stop - 1}")
+        return self
 
 
 class StorageConfig(_Strict):
@@ -291,7 +323,14 @@ class TenancyConfig(_Strict):
                           "apply limits, budgets and the ledger; off serves anyone unmetered "
                           "(single-user setups). The embedded default config turns it on.")
     admin_key_env: str = Field("MOESTACK_ADMIN_KEY", description="Environment variable holding "
-                               "the admin API key; the admin API is refused while it is unset.")
+                               "the admin API key (at least 32 characters, else the gateway "
+                               "refuses to start); the admin API is refused while it is unset.")
+    admin_auth_max_failures: int = Field(10, ge=1, description="Failed admin authentications "
+                                         "one client address may make within "
+                                         "admin_auth_window_s before it gets 429.")
+    admin_auth_window_s: float = Field(60.0, gt=0, description="Window of "
+                                       "admin_auth_max_failures, in seconds; also how long a "
+                                       "throttled client waits (Retry-After).")
     bootstrap_tenant: str | None = Field("default", description="`moestack up` creates this "
                                          "tenant with one key (printed once) if no tenant "
                                          "exists; unset creates none.")

@@ -26,10 +26,16 @@ class LocalServer:
     engines: dict
     port: int
     server: object
+    operator_port: int
 
     @property
     def root_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def operator_url(self) -> str:
+        """The operator listener: admin API and /metrics."""
+        return f"http://127.0.0.1:{self.operator_port}"
 
     @property
     def base_url(self) -> str:
@@ -61,12 +67,23 @@ def _uvicorn(app, port: int, **options):
                                          lifespan="off", **options))
 
 
-async def _serve(server, app, engines: dict) -> None:
+async def _serve(server, app, engines: dict, operator_port: int | None = None) -> None:
+    from moestack.api.operator import build_operator_api
+    from moestack.serve.operator_listener import OperatorListener
+
     for engine in engines.values():
         await engine.start()
+    operator = None
+    if operator_port is not None:  # as each Gateway replica does
+        operator = OperatorListener(
+            build_operator_api(app.state.config, app.state.metrics, app.state.tenancy),
+            "127.0.0.1", range(operator_port, operator_port + 1))
+        operator.start()
     try:
         await server.serve()
     finally:
+        if operator is not None:
+            await operator.stop()
         if getattr(app.state, "tenancy", None) is not None:
             await app.state.tenancy.stop()
         for engine in engines.values():
@@ -79,13 +96,13 @@ def serve_gateway(config: MoestackConfig, sinks: Sequence = (),
     """Start the gateway app for ``config`` (fake-engine models) and stop it on exit; ``sinks``
     receive every request's usage record, as the ledger does."""
     app, engines = build_gateway(config, sinks)
-    port = free_port()
+    port, operator_port = free_port(), free_port()
     server = _uvicorn(app, port, timeout_keep_alive=timeout_keep_alive_s, **uvicorn_options)
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            asyncio.run(_serve(server, app, engines))
+            asyncio.run(_serve(server, app, engines, operator_port))
         except BaseException as exc:  # surfaced to the caller below
             failure.append(exc)
 
@@ -96,7 +113,7 @@ def serve_gateway(config: MoestackConfig, sinks: Sequence = (),
             raise RuntimeError(f"the local gateway did not start: {failure}")
         thread.join(0.02)
     try:
-        yield LocalServer(app, engines, port, server)
+        yield LocalServer(app, engines, port, server, operator_port)
     finally:
         server.should_exit = True
         thread.join(10)
@@ -112,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--operator-port", type=int, help="port of the admin API and /metrics "
+                   "(default: none)")
     p.add_argument("--config", help="moestack config YAML (default: one fake model, no tenancy)")
     p.add_argument("--model", default="fake-moe", help="fake model name (without --config)")
     p.add_argument("--ttft-s", type=float, default=0.0, help="fake engine TTFT (no --config)")
@@ -125,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                                         fake={"ttft_s": args.ttft_s,
                                               "token_interval_s": args.token_interval_s}))
     app, engines = build_gateway(config)
-    asyncio.run(_serve(_uvicorn(app, args.port), app, engines))  # stops on SIGINT/SIGTERM
+    server = _uvicorn(app, args.port)
+    asyncio.run(_serve(server, app, engines, args.operator_port))  # stops on SIGINT/SIGTERM
     return 0
 
 

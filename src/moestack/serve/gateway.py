@@ -8,9 +8,11 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 
 from moestack.api.app import build_api
+from moestack.api.operator import build_operator_api
 from moestack.config.schema import MoestackConfig
 from moestack.routing.policy import ROUTERS
 from moestack.serve.backend import ServeBackend
+from moestack.serve.operator_listener import OperatorListener
 from moestack.serve.queue_board import REPORT_INTERVAL_S, BoardClient
 from moestack.tenancy.gate import TenancyGate
 
@@ -36,6 +38,11 @@ class Gateway:
             app.state.metrics.track_routing(
                 m.name, lambda name=m.name: self._router_counts(name),
                 lambda name=m.name: self.backend.failovers[name])
+        gw = self.config.gateway  # admin API and /metrics: this replica's own port, not public
+        self.operator = OperatorListener(
+            build_operator_api(self.config, app.state.metrics, self.tenancy),
+            gw.operator_host, gw.operator_ports)
+        self.operator.start()
         return app
 
     def _router_counts(self, model: str):
@@ -57,6 +64,8 @@ class Gateway:
             await asyncio.sleep(REPORT_INTERVAL_S)
 
     def __del__(self):
+        if getattr(self, "operator", None) is not None:
+            self.operator.close()
         if getattr(self, "_follow", None) is not None:
             self._follow.cancel()
         if getattr(self, "tenancy", None) is not None:

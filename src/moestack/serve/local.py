@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 from moestack.config.schema import MoestackConfig
 from moestack.engine.source import resolve_checkpoint
+from moestack.errors import ConfigError
+from moestack.tenancy.admin_throttle import check_admin_key
 
 Say = Callable[[str], None]
 
@@ -125,6 +127,17 @@ def ensure_bootstrap_key(config: MoestackConfig) -> str | None:
         store.close()
 
 
+def operator_note(config: MoestackConfig) -> str:
+    """Where the admin API and /metrics are: the operator listener, one port per replica."""
+    gw = config.gateway
+    ports = gw.operator_ports
+    where = f"http://{gw.operator_host}:{ports.start}"
+    if len(ports) > 1:
+        where += f" (one port per gateway replica, {ports.start}-{ports.stop - 1})"
+    admin = "/admin/v1, " if config.tenancy.enabled else ""
+    return f"  operator ({admin}/metrics; not public): {where}\n"
+
+
 def banner(config: MoestackConfig, api_key: str | None = None) -> str:
     base = f"http://{config.gateway.host}:{config.gateway.port}"
     model = config.models[0].name
@@ -151,7 +164,8 @@ def banner(config: MoestackConfig, api_key: str | None = None) -> str:
             f"    -H \"Authorization: Bearer {shell_key}\" \\\n"
             f"    -d '{body}'\n\n"
             f"  python -c \"{py}\"\n\n"
-            f"  health: {base}/health   metrics: {base}/metrics\n"
+            f"  health: {base}/health\n"
+            f"{operator_note(config)}"
             "Press Ctrl-C to stop.")
 
 
@@ -163,6 +177,8 @@ def up(config: MoestackConfig, say: Say = print, verbose: bool = False) -> int:
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
+        if config.tenancy.enabled:
+            check_admin_key(config.tenancy.admin_key_env)  # before minutes of model loading
         prepare_models(config, say)
         say(f"starting Ray ({config.ray.address or f'local, {config.ray.num_cpus} CPUs'})")
         start_ray(config, verbose)
@@ -178,7 +194,7 @@ def up(config: MoestackConfig, say: Say = print, verbose: bool = False) -> int:
     except KeyboardInterrupt:
         say("\nstopping ...")
         return 0
-    except StackFailed as exc:
+    except (StackFailed, ConfigError) as exc:
         say(f"error: {exc}")
         return 1
     finally:

@@ -14,7 +14,12 @@ import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from moestack.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
+from moestack.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    PermissionDeniedError,
+    RateLimitError,
+)
 from moestack.tenancy import ledger
 from moestack.tenancy.admin_protocol import KeyCreate, TenantCreate, TenantLimits
 from moestack.tenancy.admission import Principal
@@ -23,14 +28,25 @@ from moestack.tenancy.store import TenancyStore
 
 
 def require_admin(request: Request) -> None:
+    """The admin key, compared in constant time; failures are throttled per client address
+    when the app has an ``admin_throttle`` (the operator app does)."""
     env = request.app.state.config.tenancy.admin_key_env
     expected = os.environ.get(env, "")
     if not expected:
         raise PermissionDeniedError(f"The admin API is disabled: set {env}.",
                                     code="admin_disabled")
+    throttle = getattr(request.app.state, "admin_throttle", None)
+    client = request.client.host if request.client else ""
+    if throttle is not None and (wait := throttle.retry_after_s(client)) is not None:
+        raise RateLimitError("Too many failed admin authentications; retry later.",
+                             retry_after_s=wait, code="admin_auth_throttled")
     given = bearer_token(request) or ""
     if not hmac.compare_digest(given.encode(), expected.encode()):
+        if throttle is not None:
+            throttle.failed(client)
         raise AuthenticationError("Incorrect admin key provided.")
+    if throttle is not None:
+        throttle.succeeded(client)
 
 
 admin_router = APIRouter(prefix="/admin/v1", dependencies=[Depends(require_admin)])

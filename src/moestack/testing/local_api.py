@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from moestack.api.app import build_api
 from moestack.api.backend import LocalBackend
+from moestack.api.operator import build_operator_api
 from moestack.config import MoestackConfig
 from moestack.engine import build_engine
 from moestack.engine.protocol import Engine
@@ -26,6 +27,8 @@ class LocalStack:
     http: httpx.AsyncClient
     tenancy: TenancyGate | None = None
     """The tenancy layer when ``config.tenancy.enabled`` (its ``store`` creates tenants)."""
+    operator: httpx.AsyncClient | None = None
+    """The operator app (admin API, /metrics) over the same metrics and tenancy, in-process."""
 
     def openai(self, api_key: str = "unused", **kwargs):
         """An ``openai.AsyncOpenAI`` client talking to this app in-process."""
@@ -44,11 +47,14 @@ async def local_stack(config: MoestackConfig, sinks=()) -> AsyncIterator[LocalSt
     app = build_api(config, LocalBackend(engines), sinks)
     tenancy = app.state.tenancy
     transport = httpx.ASGITransport(app=app)
+    operator_app = build_operator_api(config, app.state.metrics, tenancy)
     try:
         if tenancy is not None:
             tenancy.start()
-        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
-            yield LocalStack(app, engines, http, tenancy)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http, \
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=operator_app),
+                                  base_url=BASE_URL) as operator:
+            yield LocalStack(app, engines, http, tenancy, operator)
     finally:
         if tenancy is not None:
             await tenancy.stop()

@@ -37,6 +37,8 @@ class StackProcess:
     base_url: str
     tmp_dir: Path
     output: list[str] = field(default_factory=list)
+    operator_url: str = ""
+    """The first gateway replica's operator listener (admin API, /metrics)."""
 
     def text(self) -> str:
         return "".join(self.output)
@@ -83,6 +85,8 @@ def start_stack(config: dict, tmp_dir: Path | None = None, timeout_s: float = 60
     tmp_dir = tmp_dir or short_temp_dir()
     tmp_dir.mkdir(parents=True, exist_ok=True)
     config_path = tmp_dir / "config.yaml"
+    gw = {"operator_port": free_port(), **config.get("gateway", {})}  # no fixed port to collide
+    config = {**config, "gateway": gw}
     config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "TMPDIR": str(tmp_dir), "RAY_TMPDIR": str(tmp_dir),
            "PYTHONUNBUFFERED": "1", **(extra_env or {})}
@@ -90,8 +94,9 @@ def start_stack(config: dict, tmp_dir: Path | None = None, timeout_s: float = 60
         [sys.executable, "-m", "moestack", "up", "--config", str(config_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         start_new_session=True)
-    gw = config.get("gateway", {})
-    stack = StackProcess(proc, f"http://{gw.get('host', '127.0.0.1')}:{gw['port']}/v1", tmp_dir)
+    stack = StackProcess(proc, f"http://{gw.get('host', '127.0.0.1')}:{gw['port']}/v1", tmp_dir,
+                         operator_url=f"http://{gw.get('operator_host', '127.0.0.1')}:"
+                                      f"{gw['operator_port']}")
     ready = threading.Event()
 
     def pump() -> None:
