@@ -54,7 +54,7 @@ CHAT_TEMPLATE = (
     "<|system|>"
     "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
     "{% endif %}"
-    "# Tools\n\nYou may call one or more functions. Function signatures in <tools></tools>:\n"
+    "# Tools\n\nYou may call one or more functions, whose signatures are:\n"
     "<tools>"
     "{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}"
     "\n</tools>\n\nFor each call, return a JSON object with the function name and arguments "
