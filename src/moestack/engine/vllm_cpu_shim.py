@@ -116,7 +116,10 @@ def register() -> None:
     Checks the version and platform now, and patches once the V4 CPU model's modules load.
     """
     if reason := not_applicable_reason():
-        logger.info("moestack DeepSeek-V4 CPU shim not applied: %s", reason)
+        # A CPU build of another version is worth a warning (V4 may fail there); a GPU build
+        # is the normal case.
+        level = logging.WARNING if "pinned" in reason else logging.DEBUG
+        logger.log(level, "moestack DeepSeek-V4 CPU shim not applied: %s", reason)
         return
     if _TRIGGER_MODULE in sys.modules:
         apply()
