@@ -2,10 +2,10 @@
 
     python benchmarks/tiny_v4_vs_v3.py [--rounds 2] [--prompts 16] [--max-tokens 64]
 
-Builds both tiny checkpoints (timed, into a fresh folder), then runs each model in a fresh
-process per round, V3 and V4 alternating, with the same engine settings (offline ``LLM``,
-in-process engine, eager, max_model_len 2048, both cores) and the same prompts: load time,
-then greedy generation of ``--prompts`` x ``--max-tokens`` tokens (EOS ignored) after a warm-up.
+Builds both tiny checkpoints (``moestack model build-tiny`` in a fresh process each, timed,
+imports included, into a fresh folder), then runs each model in a fresh process per round, V3
+and V4 alternating, with the same engine settings (offline ``LLM``, in-process engine, eager,
+max_model_len 2048, both cores) and the same prompts: load time, then greedy generation of ``--prompts`` x ``--max-tokens`` tokens (EOS ignored) after a warm-up.
 Prints build time, parameter count, load time and generated tokens/s per model (median over
 rounds), the V4/V3 ratio, and whether V4 meets the embedded-default speed rule of issue 15
 (at least 1/1.5 of V3's tokens/s).
@@ -48,12 +48,13 @@ print("RESULT " + json.dumps({"load_s": load_s, "tokens": tokens, "gen_s": gen_s
 
 
 def build(arch: str, out: Path) -> tuple[Path, float, int]:
+    """``moestack model build-tiny`` in a fresh process, as a user runs it (imports included)."""
     from safetensors import safe_open
 
-    from moestack.engine.tiny import TinySpec, build_tiny_model
-
+    path = out / arch
     t0 = time.perf_counter()
-    path = build_tiny_model(TinySpec(arch), out / arch)
+    subprocess.run([sys.executable, "-m", "moestack", "model", "build-tiny", "--arch", arch,
+                    "--out", str(path)], check=True, capture_output=True)
     build_s = time.perf_counter() - t0
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         # tid2eid is V4's frozen hash-routing table (token -> experts), not a weight.
