@@ -5,7 +5,8 @@
 Builds both tiny checkpoints (``moestack model build-tiny`` in a fresh process each, timed,
 imports included, into a fresh folder), then runs each model in a fresh process per round, V3
 and V4 alternating, with the same engine settings (offline ``LLM``, in-process engine, eager,
-max_model_len 2048, both cores) and the same prompts: load time, then greedy generation of ``--prompts`` x ``--max-tokens`` tokens (EOS ignored) after a warm-up.
+max_model_len 2048, both cores) and the same prompts: load time, then greedy generation of
+``--prompts`` x ``--max-tokens`` tokens (EOS ignored) after a warm-up.
 Prints build time, parameter count, load time and generated tokens/s per model (median over
 rounds), the V4/V3 ratio, and whether V4 meets the embedded-default speed rule of issue 15
 (at least 1/1.5 of V3's tokens/s).
