@@ -1,5 +1,9 @@
-"""The real local stack (`moestack up`: Ray Serve + vLLM on the tiny DeepSeek-V3-shaped model),
-driven with the official `openai` client. One stack per module; the last test stops it."""
+"""The real local stack (`moestack up`: Ray Serve + vLLM on a tiny model), driven with the
+official `openai` client. One stack per module; the last test stops it.
+
+The tiny model is DeepSeek-V3-shaped unless ``MOESTACK_TEST_TINY_ARCH`` names another tiny
+architecture (``deepseek-v4``, ``mixtral``): the same suite then runs on that model.
+"""
 
 import asyncio
 import json
@@ -17,7 +21,10 @@ from moestack.testing.stack_process import free_port, short_temp_dir, start_stac
 
 pytestmark = pytest.mark.integration
 
-MODEL = "tiny-deepseek-v3"
+ARCH = os.environ.get("MOESTACK_TEST_TINY_ARCH", "deepseek-v3")
+ARCHITECTURES = {"deepseek-v4": "DeepseekV4ForCausalLM", "deepseek-v3": "DeepseekV3ForCausalLM",
+                 "mixtral": "MixtralForCausalLM"}
+MODEL = f"tiny-{ARCH}"
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +33,8 @@ def stack():
     tmp = short_temp_dir()
     config = {
         "models": [{
-            "name": MODEL, "tiny": {"arch": "deepseek-v3", "seed": 0},
-            "architecture": "DeepseekV3ForCausalLM", "max_model_len": 512,
+            "name": MODEL, "tiny": {"arch": ARCH, "seed": 0},
+            "architecture": ARCHITECTURES[ARCH], "max_model_len": 512,
             "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
             "engine_args": {"enforce_eager": True},
         }],

@@ -21,6 +21,16 @@ def test_deploy_local_yaml_is_the_embedded_default():
     assert (REPO / "deploy" / "local.yaml").resolve() == embedded_default_path().resolve()
 
 
+def test_deepseek_v4_local_config_is_the_default_with_the_tiny_v4_model():
+    v3, v4 = load_config(), load_config(REPO / "deploy" / "local-deepseek-v4.yaml")
+    (model,) = v4.models
+    assert model.tiny is not None and model.tiny.arch == "deepseek-v4"
+    assert model.architecture == "DeepseekV4ForCausalLM" and model.name == "tiny-deepseek-v4"
+    same = {"name": model.name, "tiny": model.tiny, "architecture": model.architecture}
+    assert v3.models[0].model_copy(update=same) == model
+    assert v3.model_copy(update={"models": v4.models}) == v4
+
+
 def test_error_names_every_bad_field_and_why(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("models:\n  - name: m\n    tiny: {arch: gpt2}\n"

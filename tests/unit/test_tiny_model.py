@@ -52,3 +52,72 @@ def test_cli_builds_with_progress(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[1/3]" in out and "[3/3]" in out
     assert (tmp_path / "x" / "tokenizer.json").is_file()
+
+
+def test_deepseek_v4_covers_every_layer_kind(tmp_path):
+    from safetensors import safe_open
+
+    out = build_tiny_model(TinySpec("deepseek-v4"), tmp_path / "m")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["DeepseekV4ForCausalLM"] and cfg["model_type"] == "deepseek_v4"
+    ratios, hash_layers = cfg["compress_ratios"], cfg["num_hash_layers"]
+    assert {0, 4, 128} <= set(ratios) and len(ratios) == cfg["num_hidden_layers"]
+    assert 0 < hash_layers < cfg["num_hidden_layers"]  # hash-routed and scored layers
+    assert cfg["n_shared_experts"] == 1 and cfg["hc_mult"] > 1
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        for i, ratio in enumerate(ratios):
+            p = f"layers.{i}"
+            assert (f"{p}.ffn.gate.tid2eid" in names) == (i < hash_layers)
+            assert (f"{p}.ffn.gate.bias" in names) == (i >= hash_layers)
+            assert (f"{p}.attn.compressor.ape" in names) == (ratio > 1)
+            assert (f"{p}.attn.indexer.wq_b.weight" in names) == (ratio == 4)
+            assert f"{p}.ffn.shared_experts.w2.weight" in names
+            assert str(f.get_slice(f"{p}.hc_attn_fn").get_dtype()) == "F32"
+        assert {"embed.weight", "head.weight", "hc_head_fn"} <= names
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_chat_template_renders_tools_calls_and_results_in_hermes_format(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(build_tiny_model(TinySpec("mixtral"), tmp_path / "m")))
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "a", "type": "function",
+             "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"id": "b", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "a", "content": '{"temp_c": 18}'},
+        {"role": "tool", "tool_call_id": "b", "content": '{"temp_c": 25}'},
+    ]
+    text = tok.apply_chat_template(messages, tools=TOOLS, tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.startswith("<|bos|><|system|>Be brief.\n\n# Tools")
+    assert '"name": "get_weather"' in text.split("</tools>")[0]  # the tool schema, as JSON
+    assert text.count("<|system|>") == 1  # the system prompt is folded into the tools turn
+    assert ('<|assistant|><tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
+            '</tool_call><tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}'
+            "</tool_call><|end|>") in text
+    assert text.endswith('<|user|><tool_response>{"temp_c": 18}</tool_response><tool_response>'
+                         '{"temp_c": 25}</tool_response><|end|><|assistant|>')
+
+
+def test_tool_and_reasoning_markers_are_single_tokens_kept_in_decoded_text(tmp_path):
+    from transformers import AutoTokenizer
+
+    from moestack.engine.tiny import TEXT_TOKENS, VOCAB_SIZE
+
+    out = build_tiny_model(TinySpec("mixtral"), tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert len(tok) <= VOCAB_SIZE  # every id has an embedding row
+    for marker in TEXT_TOKENS:
+        ids = tok.encode(f"a{marker}b", add_special_tokens=False)
+        assert tok.convert_ids_to_tokens(ids).count(marker) == 1
+        assert marker in tok.decode(ids, skip_special_tokens=True)

@@ -21,7 +21,8 @@ class _Strict(BaseModel):
 class TinyModelSource(_Strict):
     """A random-weight tiny MoE checkpoint built locally on first use and cached."""
 
-    arch: TinyArch = Field(description="Architecture to imitate: deepseek-v3 or mixtral.")
+    arch: TinyArch = Field(description="Architecture to imitate: deepseek-v4, deepseek-v3 or "
+                           "mixtral.")
     seed: int = Field(0, ge=0, description="Seed for weights; the same seed gives the same files.")
 
 

@@ -2,9 +2,18 @@
 
 No weights can be downloaded where moestack is tested, so the embedded default model is built
 locally: a byte-level BPE tokenizer trained on a small corpus shipped with the package, a chat
-template, and a random-weight checkpoint shaped like DeepSeek-V3 (MLA attention, a shared expert,
-grouped ``noaux_tc`` routing) or Mixtral (GQA attention, top-2 of 8 experts). The same
-``(arch, seed)`` always gives byte-identical files.
+template, and a random-weight checkpoint shaped like DeepSeek-V4 (hybrid sliding/compressed
+attention with the sparse indexer, hash and scored routing, hyper-connections; see
+``engine.tiny_v4``), DeepSeek-V3 (MLA attention, a shared expert, grouped ``noaux_tc`` routing)
+or Mixtral (GQA attention, top-2 of 8 experts). The same ``(arch, seed)`` always gives
+byte-identical files.
+
+Every tiny model has the same tokenizer and chat template. The template renders OpenAI
+``tools``, assistant ``tool_calls`` and ``tool`` results in the Hermes format
+(``<tool_call>{"name": ..., "arguments": ...}</tool_call>``, results in ``<tool_response>``), and
+``<tool_call>``, ``</tool_call>``, ``<think>``, ``</think>`` are added (non-special) tokens, so
+vLLM's ``hermes`` tool parser and a ``<think>`` reasoning parser (``deepseek_r1``) can be turned
+on for the tiny models.
 """
 
 from __future__ import annotations
@@ -20,11 +29,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal, get_args
 
-TinyArch = Literal["deepseek-v3", "mixtral"]
+TinyArch = Literal["deepseek-v4", "deepseek-v3", "mixtral"]
 TINY_ARCHS: tuple[TinyArch, ...] = get_args(TinyArch)
 
 # Bump when the builder's output changes, so cached checkpoints are rebuilt.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 
 VOCAB_SIZE = 1024
 MAX_POSITION_EMBEDDINGS = 4096
@@ -32,11 +41,45 @@ MAX_POSITION_EMBEDDINGS = 4096
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SPECIAL_TOKENS = (BOS, EOS, PAD, *ROLE_TOKENS)
+# Added tokens that stay in decoded text (not special), as in Hermes/Qwen and DeepSeek-R1
+# tokenizers: the tool and reasoning parsers look for them in the output.
+TEXT_TOKENS = ("<tool_call>", "</tool_call>", "<think>", "</think>")
 
+# Hermes tool format. Tool results (role "tool") are user turns wrapped in <tool_response>;
+# consecutive results share one turn. vLLM hands assistant tool_call arguments to the template
+# as a mapping (decoded from the OpenAI JSON string); a string is passed through as sent.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}"
+    "<|system|>"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
+    "{% endif %}"
+    "# Tools\n\nYou may call one or more functions, whose signatures are:\n"
+    "<tools>"
+    "{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}"
+    "\n</tools>\n\nFor each call, return a JSON object with the function name and arguments "
+    "within <tool_call></tool_call> tags:\n"
+    '<tool_call>{"name": <function-name>, "arguments": <args-json-object>}</tool_call>'
+    "<|end|>"
+    "{% endif %}"
     "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% if not (tools and loop.first) %}<|system|>{{ message['content'] }}<|end|>{% endif %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}<|user|>{% endif %}"
+    "<tool_response>{{ message['content'] }}</tool_response>"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}<|end|>{% endif %}"
+    "{% elif message['role'] == 'assistant' %}"
+    "<|assistant|>{{ message['content'] or '' }}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{% set fn = call['function'] if call['function'] is defined else call %}"
+    '<tool_call>{"name": {{ fn[\'name\'] | tojson }}, "arguments": '
+    "{% if fn['arguments'] is string %}{{ fn['arguments'] }}"
+    "{% else %}{{ fn['arguments'] | tojson }}{% endif %}}</tool_call>"
+    "{% endfor %}<|end|>"
+    "{% else %}"
     "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
@@ -97,7 +140,8 @@ def build_tiny_model(spec: TinySpec, out_dir: Path, progress: Progress | None = 
 
 
 def _write_tokenizer(out: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors,
+                            trainers)
     from transformers import PreTrainedTokenizerFast
 
     corpus = resources.files("moestack.engine").joinpath("tiny_corpus.txt").read_text("utf-8")
@@ -107,11 +151,14 @@ def _write_tokenizer(out: Path) -> None:
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=[*SPECIAL_TOKENS, *TEXT_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus.splitlines(), trainer=trainer)
+    # The trainer reserved ids for TEXT_TOKENS as special; mark them plain added tokens so that
+    # decoding with skip_special_tokens keeps them.
+    tokenizer.add_tokens([AddedToken(tok, special=False, normalized=False) for tok in TEXT_TOKENS])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         additional_special_tokens=list(ROLE_TOKENS), model_max_length=MAX_POSITION_EMBEDDINGS,
@@ -135,6 +182,7 @@ def _special_ids(out: Path) -> set[int]:
 
 
 def _model_config(spec: TinySpec, ids: dict[str, int]):
+    """transformers config of the V3- or Mixtral-shaped model (V4 writes its own, see tiny_v4)."""
     common = dict(
         vocab_size=VOCAB_SIZE, max_position_embeddings=MAX_POSITION_EMBEDDINGS,
         bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD],
@@ -167,6 +215,13 @@ def _write_weights(spec: TinySpec, out: Path) -> int:
     from transformers import AutoModelForCausalLM
 
     ids = _token_ids(out)
+    if spec.arch == "deepseek-v4":
+        from moestack.engine.tiny_v4 import write_v4_checkpoint
+
+        return write_v4_checkpoint(
+            out, VOCAB_SIZE, MAX_POSITION_EMBEDDINGS,
+            {"bos": ids[BOS], "eos": ids[EOS], "pad": ids[PAD]}, spec.seed,
+            _special_ids(out) - {ids[EOS]})
     config = _model_config(spec, ids)
     generator_state = torch.random.get_rng_state()
     try:
