@@ -110,3 +110,20 @@ class EngineUnavailableError(MoestackError):
     status_code = 503
     error_type = "service_unavailable_error"
     code = "engine_unavailable"
+
+
+class StoreUnavailableError(MoestackError):
+    """The tenancy store (database) is down, locked past the bounded wait, or read-only.
+
+    Fail-closed: no request is served unmetered while the store cannot record it."""
+
+    status_code = 503
+    error_type = "service_unavailable_error"
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: float = 2.0, **kwargs):
+        super().__init__(message, **kwargs)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, int(-(-self.retry_after_s // 1))))}
