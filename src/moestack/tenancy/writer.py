@@ -98,6 +98,11 @@ class StoreWriter:
             self._deferred.clear()
         return left
 
+    def flush(self, timeout_s: float = 5.0) -> None:
+        """Block until everything queued before this call is committed (tests, shutdown): an
+        urgent no-op takes every queued settlement into its batch."""
+        self.submit(lambda conn: None).result(timeout_s)
+
     def pending(self) -> int:
         """Operations queued and not yet committed."""
         with self._cv:
@@ -148,6 +153,11 @@ class StoreWriter:
             self._write(batch)
 
     def _write(self, batch: list[Operation]) -> None:
+        # Skip operations whose waiter gave up before they ran (a cancelled heartbeat, say).
+        batch = [op for op in batch
+                 if op.future.running() or op.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
         results: list[tuple[Operation, Any, BaseException | None]] = []
         try:
             with self.store.begin() as conn:

@@ -50,13 +50,15 @@ def _create_tables() -> None:
         sa.Column("requests", sa.Integer, nullable=False),
         sa.Column("tokens", sa.BigInteger, nullable=False),
     )
-    key = [sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id"), primary_key=True),
-           sa.Column("model", sa.String(128), primary_key=True),
-           sa.Column("endpoint", sa.String(32), primary_key=True),
-           sa.Column("hour", sa.DateTime, primary_key=True)]
-    op.create_table("usage_rollups", *[c.copy() for c in key],
+    def key():
+        return [sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id"),
+                          primary_key=True),
+                sa.Column("model", sa.String(128), primary_key=True),
+                sa.Column("endpoint", sa.String(32), primary_key=True),
+                sa.Column("hour", sa.DateTime, primary_key=True)]
+    op.create_table("usage_rollups", *key(),
                     *[sa.Column(f, sa.BigInteger, nullable=False) for f in SUMS])
-    op.create_table("usage_rollup_baselines", *[c.copy() for c in key],
+    op.create_table("usage_rollup_baselines", *key(),
                     sa.Column("baseline", sa.String(64), primary_key=True),
                     sa.Column("nusd", sa.BigInteger, nullable=False))
     op.create_table("tenancy_version",
