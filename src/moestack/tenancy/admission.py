@@ -153,7 +153,8 @@ def admit_in(conn: Connection, principal: Principal, *, reservation: Reservation
     c = counters.lock(conn, p.tenant_id)
     if c is None:  # deleted since authentication
         raise AuthenticationError("Incorrect API key provided.")
-    now = c.rolled(now or utcnow())
+    now = now or utcnow()
+    c.roll(now)
     if p.max_concurrent_requests is not None and c.inflight >= p.max_concurrent_requests:
         raise RateLimitError(
             f"Rate limit reached for concurrent requests: limit {p.max_concurrent_requests}, "

@@ -56,16 +56,23 @@ class Counters:
     month_nusd: int
     total_nusd: int
 
-    def rolled(self, now: dt.datetime) -> dt.datetime:
-        """Move the day and month counters to the periods of ``now``; returns ``now``, moved
-        forward to the counters' periods if this gateway's clock is behind another's."""
-        now = max(now, self.day_start, self.month_start)
+    def roll(self, now: dt.datetime) -> None:
+        """Move the day and month counters forward to the periods of ``now`` (never back: a
+        gateway whose clock is behind another's across a period boundary admits into the
+        newer period's counters, which only makes the check stricter)."""
         for period in ("day", "month"):
             start = period_start(period, now)
-            if start != getattr(self, f"{period}_start"):
+            if start > getattr(self, f"{period}_start"):
                 setattr(self, f"{period}_start", start)
                 setattr(self, f"{period}_nusd", 0)
-        return now
+
+    def add(self, started_at: dt.datetime, nusd: int) -> None:
+        """Add ``nusd`` to the counters of the periods ``started_at`` is in."""
+        self.total_nusd += nusd
+        if period_start("day", started_at) == self.day_start:
+            self.day_nusd += nusd
+        if period_start("month", started_at) == self.month_start:
+            self.month_nusd += nusd
 
     def spent_nusd(self, period: str) -> int:
         return {"day": self.day_nusd, "month": self.month_nusd}.get(period, self.total_nusd)
@@ -110,12 +117,10 @@ def window(conn: Connection, tenant_id: int, now: dt.datetime) -> list[tuple[int
 
 
 def reserve(conn: Connection, c: Counters, now: dt.datetime, tokens: int, nusd: int) -> None:
-    """Count an admitted request: one more in flight, its reservation in every period and in
+    """Count an admitted request: one more in flight, its reservation in its periods and in
     the window bucket of ``now`` (``c`` must be locked and rolled to ``now``)."""
     c.inflight += 1
-    c.day_nusd += nusd
-    c.month_nusd += nusd
-    c.total_nusd += nusd
+    c.add(now, nusd)
     conn.execute(_WRITE, c.__dict__)
     conn.execute(_BUCKET_ADD, {"t": c.tenant_id, "s": epoch_second(now), "tokens": tokens})
 
