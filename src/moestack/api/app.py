@@ -23,6 +23,7 @@ from moestack.metering.metrics import GatewayMetrics
 from moestack.metering.rejections import RejectionMetrics
 from moestack.tenancy.admin_routes import admin_router, tenant_router
 from moestack.tenancy.gate import TenancyGate, require_tenant
+from moestack.tenancy.readiness import ready_router
 
 
 def build_api(config: MoestackConfig, backend: ModelBackend,
@@ -60,6 +61,7 @@ def build_api(config: MoestackConfig, backend: ModelBackend,
     if app.state.tenancy:
         app.include_router(admin_router)
         app.include_router(tenant_router)
+    app.include_router(ready_router)
 
     @app.get("/health")
     async def health(request: Request):

@@ -221,13 +221,13 @@ class TenancyStore:
                                 ).scalar_one()
 
     def check_writable(self) -> None:
-        """Take the write lock and write nothing: raises StoreUnavailableError if the store is
-        down, locked past the bounded wait, or read-only (the readiness probe)."""
-        with unavailable_as_503(), self.engine.connect() as conn:
-            with conn.begin() as tx:
-                conn.execute(update(StoreVersion).where(StoreVersion.id == 1)
-                             .values(version=StoreVersion.version))
-                tx.rollback()
+        """Commit a real write (a probe counter beside the change version): raises
+        StoreUnavailableError if the store is down, locked past the bounded wait, or read-only
+        (the readiness probe)."""
+        with self.begin() as conn:
+            conn.execute(text("INSERT INTO tenancy_version (id, version) VALUES (0, 1) ON "
+                              "CONFLICT (id) DO UPDATE SET version = tenancy_version.version "
+                              "+ 1"))
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (safe with replicas starting at once)."""

@@ -100,7 +100,10 @@ class StoreWriter:
 
     def flush(self, timeout_s: float = 5.0) -> None:
         """Block until everything queued before this call is committed (tests, shutdown): an
-        urgent no-op takes every queued settlement into its batch."""
+        urgent no-op takes every queued settlement into its batch (retrying at once those
+        that wait out a store failure); raises StoreUnavailableError if the store still fails."""
+        with self._cv:
+            self._retry_at = 0.0
         self.submit(lambda conn: None).result(timeout_s)
 
     def pending(self) -> int:
