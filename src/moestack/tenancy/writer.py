@@ -120,7 +120,9 @@ class StoreWriter:
         op = Operation(fn, tenant_id, deferred)
         with self._cv:
             (self._deferred if deferred else self._urgent).append(op)
-            if not deferred or len(self._deferred) >= self.max_batch:
+            # Wake the thread for urgent work, a full batch, or the first deferred operation
+            # (it then sleeps until that one's flush time).
+            if not deferred or len(self._deferred) in (1, self.max_batch):
                 self._cv.notify()
         self.start()
         return op.future
