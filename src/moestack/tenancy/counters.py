@@ -103,6 +103,18 @@ _APPLY = sql("UPDATE tenant_counters SET inflight = inflight + :inflight, "
 _EXPIRE = sql("DELETE FROM rate_buckets WHERE second < :before")
 
 
+_LOCK_MANY = sql("SELECT tenant_id FROM tenant_counters WHERE tenant_id IN :ids ORDER BY "
+                 "tenant_id FOR UPDATE", lists=("ids",))
+
+
+def lock_many(conn: Connection, tenant_ids) -> None:
+    """Lock several tenants' counters in tenant-id order (PostgreSQL; SQLite's transaction
+    already holds the file's write lock): the lock order every writer follows."""
+    ids = sorted(set(tenant_ids))
+    if ids and conn.dialect.name == "postgresql":
+        conn.execute(_LOCK_MANY, {"ids": ids}).all()
+
+
 def lock(conn: Connection, tenant_id: int) -> Counters | None:
     """Lock and read a tenant's counters (None: no such tenant)."""
     row = conn.execute(_LOCK.get(conn.dialect.name, _LOCK["sqlite"]), {"t": tenant_id}).first()
@@ -125,15 +137,31 @@ def reserve(conn: Connection, c: Counters, now: dt.datetime, tokens: int, nusd: 
     conn.execute(_BUCKET_ADD, {"t": c.tenant_id, "s": epoch_second(now), "tokens": tokens})
 
 
-def correct(conn: Connection, tenant_id: int, started_at: dt.datetime, inflight: int,
-            d_tokens: int, d_nusd: int) -> None:
-    """Apply a settlement to the counters of the periods and bucket its row started in."""
-    conn.execute(_APPLY, {"t": tenant_id, "inflight": inflight, "d": d_nusd,
-                          "day": period_start("day", started_at),
-                          "month": period_start("month", started_at)})
-    if d_tokens:
-        conn.execute(_BUCKET_CORRECT, {"t": tenant_id, "s": epoch_second(started_at),
-                                       "d": d_tokens})
+class Corrections:
+    """Settlements' differences summed per tenant and period, and per bucket, written with one
+    statement each (a batch of settlements costs a few statements, not a few per row)."""
+
+    def __init__(self):
+        self.periods: dict[tuple, list[int]] = {}
+        self.buckets: dict[tuple, int] = {}
+
+    def add(self, tenant_id: int, started_at: dt.datetime, inflight: int, d_tokens: int,
+            d_nusd: int) -> None:
+        key = (tenant_id, period_start("day", started_at), period_start("month", started_at))
+        acc = self.periods.setdefault(key, [0, 0])
+        acc[0] += inflight
+        acc[1] += d_nusd
+        if d_tokens:
+            b = (tenant_id, epoch_second(started_at))
+            self.buckets[b] = self.buckets.get(b, 0) + d_tokens
+
+    def write(self, conn: Connection) -> None:
+        if self.periods:
+            conn.execute(_APPLY, [{"t": t, "day": day, "month": month, "inflight": i, "d": d}
+                                  for (t, day, month), (i, d) in self.periods.items()])
+        if self.buckets:
+            conn.execute(_BUCKET_CORRECT, [{"t": t, "s": s, "d": d}
+                                           for (t, s), d in self.buckets.items()])
 
 
 def release_lost(conn: Connection, tenant_id: int, rows: int) -> None:

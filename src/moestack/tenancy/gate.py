@@ -156,7 +156,7 @@ class TenancyGate:
         s = Settlement(record, self.cost_usd(record), cost.self_hosted_usd if cost else None,
                        dict(cost.baseline_usd) if cost else None)
         self.start()
-        self.writer.submit(lambda conn: ledger.settle_in(conn, s), tenant_id, deferred=True)
+        self.writer.submit_batched(ledger.settle_many, s, tenant_id)
 
     # -- the request path -----------------------------------------------------------------------
 
@@ -257,8 +257,7 @@ class TenancyGate:
                                completion_tokens=0, cached_prompt_tokens=0, ttft_s=None,
                                e2e_s=0.0, error_code=why)
         s = Settlement(record, 0.0)
-        self.writer.submit(lambda conn: ledger.settle_in(conn, s), principal.tenant_id,
-                           deferred=True)
+        self.writer.submit_batched(ledger.settle_many, s, principal.tenant_id)
 
 
 def bearer_token(request: Request) -> str | None:

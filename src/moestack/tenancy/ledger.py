@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import JSON, bindparam, delete, select, update
 from sqlalchemy.engine import Connection
 
 from moestack.api.generation import RequestRecord
@@ -100,70 +100,91 @@ class Settlement:
     baseline_costs_usd: dict[str, float] | None = None
 
 
-_ROW = {d: sql("SELECT tenant_id, model, endpoint, state, started_at, charged_tokens, "
-               "charged_usd FROM usage_ledger WHERE request_id = :id" + suffix,
-               columns=("tenant_id", "model", "endpoint", "state", "started_at",
-                        "charged_tokens", "charged_usd"), time_columns=("started_at",))
-        for d, suffix in (("postgresql", " FOR UPDATE"), ("sqlite", ""))}
-_TENANT_OF = text("SELECT tenant_id FROM usage_ledger WHERE request_id = :id")
-
-
-def tenant_of(conn: Connection, request_id: str) -> int | None:
-    return conn.execute(_TENANT_OF, {"id": request_id}).scalar()
+_ROWS = {d: sql("SELECT request_id, tenant_id, model, endpoint, state, started_at, "
+                "charged_tokens, charged_usd FROM usage_ledger WHERE request_id IN :ids" + suffix,
+                columns=("request_id", "tenant_id", "model", "endpoint", "state", "started_at",
+                         "charged_tokens", "charged_usd"), time_columns=("started_at",),
+                lists=("ids",))
+         for d, suffix in (("postgresql", " FOR UPDATE"), ("sqlite", ""))}
+_TENANTS_OF = sql("SELECT DISTINCT tenant_id FROM usage_ledger WHERE request_id IN :ids",
+                  lists=("ids",))
+_SETTLE = sql(
+    "UPDATE usage_ledger SET state = 'settled', status_code = :status_code, error_code = "
+    ":error_code, prompt_tokens = :prompt_tokens, cached_prompt_tokens = :cached_prompt_tokens, "
+    "completion_tokens = :completion_tokens, charged_tokens = :charged_tokens, charged_usd = "
+    ":charged_usd, cost_usd = :cost_usd, baseline_costs_usd = :baselines, ttft_s = :ttft_s, "
+    "e2e_s = :e2e_s, finished_at = :finished_at, lease_expires_at = NULL WHERE request_id = "
+    ":id AND state IN ('pending', 'lost')", times=("finished_at",)).bindparams(
+    bindparam("baselines", type_=JSON))
 
 
 def settle(store: TenancyStore, record: RequestRecord, charged_usd: float,
            cost_usd: float | None = None,
            baseline_costs_usd: dict[str, float] | None = None) -> bool:
-    """:func:`settle_in` in a transaction of its own."""
+    """:func:`settle_many` of one settlement in a transaction of its own."""
     with store.begin() as conn:
-        return settle_in(conn, Settlement(record, charged_usd, cost_usd, baseline_costs_usd))
+        return settle_many(conn, [Settlement(record, charged_usd, cost_usd,
+                                             baseline_costs_usd)])[0]
+
+
+def settle_many(conn: Connection, items: list[Settlement]) -> list[bool]:
+    """Replace rows' reservations by the real usage and apply the differences to the tenants'
+    counters and the hourly rollups; per item, False (changing nothing) if its row was already
+    settled (earlier or in this batch) or is gone. ``charged_usd`` is what the tenant's budget is
+    charged; ``cost_usd`` the self-hosted cost and ``baseline_costs_usd`` the price at each
+    baseline API (None: not priced). The tenants' counters are locked before the rows (the
+    writers' lock order). A batch costs a few statements whatever its size."""
+    ids = list(dict.fromkeys(s.record.request_id for s in items))
+    if conn.dialect.name == "postgresql":
+        counters.lock_many(conn, [t for (t,) in conn.execute(_TENANTS_OF, {"ids": ids})])
+    rows = {r.request_id: r for r in conn.execute(
+        _ROWS.get(conn.dialect.name, _ROWS["sqlite"]), {"ids": ids})}
+    done, updates, results = set(), [], []
+    corrections, deltas = counters.Corrections(), rollups.RollupDeltas()
+    finished_at = utcnow()
+    for s in items:
+        rec, row = s.record, rows.get(s.record.request_id)
+        if row is None or row.state not in ("pending", "lost") or rec.request_id in done:
+            results.append(False)
+            continue
+        done.add(rec.request_id)
+        results.append(True)
+        charged_nusd = to_nusd(s.charged_usd)
+        charged_tokens = rec.prompt_tokens + rec.completion_tokens
+        baselines = ({b: to_nusd(usd) for b, usd in s.baseline_costs_usd.items()}
+                     if s.baseline_costs_usd is not None else None)
+        updates.append({
+            "id": rec.request_id, "status_code": rec.status_code, "error_code": rec.error_code,
+            "prompt_tokens": rec.prompt_tokens, "cached_prompt_tokens": rec.cached_prompt_tokens,
+            "completion_tokens": rec.completion_tokens, "charged_tokens": charged_tokens,
+            "charged_usd": charged_nusd / NUSD_PER_USD,
+            "cost_usd": None if s.cost_usd is None else to_nusd(s.cost_usd) / NUSD_PER_USD,
+            "baselines": None if baselines is None else
+            {b: n / NUSD_PER_USD for b, n in baselines.items()},
+            "ttft_s": rec.ttft_s, "e2e_s": rec.e2e_s, "finished_at": finished_at})
+        d_tokens = charged_tokens - row.charged_tokens
+        d_nusd = charged_nusd - to_nusd(row.charged_usd)
+        corrections.add(row.tenant_id, row.started_at, -1 if row.state == "pending" else 0,
+                        d_tokens, d_nusd)
+        unpriced = {} if baselines is not None else {
+            "unpriced_prompt_tokens": rec.prompt_tokens,
+            "unpriced_cached_prompt_tokens": rec.cached_prompt_tokens,
+            "unpriced_completion_tokens": rec.completion_tokens}
+        deltas.add(row.tenant_id, row.model, row.endpoint, row.started_at, baselines,
+                   prompt_tokens=rec.prompt_tokens,
+                   cached_prompt_tokens=rec.cached_prompt_tokens,
+                   completion_tokens=rec.completion_tokens, charged_tokens=d_tokens,
+                   charged_nusd=d_nusd, cost_nusd=to_nusd(s.cost_usd), **unpriced)
+    if updates:
+        conn.execute(_SETTLE, updates)
+        corrections.write(conn)
+        deltas.write(conn)
+    return results
 
 
 def settle_in(conn: Connection, s: Settlement) -> bool:
-    """Replace a row's reservation by the real usage, and apply the difference to the tenant's
-    counters and the hourly rollup; False (changing nothing) if it was already settled or is
-    gone. ``charged_usd`` is what the tenant's budget is charged; ``cost_usd`` the self-hosted
-    cost of the request and ``baseline_costs_usd`` its price at each baseline API (None: not
-    priced). Locks the tenant's counters before the row (the writers' lock order)."""
-    rec = s.record
-    tenant_id = tenant_of(conn, rec.request_id)
-    if tenant_id is None:
-        return False
-    counters.lock(conn, tenant_id)
-    row = conn.execute(_ROW.get(conn.dialect.name, _ROW["sqlite"]),
-                       {"id": rec.request_id}).first()
-    if row is None or row.state not in ("pending", "lost"):
-        return False
-    charged_nusd = to_nusd(s.charged_usd)
-    charged_tokens = rec.prompt_tokens + rec.completion_tokens
-    baselines = ({b: to_nusd(usd) for b, usd in s.baseline_costs_usd.items()}
-                 if s.baseline_costs_usd is not None else None)
-    conn.execute(
-        update(UsageRow)
-        .where(UsageRow.request_id == rec.request_id, UsageRow.state.in_(("pending", "lost")))
-        .values(state="settled", status_code=rec.status_code, error_code=rec.error_code,
-                prompt_tokens=rec.prompt_tokens, cached_prompt_tokens=rec.cached_prompt_tokens,
-                completion_tokens=rec.completion_tokens, charged_tokens=charged_tokens,
-                charged_usd=charged_nusd / NUSD_PER_USD,
-                cost_usd=None if s.cost_usd is None else to_nusd(s.cost_usd) / NUSD_PER_USD,
-                baseline_costs_usd=None if baselines is None else
-                {b: n / NUSD_PER_USD for b, n in baselines.items()},
-                ttft_s=rec.ttft_s, e2e_s=rec.e2e_s, finished_at=utcnow(),
-                lease_expires_at=None))
-    d_tokens = charged_tokens - row.charged_tokens
-    d_nusd = charged_nusd - to_nusd(row.charged_usd)
-    counters.correct(conn, tenant_id, row.started_at, -1 if row.state == "pending" else 0,
-                     d_tokens, d_nusd)
-    unpriced = {} if baselines is not None else {
-        "unpriced_prompt_tokens": rec.prompt_tokens,
-        "unpriced_cached_prompt_tokens": rec.cached_prompt_tokens,
-        "unpriced_completion_tokens": rec.completion_tokens}
-    rollups.add(conn, tenant_id, row.model, row.endpoint, row.started_at, baselines,
-                prompt_tokens=rec.prompt_tokens, cached_prompt_tokens=rec.cached_prompt_tokens,
-                completion_tokens=rec.completion_tokens, charged_tokens=d_tokens,
-                charged_nusd=d_nusd, cost_nusd=to_nusd(s.cost_usd), **unpriced)
-    return True
+    """:func:`settle_many` of one settlement."""
+    return settle_many(conn, [s])[0]
 
 
 def renew_leases(conn: Connection, gateway_id: str, lease_s: float) -> int:

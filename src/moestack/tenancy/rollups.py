@@ -90,6 +90,31 @@ def add(conn: Connection, tenant_id: int, model: str, endpoint: str, started_at:
                                         for b, n in baselines_nusd.items()])
 
 
+class RollupDeltas:
+    """Additions to rollup rows summed per key, written with one statement per table."""
+
+    def __init__(self):
+        self.sums: dict[tuple, dict[str, int]] = {}
+        self.baselines: dict[tuple, int] = {}
+
+    def add(self, tenant_id: int, model: str, endpoint: str, started_at: dt.datetime,
+            baselines_nusd: Mapping[str, int] | None = None, **sums: int) -> None:
+        key = (tenant_id, model, endpoint, hour_of(started_at))
+        acc = self.sums.setdefault(key, dict.fromkeys(SUM_FIELDS, 0))
+        for f, v in sums.items():
+            acc[f] += v
+        for b, n in (baselines_nusd or {}).items():
+            self.baselines[(*key, b)] = self.baselines.get((*key, b), 0) + n
+
+    def write(self, conn: Connection) -> None:
+        names = ("t", "model", "endpoint", "hour")
+        if self.sums:
+            conn.execute(_UPSERT, [{**dict(zip(names, k)), **v} for k, v in self.sums.items()])
+        if self.baselines:
+            conn.execute(_UPSERT_BASELINE, [{**dict(zip(names, k[:4])), "baseline": k[4],
+                                             "nusd": n} for k, n in self.baselines.items()])
+
+
 def query(store: TenancyStore, tenant: str | None = None, since: dt.datetime | None = None,
           until: dt.datetime | None = None) -> list[Rollup]:
     """Rollups of hours starting in ``[since, until)`` (``since`` rounds down to its hour),

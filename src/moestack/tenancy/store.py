@@ -60,12 +60,14 @@ UNAVAILABLE_MESSAGE = ("The tenancy store is unavailable (down, locked or read-o
 
 
 def sql(statement: str, times: tuple[str, ...] = (), columns: tuple[str, ...] = (),
-        time_columns: tuple[str, ...] = ()) -> TextClause:
+        time_columns: tuple[str, ...] = (), lists: tuple[str, ...] = ()) -> TextClause:
     """A SQL text with its datetime parameters and result columns typed (SQLite stores times as
-    text: SQLAlchemy's format must be used both ways for comparisons to hold)."""
+    text: SQLAlchemy's format must be used both ways for comparisons to hold); ``lists`` are
+    parameters that expand to ``IN (...)`` lists."""
     clause = text(statement)
-    if times:
-        clause = clause.bindparams(*[bindparam(t, type_=DateTime) for t in times])
+    if times or lists:
+        clause = clause.bindparams(*[bindparam(t, type_=DateTime) for t in times],
+                                   *[bindparam(name, expanding=True) for name in lists])
     if columns:
         clause = clause.columns(*[column(c, DateTime if c in time_columns else None)
                                   for c in columns])

@@ -36,6 +36,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 
 from moestack.errors import MoestackError, StoreUnavailableError
+from moestack.tenancy import counters
 from moestack.tenancy.store import UNAVAILABLE_MESSAGE, TenancyStore
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,11 @@ RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 
 @dataclass
 class Operation:
-    fn: Callable[[Connection], Any]
+    fn: Callable[[Connection], Any] | None
     tenant_id: int
     deferred: bool
+    batch_fn: Callable[[Connection, list], list] | None = None
+    payload: Any = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     queued_at: float = field(default_factory=time.monotonic)
 
@@ -117,7 +120,17 @@ class StoreWriter:
                deferred: bool = False) -> concurrent.futures.Future:
         """Queue ``fn(conn)``; the future resolves after the commit of its batch. ``deferred``
         operations are batched for up to ``flush_interval_s`` and retried on store errors."""
-        op = Operation(fn, tenant_id, deferred)
+        return self._queue(Operation(fn, tenant_id, deferred))
+
+    def submit_batched(self, batch_fn: Callable[[Connection, list], list], payload: Any,
+                       tenant_id: int = 0, deferred: bool = True) -> concurrent.futures.Future:
+        """Queue ``payload`` for ``batch_fn(conn, payloads) -> results``, called once per
+        transaction with every payload of that function in the batch (settlements: a few
+        statements per batch instead of a few per row)."""
+        return self._queue(Operation(None, tenant_id, deferred, batch_fn, payload))
+
+    def _queue(self, op: Operation) -> concurrent.futures.Future:
+        deferred = op.deferred
         with self._cv:
             (self._deferred if deferred else self._urgent).append(op)
             # Wake the thread for urgent work, a full batch, or the first deferred operation
@@ -166,11 +179,19 @@ class StoreWriter:
         results: list[tuple[Operation, Any, BaseException | None]] = []
         try:
             with self.store.begin() as conn:
+                counters.lock_many(conn, [op.tenant_id for op in batch if op.tenant_id])
+                grouped: dict[Callable, list[Operation]] = {}
                 for op in sorted(batch, key=lambda o: o.tenant_id):  # stable: keeps arrival order
+                    if op.batch_fn is not None:
+                        grouped.setdefault(op.batch_fn, []).append(op)
+                        continue
                     try:
                         results.append((op, op.fn(conn), None))
                     except MoestackError as exc:  # a refusal: the operation wrote nothing
                         results.append((op, None, exc))
+                for batch_fn, ops in grouped.items():
+                    values = batch_fn(conn, [op.payload for op in ops])
+                    results.extend((op, v, None) for op, v in zip(ops, values))
         except StoreUnavailableError as exc:
             self._failed(batch, exc)
             return
