@@ -84,19 +84,27 @@ class RequestTooLargeError(MoestackError):
     code = "request_too_large"
 
 
-class RateLimitError(MoestackError):
-    """A rate limit was hit; ``retry_after_s`` becomes the ``Retry-After`` header."""
+class RetryLaterError(MoestackError):
+    """An error the client should retry; ``retry_after_s`` becomes the ``Retry-After`` header
+    (whole seconds, rounded up, at least 1)."""
+
+    default_retry_after_s = 1.0
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.retry_after_s = (self.default_retry_after_s if retry_after_s is None
+                              else retry_after_s)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, int(-(-self.retry_after_s // 1))))}
+
+
+class RateLimitError(RetryLaterError):
+    """A rate limit was hit."""
 
     status_code = 429
     error_type = "rate_limit_error"
     code = "rate_limit_exceeded"
-
-    def __init__(self, message: str, *, retry_after_s: float = 1.0, **kwargs):
-        super().__init__(message, **kwargs)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, int(-(-self.retry_after_s // 1))))}
 
 
 class InsufficientQuotaError(RateLimitError):
@@ -112,7 +120,7 @@ class EngineUnavailableError(MoestackError):
     code = "engine_unavailable"
 
 
-class StoreUnavailableError(MoestackError):
+class StoreUnavailableError(RetryLaterError):
     """The tenancy store (database) is down, locked past the bounded wait, or read-only.
 
     Fail-closed: no request is served unmetered while the store cannot record it."""
@@ -120,10 +128,4 @@ class StoreUnavailableError(MoestackError):
     status_code = 503
     error_type = "service_unavailable_error"
     code = "service_unavailable"
-
-    def __init__(self, message: str, *, retry_after_s: float = 2.0, **kwargs):
-        super().__init__(message, **kwargs)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, int(-(-self.retry_after_s // 1))))}
+    default_retry_after_s = 2.0

@@ -127,15 +127,20 @@ class RateBucket(Base):
     tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
-class UsageRollup(Base):
-    """Ledger rows summed per tenant, model, endpoint and UTC hour of ``started_at``."""
-
-    __tablename__ = "usage_rollups"
+class RollupKey:
+    """Key columns of the rollup tables: tenant, model, endpoint, UTC hour of ``started_at``."""
 
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
     model: Mapped[str] = mapped_column(String(128), primary_key=True)
     endpoint: Mapped[str] = mapped_column(String(32), primary_key=True)
     hour: Mapped[dt.datetime] = mapped_column(DateTime, primary_key=True)
+
+
+class UsageRollup(RollupKey, Base):
+    """Ledger rows summed per tenant, model, endpoint and UTC hour of ``started_at``."""
+
+    __tablename__ = "usage_rollups"
+
     requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
     cached_prompt_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
@@ -148,15 +153,11 @@ class UsageRollup(Base):
     unpriced_completion_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
-class RollupBaseline(Base):
+class RollupBaseline(RollupKey, Base):
     """Baseline-API price of a rollup's priced rows, per baseline."""
 
     __tablename__ = "usage_rollup_baselines"
 
-    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
-    model: Mapped[str] = mapped_column(String(128), primary_key=True)
-    endpoint: Mapped[str] = mapped_column(String(32), primary_key=True)
-    hour: Mapped[dt.datetime] = mapped_column(DateTime, primary_key=True)
     baseline: Mapped[str] = mapped_column(String(64), primary_key=True)
     nusd: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
