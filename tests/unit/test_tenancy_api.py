@@ -302,6 +302,12 @@ async def test_admin_api_manages_tenants_with_admin_key_only(stack, monkeypatch)
         await chat(stack.openai(key))
     r = await stack.http.get("/admin/v1/usage?tenant=team-x&since=1h", headers=admin)
     assert len(r.json()["data"]) == 2
+    stack.tenancy.writer.flush()
+    r = await stack.http.get("/admin/v1/usage/hourly?tenant=team-x", headers=admin)
+    [hour] = r.json()["data"]
+    assert hour["requests"] == 2 and "cost_usd" in hour and "baseline_costs_usd" in hour
+    r = await stack.http.get("/admin/v1/usage?since=99999999999d", headers=admin)
+    assert r.status_code == 400
     dup = await stack.http.post("/admin/v1/tenants", headers=admin, json={"name": "team-x"})
     assert dup.status_code == 400
 

@@ -25,6 +25,7 @@ from moestack.tenancy import ledger, rollups
 from moestack.tenancy.admin_protocol import KeyCreate, TenantCreate, TenantLimits
 from moestack.tenancy.admission import Principal
 from moestack.tenancy.gate import bearer_token, require_tenant
+from moestack.tenancy.models import NUSD_PER_USD
 from moestack.tenancy.store import TenancyStore
 
 
@@ -124,7 +125,7 @@ async def admin_hourly_usage(request: Request, tenant: str | None = None,
                        _time(until, "until"))
     return {"object": "list", "data": [
         {"tenant": r.tenant, **r.tenant_view(), "cost_usd": r.cost_usd,
-         "baseline_costs_usd": {b: n / 1e9 for b, n in r.baselines_nusd.items()}}
+         "baseline_costs_usd": {b: n / NUSD_PER_USD for b, n in r.baselines_nusd.items()}}
         for r in rolls]}
 
 
@@ -137,5 +138,5 @@ async def own_usage(request: Request, since: str | None = None, until: str | Non
     totals = {f: sum(d[f] for d in data) for f in (
         "requests", "prompt_tokens", "cached_prompt_tokens", "completion_tokens",
         "charged_tokens")}
-    totals["charged_usd"] = sum(r.charged_nusd for r in rolls) / 1e9
+    totals["charged_usd"] = sum(r.charged_nusd for r in rolls) / NUSD_PER_USD
     return {"object": "list", "tenant": principal.tenant, "data": data, "totals": totals}

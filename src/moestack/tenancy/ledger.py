@@ -1,13 +1,17 @@
 """The usage ledger: one row per admitted request, written ahead, settled exactly once.
 
-Life of a row: :func:`moestack.tenancy.admission.admit` inserts it as ``pending`` with the
-reservation (``charged_* = reserved_*``) and a lease; :func:`settle` replaces the reservation with
-the real counts in a conditional update, so settling twice changes nothing (idempotent by request
-id). While the request runs its gateway renews the lease (:func:`renew_leases`); if the gateway is
-killed, :func:`close_lost` marks the row ``lost`` once the lease ran out, keeping the reservation as
-the charge (an upper bound, so a crash can never let a tenant overspend). A late settle of a
-``lost`` row still replaces the reservation by the real figures. Requests refused before admission
-(401/403/429) have no row; they are counted in metrics.
+Life of a row: :func:`moestack.tenancy.admission.admit_in` inserts it as ``pending`` with the
+reservation (``charged_* = reserved_*``) and a lease; :func:`settle_many` replaces the reservation
+with the real counts in a conditional update, so settling twice changes nothing (idempotent by
+request id), and applies the difference to the tenant's counters (:mod:`.counters`) and the hourly
+rollup (:mod:`.rollups`) in the same transaction. While the request runs its gateway renews the
+lease (:func:`renew_leases`); if the gateway is killed, :func:`close_lost` marks the row ``lost``
+once the lease ran out, keeping the reservation as the charge (an upper bound, so a crash can never
+let a tenant overspend) and taking it out of the tenant's in-flight count. A late settle of a
+``lost`` row still replaces the reservation by the real figures, in the row and the counters.
+Requests refused before admission (401/404/429/503) have no row; they are counted in metrics.
+Finished rows older than ``tenancy.raw_usage_retention_days`` are deleted by :func:`purge_raw`;
+the rollups keep their sums.
 """
 
 from __future__ import annotations
