@@ -153,7 +153,10 @@ def _make_engine(url: str, busy_timeout_s: float, immediate: bool = True) -> Eng
     def _connect(dbapi_conn, _record):
         dbapi_conn.isolation_level = None  # let SQLAlchemy's "begin" below issue BEGIN
         if not memory:
-            dbapi_conn.execute("PRAGMA journal_mode=WAL")
+            # Switching to WAL takes a lock; a database already in WAL mode needs no switch
+            # (so a connection opened while another process writes does not wait here).
+            if dbapi_conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                dbapi_conn.execute("PRAGMA journal_mode=WAL")
             # Durable across process crashes (the WAL is fsynced at checkpoints); only an OS
             # crash can lose the last commits. PostgreSQL is the store for production.
             dbapi_conn.execute("PRAGMA synchronous=NORMAL")
