@@ -53,7 +53,6 @@ def record(rid: str) -> RequestRecord:
 
 def seed(store: TenancyStore, tenant_id: int, upto: int, have: int) -> None:
     """Add settled ledger rows of the tenant, started this month, until it has ``upto``."""
-    n = upto - have
     cols = ("request_id, tenant_id, key_id, model, endpoint, stream, state, status_code, "
             "prompt_tokens, cached_prompt_tokens, completion_tokens, reserved_tokens, "
             "reserved_usd, charged_tokens, charged_usd, started_at, gateway_id")
@@ -77,7 +76,6 @@ def seed(store: TenancyStore, tenant_id: int, upto: int, have: int) -> None:
         with store.engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(
                 "ANALYZE usage_ledger")
-    del n
 
 
 def time_admit_settle(store: TenancyStore, principal, n: int, tag: str) -> float:
@@ -95,20 +93,27 @@ def time_admit_settle(store: TenancyStore, principal, n: int, tag: str) -> float
     return statistics.median(times)
 
 
-def scaling(url: str, sizes: list[int], n: int, label: str) -> dict[int, float]:
-    store = TenancyStore.open(url)
-    _, key = store.create_tenant("big", **LIMITS)
-    p = admission.authenticate(store, key.plaintext)
-    out, have = {}, 0
+def scaling(make_url, sizes: list[int], n: int, label: str, rounds: int = 8) -> dict[int, float]:
+    """One database per ledger size, measured in interleaved rounds (so drift in the machine's
+    load hits every size alike); returns the median ms per size."""
+    dbs = {}
     for size in [0, *sizes]:
-        if size > have:
-            seed(store, p.tenant_id, size, have)
-            have = size
-        time_admit_settle(store, p, 20, f"warm{size}")
-        out[size] = time_admit_settle(store, p, n, f"r{size}")
-        print(f"  {label:10} {size:>9,} rows: {out[size]:.3f} ms per admit + settle",
-              flush=True)
-    store.close()
+        store = TenancyStore.open(make_url(f"scale{size}"))
+        _, key = store.create_tenant("big", **LIMITS)
+        p = admission.authenticate(store, key.plaintext)
+        if size:
+            seed(store, p.tenant_id, size, 0)
+        time_admit_settle(store, p, 20, "warm")
+        dbs[size] = (store, p, [])
+    for r in range(rounds):
+        for size, (store, p, times) in dbs.items():
+            times.append(time_admit_settle(store, p, n // rounds, f"r{r}"))
+    out = {}
+    for size, (store, _, times) in dbs.items():
+        out[size] = statistics.median(times)
+        print(f"  {label:10} {size:>9,} rows: {out[size]:.3f} ms per admit + settle "
+              f"(rounds: {', '.join(f'{t:.3f}' for t in times)})", flush=True)
+        store.close()
     return out
 
 
@@ -221,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"PostgreSQL skipped: {exc}")
     try:
         print("1. one admit + settle vs ledger rows in the current period (median)", flush=True)
-        scale = {b: scaling(make("scale"), sizes, args.requests, b)
-                 for b, make in backends.items()}
+        scale = {b: scaling(make, sizes, args.requests, b) for b, make in backends.items()}
         print("2. throughput in one gateway process (SQLite, writer + auth cache)", flush=True)
         rate, settled = asyncio.run(throughput(backends["sqlite"]("rate"),
                                                args.throughput_requests, args.concurrency))
@@ -233,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if pg is not None:
             pg.stop()
-    print("\n== admit + settle, ms (median of %d) ==" % args.requests)
+    print("\n== admit + settle, ms (median of %d, interleaved rounds) ==" % args.requests)
     names = list(scale)
     print(f"{'ledger rows':>12} " + " ".join(f"{b:>12} {'x empty':>8}" for b in names))
     for size in [0, *sizes]:
