@@ -77,6 +77,13 @@ class NotFoundError(MoestackError):
 class ModelNotFoundError(NotFoundError):
     code = "model_not_found"
 
+    @classmethod
+    def of(cls, model: str) -> ModelNotFoundError:
+        """The one 404 for a model that does not exist *or* is outside the tenant's list (as
+        OpenAI words it): the same either way, so a tenant cannot learn other tenants' models."""
+        return cls(f"The model `{model}` does not exist or you do not have access to it.",
+                   param="model")
+
 
 class RequestTooLargeError(MoestackError):
     status_code = 413
@@ -84,19 +91,27 @@ class RequestTooLargeError(MoestackError):
     code = "request_too_large"
 
 
-class RateLimitError(MoestackError):
-    """A rate limit was hit; ``retry_after_s`` becomes the ``Retry-After`` header."""
+class RetryLaterError(MoestackError):
+    """An error the client should retry; ``retry_after_s`` becomes the ``Retry-After`` header
+    (whole seconds, rounded up, at least 1)."""
+
+    default_retry_after_s = 1.0
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.retry_after_s = (self.default_retry_after_s if retry_after_s is None
+                              else retry_after_s)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, int(-(-self.retry_after_s // 1))))}
+
+
+class RateLimitError(RetryLaterError):
+    """A rate limit was hit."""
 
     status_code = 429
     error_type = "rate_limit_error"
     code = "rate_limit_exceeded"
-
-    def __init__(self, message: str, *, retry_after_s: float = 1.0, **kwargs):
-        super().__init__(message, **kwargs)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, int(-(-self.retry_after_s // 1))))}
 
 
 class InsufficientQuotaError(RateLimitError):
@@ -110,3 +125,14 @@ class EngineUnavailableError(MoestackError):
     status_code = 503
     error_type = "service_unavailable_error"
     code = "engine_unavailable"
+
+
+class StoreUnavailableError(RetryLaterError):
+    """The tenancy store (database) is down, locked past the bounded wait, or read-only.
+
+    Fail-closed: no request is served unmetered while the store cannot record it."""
+
+    status_code = 503
+    error_type = "service_unavailable_error"
+    code = "service_unavailable"
+    default_retry_after_s = 2.0

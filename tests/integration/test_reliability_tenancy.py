@@ -40,9 +40,12 @@ def models():
              "fake": {"ttft_s": 0.2, "token_interval_s": 0.05}}]
 
 
+AUTH_TTL_S = 0.5
+
+
 def tenancy(lease_s=60.0):
     return {"enabled": True, "bootstrap_tenant": None, "admin_key_env": ADMIN_ENV,
-            "lease_s": lease_s}
+            "lease_s": lease_s, "auth_cache_ttl_s": AUTH_TTL_S}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,6 +93,18 @@ def rows(db_url) -> dict[str, ledger.LedgerEntry]:
         store.close()
 
 
+def settled_rows(db_url, ids, timeout_s=10.0) -> dict[str, ledger.LedgerEntry]:
+    """The ledger once the rows of ``ids`` are settled (gateways write settlements in batches,
+    within ``settle_flush_interval_ms``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        billed = rows(db_url)
+        if all(rid in billed and billed[rid].state == "settled" for rid in ids) or \
+                time.monotonic() > deadline:
+            return billed
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("auth", [None, "Bearer", "Bearer sk-wrong", "Basic abc",
                                   "Bearer msk-0123456789abcdef-unknownkeyid", "tampered"])
 def test_wrong_or_missing_keys_get_401_on_every_openai_route(server, auth):
@@ -122,10 +137,11 @@ async def test_revoked_key_is_refused_but_streams_already_running_finish_and_bil
         await asyncio.sleep(0.5)  # all five are streaming now
         with admin(server.operator_url) as adm:
             assert adm.delete(f"keys/{key_id}").status_code == 200
+        await asyncio.sleep(AUTH_TTL_S + 0.1)  # every gateway drops cached keys within the TTL
         refused = await http.post("chat/completions", json=chat())
         ids = await asyncio.gather(*running)
     assert refused.status_code == 401
-    billed = rows(db_url)
+    billed = settled_rows(db_url, ids)
     for rid in ids:
         assert billed[rid].state == "settled" and billed[rid].status_code == 200
         assert billed[rid].completion_tokens == 20

@@ -80,6 +80,11 @@ def record(request_id, prompt=3, completion=5, status=200):
                          e2e_s=0.1)
 
 
+def close_lost(store):
+    with store.begin() as conn:
+        return ledger.close_lost(conn)
+
+
 def test_migrations_are_idempotent_and_safe_from_replicas_at_once(url):
     stores = [TenancyStore(url) for _ in range(3)]
     threads = [threading.Thread(target=s.migrate) for s in stores]
@@ -169,7 +174,7 @@ def test_killed_gateway_leaves_one_row_closed_as_lost_with_its_reservation(url, 
         admit(s, p, reservation=Reservation("next", 1, 0.0), model="m", endpoint="x",
               stream=False, gateway_id="g", lease_s=60)
     time.sleep(1.2)
-    assert ledger.close_lost(s) == 1 and ledger.close_lost(s) == 0
+    assert close_lost(s) == 1 and close_lost(s) == 0
     [row] = query_usage(s, tenant="t")
     assert (row.state, row.error_code, row.charged_usd) == ("lost", "gateway_lost", 0.4)
     admit(s, p, reservation=Reservation("next", 1, 0.5), model="m", endpoint="x",
@@ -221,7 +226,7 @@ def test_gateway_killed_mid_stream_leaves_exactly_one_row(url, replicas):
         [row] = query_usage(s, tenant="t")
         assert row.state == "pending"
         time.sleep(1.2)  # the lease runs out: nobody renews it any more
-        assert ledger.close_lost(s) == 1
+        assert close_lost(s) == 1
         [row] = query_usage(s, tenant="t")
         # The reservation stays charged: prompt upper bound (5 bytes + 1) + max_tokens.
         assert (row.state, row.charged_tokens) == ("lost", 5 + 1 + 200)
@@ -229,3 +234,90 @@ def test_gateway_killed_mid_stream_leaves_exactly_one_row(url, replicas):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_migration_from_0001_converts_existing_rows(url):
+    from tests.unit.test_tenancy_counters import check_migrated, make_v1_database
+
+    make_v1_database(url)
+    check_migrated(url)
+
+
+def test_counters_equal_the_ledger_after_concurrent_replicas(url, replicas):
+    from tests.unit.test_tenancy_counters import actual_counters, expected_counters
+
+    stores = replicas(4)
+    _, key = stores[0].create_tenant("t", budget_usd=1.0)
+    principal = authenticate(stores[1], key.plaintext)
+    outcomes = admit_many(stores, principal, 24, tokens=10, usd=0.1)
+    assert outcomes.count("ok") == 10  # 10 x 0.1 USD fill the budget exactly, never more
+    for i, outcome in enumerate(outcomes):
+        if outcome == "ok" and i % 2:
+            ledger.settle(stores[i % 4], record(f"req-{i}"), charged_usd=0.03)
+    now = ledger.utcnow()
+    assert actual_counters(stores[0], principal.tenant_id, now) == \
+        expected_counters(stores[0], "t", now)
+
+
+async def test_postgres_stopped_and_restarted_gives_503_then_recovers_and_settles_once(postgres):
+    import asyncio
+
+    from moestack.testing import fake_config, fake_model
+    from moestack.testing.local_api import local_stack
+
+    url = postgres.create_database(f"t_{uuid.uuid4().hex[:12]}")
+    config = fake_config(fake_model("m", fake={"token_interval_s": 0.05}),
+                         storage={"url": url, "busy_timeout_s": 1.0},
+                         tenancy={"enabled": True, "auth_cache_ttl_s": 30,
+                                  "prices": {"m": {"usd_per_1m_prompt_tokens": 1e6,
+                                                   "usd_per_1m_completion_tokens": 1e6}}})
+    async with local_stack(config) as stack:
+        store = stack.tenancy.store
+        _, key = store.create_tenant("t", budget_usd=10_000.0)
+        headers = {"Authorization": f"Bearer {key.plaintext}"}
+
+        async def chat(max_tokens=3):
+            started = time.monotonic()
+            r = await stack.http.post("/v1/chat/completions", headers=headers, json={
+                "model": "m", "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": "hi"}]})
+            return r, time.monotonic() - started
+
+        assert (await chat())[0].status_code == 200
+        running = asyncio.create_task(chat(max_tokens=40))  # about 2 s of tokens
+        await asyncio.sleep(0.5)
+        postgres.pause()
+        try:
+            for _ in range(3):
+                r, elapsed = await chat()
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "service_unavailable"
+                assert int(r.headers["Retry-After"]) >= 1 and elapsed < 3.0, elapsed
+                assert "Traceback" not in r.text and "psycopg2" not in r.text
+            assert (await stack.http.get("/ready")).status_code == 503
+            served, _ = await running  # it was admitted before the outage: it completes
+            assert served.status_code == 200
+            await asyncio.sleep(0.3)
+            assert stack.tenancy.writer.pending() >= 1  # its settlement waits for the store
+        finally:
+            postgres.resume()
+        for _ in range(50):  # recovers by itself: no restart of the gateway
+            r, _ = await chat()
+            if r.status_code == 200:
+                break
+            await asyncio.sleep(0.2)
+        assert r.status_code == 200
+        assert (await stack.http.get("/ready")).status_code == 200
+        stack.tenancy.writer.flush(timeout_s=10)
+        rows = query_usage(store, tenant="t")
+        by_id = {row.request_id: row for row in rows}
+        assert by_id[served.json()["id"]].completion_tokens == 40
+        settled = [row for row in rows if row.state == "settled" and row.status_code == 200]
+        # The refused requests' rows (if a commit raced the outage) are released, never billed.
+        assert len(settled) == 3
+        assert all(row.charged_usd == 0 for row in rows if row.status_code != 200)
+        with store.read() as conn:
+            inflight, total = conn.exec_driver_sql(
+                "SELECT inflight, total_nusd FROM tenant_counters").one()
+        assert inflight == 0
+        assert total == sum(round(row.charged_usd * 1e9) for row in rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from dataclasses import dataclass
 
@@ -10,7 +11,8 @@ import pytest
 from moestack.cli import main
 from moestack.metering.pricing import load_pricing
 from moestack.metering.report import TOTAL, build_report, format_table
-from moestack.tenancy import query_usage
+from moestack.tenancy import query_usage, rollups
+from moestack.tenancy.models import to_nusd
 from moestack.testing import fake_config, fake_model
 from moestack.testing.local_api import local_stack
 
@@ -20,6 +22,8 @@ MODEL = "fake-moe"
 
 @dataclass
 class Row:
+    """A ledger row with the fields :func:`rollups.aggregate` reads."""
+
     tenant: str
     model: str
     prompt_tokens: int
@@ -27,20 +31,25 @@ class Row:
     completion_tokens: int
     cost_usd: float | None
     baseline_costs_usd: dict | None
+    endpoint: str = "chat.completions"
+    state: str = "settled"
+    charged_tokens: int = 0
+    charged_usd: float = 0.0
+    started_at: dt.datetime = dt.datetime(2026, 11, 1, 12, 30)
 
 
 def test_sums_stored_costs_and_prices_unpriced_rows_with_the_catalog():
     rows = [Row("a", "m", 1000, 0, 500, 0.002, {"gpt-5.5": 0.1}),
             Row("a", "m", 2000, 1000, 0, 0.001, None),
             Row("b", "m", 0, 0, 1_000_000, 1.0, None)]
-    report = build_report(rows, CATALOG)
+    report = build_report(rollups.aggregate(rows), CATALOG)
     a = next(t for t in report.tenants if t.tenant == "a")
     assert (a.requests, a.prompt_tokens, a.completion_tokens) == (2, 3000, 500)
     assert a.self_hosted_usd == 0.003
     gpt = CATALOG.baselines["gpt-5.5"]
-    assert a.baseline_usd["gpt-5.5"] == 0.1 + gpt.usd(2000, 1000, 0)
-    assert report.total.baseline_usd["gpt-5.5"] == math.fsum(
-        [0.1, gpt.usd(2000, 1000, 0), gpt.usd(0, 0, 1_000_000)])
+    assert a.baseline_usd["gpt-5.5"] == pytest.approx(0.1 + gpt.usd(2000, 1000, 0), abs=1e-9)
+    assert report.total.baseline_usd["gpt-5.5"] == pytest.approx(math.fsum(
+        [0.1, gpt.usd(2000, 1000, 0), gpt.usd(0, 0, 1_000_000)]), abs=1e-9)
     b = next(t for t in report.tenants if t.tenant == "b")
     assert b.per_1m(b.self_hosted_usd) == 1.0
     assert b.savings_usd("gpt-5.5") == 30.0 - 1.0
@@ -49,8 +58,8 @@ def test_sums_stored_costs_and_prices_unpriced_rows_with_the_catalog():
 
 
 def test_cluster_cost_gives_utilisation_and_idle_included_cost():
-    report = build_report([Row("a", "m", 500_000, 0, 500_000, 2.0, None)], CATALOG,
-                          cluster_usd=8.0)
+    report = build_report(rollups.aggregate([Row("a", "m", 500_000, 0, 500_000, 2.0, None)]),
+                          CATALOG, cluster_usd=8.0)
     assert report.utilisation == 0.25
     assert "cluster cost over the period: 8.000000 USD; utilisation 25.00%" in format_table(report)
 
@@ -69,26 +78,30 @@ async def ledger(tmp_path):
             for i in range(n):
                 await client.completions.create(model=MODEL, prompt="a b c " * (i + 1),
                                                 max_tokens=5 + i)
+        stack.tenancy.writer.flush()
         rows = query_usage(stack.tenancy.store)
-    return url, rows
+        rolls = rollups.query(stack.tenancy.store)
+    return url, rows, rolls
 
 
-async def test_report_equals_the_ledger_exactly(ledger):
-    _, rows = ledger
+async def test_report_from_rollups_equals_the_raw_ledger_exactly(ledger):
+    _, rows, rolls = ledger
     assert len(rows) == 5
-    report = build_report(rows, CATALOG)
+    assert rolls == rollups.aggregate(rows)
+    report = build_report(rolls, CATALOG)
+    assert report == build_report(rollups.aggregate(rows), CATALOG)
     for line in report.tenants:
         mine = [r for r in rows if r.tenant == line.tenant]
         assert line.requests == len(mine)
         assert line.prompt_tokens == sum(r.prompt_tokens for r in mine)
         assert line.completion_tokens == sum(r.completion_tokens for r in mine)
-        assert line.self_hosted_usd == math.fsum(r.cost_usd or 0.0 for r in mine)
-    assert report.total.self_hosted_usd == math.fsum(r.cost_usd or 0.0 for r in rows)
+        assert line.self_hosted_usd == sum(to_nusd(r.cost_usd) for r in mine) / 1e9
+    assert report.total.self_hosted_usd == sum(to_nusd(r.cost_usd) for r in rows) / 1e9
     assert report.total.self_hosted_usd > 0
 
 
 async def test_cli_prints_the_table_and_writes_html_with_png_plots(ledger, tmp_path, capsys):
-    url, rows = ledger
+    url, rows, _ = ledger
     out = tmp_path / "report.html"
     assert main(["cost", "report", "--db", url, "--since", "1h", "--html", str(out)]) == 0
     text = capsys.readouterr().out

@@ -20,7 +20,8 @@ PRICE = {"usd_per_1m_prompt_tokens": 1_000_000.0, "usd_per_1m_completion_tokens"
 def tenancy_config(tmp_path, **fake):
     return fake_config(fake_model(MODEL, fake=fake), fake_model(OTHER),
                        storage={"url": f"sqlite:///{tmp_path}/t.db"},
-                       tenancy={"enabled": True, "prices": {MODEL: PRICE}})
+                       tenancy={"enabled": True, "prices": {MODEL: PRICE},
+                                "auth_cache_ttl_s": 0})
 
 
 @pytest.fixture
@@ -75,6 +76,8 @@ async def chat(client, model=MODEL, max_tokens=3, **kw):
 
 
 def rows(stack, name=None):
+    """The ledger's rows, once the settlements queued so far are written."""
+    stack.tenancy.writer.flush()
     return query_usage(stack.tenancy.store, tenant=name)
 
 
@@ -113,11 +116,20 @@ async def test_revoked_key_is_401_and_other_key_still_works(stack):
     assert (await chat(stack.openai(second))).usage.completion_tokens == 3
 
 
-async def test_model_outside_acl_is_403(stack):
+async def test_model_outside_acl_is_404_like_a_model_that_does_not_exist(stack):
     key = tenant(stack, allowed_models=[OTHER])
-    with pytest.raises(openai.PermissionDeniedError) as err:
+    with pytest.raises(openai.NotFoundError) as hidden:
         await chat(stack.openai(key))
-    assert err.value.body["code"] == "model_not_allowed"
+    with pytest.raises(openai.NotFoundError) as absent:
+        await chat(stack.openai(key), model="no-such-model")
+    assert hidden.value.body["code"] == absent.value.body["code"] == "model_not_found"
+    assert (hidden.value.body["message"].replace(MODEL, "X")
+            == absent.value.body["message"].replace("no-such-model", "X"))
+    for path, body in (("/v1/completions", {"prompt": "hi"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+        r = await stack.http.post(path, headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": MODEL, "max_tokens": 2, **body})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", path
     assert (await chat(stack.openai(key), model=OTHER)).usage.completion_tokens == 3
     # The model list shows only the tenant's models; a hidden one reads as missing, as OpenAI's.
     client = stack.openai(key)
@@ -254,9 +266,14 @@ async def test_tenant_reads_only_its_own_usage(stack):
     await chat(stack.openai(a))
     await chat(stack.openai(b))
     await chat(stack.openai(b))
+    stack.tenancy.writer.flush()
     r = await stack.http.get("/v1/usage", headers={"Authorization": f"Bearer {a}"})
     assert r.status_code == 200
-    assert [row["tenant"] for row in r.json()["data"]] == ["a"]
+    body = r.json()
+    assert body["tenant"] == "a" and body["totals"]["requests"] == 1
+    assert body["totals"]["completion_tokens"] == 3
+    # Tokens and charges only: never the operator's self-hosted cost or baseline prices.
+    assert "cost_usd" not in r.text and "baseline" not in r.text
     r = await stack.operator.get("/admin/v1/usage", headers={"Authorization": f"Bearer {a}"})
     assert r.status_code in (401, 403)
 
@@ -286,6 +303,12 @@ async def test_admin_api_manages_tenants_with_admin_key_only(stack, monkeypatch)
         await chat(stack.openai(key))
     r = await stack.operator.get("/admin/v1/usage?tenant=team-x&since=1h", headers=admin)
     assert len(r.json()["data"]) == 2
+    stack.tenancy.writer.flush()
+    r = await stack.operator.get("/admin/v1/usage/hourly?tenant=team-x", headers=admin)
+    [hour] = r.json()["data"]
+    assert hour["requests"] == 2 and "cost_usd" in hour and "baseline_costs_usd" in hour
+    r = await stack.operator.get("/admin/v1/usage?since=99999999999d", headers=admin)
+    assert r.status_code == 400
     dup = await stack.operator.post("/admin/v1/tenants", headers=admin, json={"name": "team-x"})
     assert dup.status_code == 400
 
@@ -335,6 +358,6 @@ async def test_refusals_are_counted_per_tenant_and_status(stack):
     with pytest.raises(openai.AuthenticationError):
         await chat(stack.openai("wrong"))
     text = (await stack.operator.get("/metrics")).text
-    for tenant_name, status in (("acme", 403), ("acme", 429), ("unknown", 401)):
+    for tenant_name, status in (("acme", 404), ("acme", 429), ("unknown", 401)):
         assert (f'moestack_tenant_rejections_total{{status="{status}",tenant="{tenant_name}"}} '
                 "1.0") in text

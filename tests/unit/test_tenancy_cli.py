@@ -52,13 +52,17 @@ def test_usage_lists_rows_and_totals_of_one_tenant(tmp_path, capsys):
             ledger.settle(store, RequestRecord(rid, "m", "chat", False, 200, 3, 4, 0, 0.01, 0.1),
                           charged_usd=0.25, cost_usd=0.25)
     store.close()
-    rc, out, _ = run(capsys, "usage", "--tenant", "a", "--since", "1h", "--db", db)
+    rc, out, _ = run(capsys, "usage", "--tenant", "a", "--since", "1h", "--db", db, "--rows")
     assert rc == 0 and "a-0" in out and "a-1" in out and "b-0" not in out
     assert re.search(r"^a\s+m\s+2\s+6\s+8\s+0\.500000$", out, re.M)
+    rc, out, _ = run(capsys, "usage", "--since", "1h", "--db", db)  # totals from the rollups
+    assert rc == 0 and "a-0" not in out and "rollups" in out
+    assert re.search(r"^b\s+m\s+2\s+6\s+8\s+0\.500000$", out, re.M)
     rc, out, _ = run(capsys, "usage", "--since", "2999-01-01", "--db", db, "--totals")
-    assert rc == 0 and "a-0" not in out
-    rc, _, err = run(capsys, "usage", "--since", "yesterday", "--db", db)
-    assert rc == 2 and "not a time" in err
+    assert rc == 0 and not re.search(r"^a\s+m", out, re.M)
+    for bad in ("yesterday", "99999999999d", "9999-12-31T23:00:00-05:00"):
+        rc, _, err = run(capsys, "usage", "--since", bad, "--db", db)
+        assert rc == 2 and "not a time" in err, bad
 
 
 def test_limits_out_of_range_are_refused_like_the_admin_api(tmp_path, capsys):

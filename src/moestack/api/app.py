@@ -20,6 +20,7 @@ from moestack.metering.metrics import GatewayMetrics
 from moestack.metering.rejections import RejectionMetrics
 from moestack.tenancy.admin_routes import tenant_router
 from moestack.tenancy.gate import TenancyGate, require_tenant
+from moestack.tenancy.readiness import ready_router
 
 
 def build_api(config: MoestackConfig, backend: ModelBackend,
@@ -62,6 +63,7 @@ def build_api(config: MoestackConfig, backend: ModelBackend,
     app.include_router(models_router, dependencies=auth)
     if app.state.tenancy:  # the admin API is on the operator listener (moestack.api.operator)
         app.include_router(tenant_router)
+    app.include_router(ready_router)
 
     @app.get("/health")
     async def health(request: Request):

@@ -103,8 +103,7 @@ class Relay:
         facts, fields = read_body(endpoint, raw)
         model = self.config.model(facts.model)
         if model is None:
-            raise ModelNotFoundError(f"The model `{facts.model}` does not exist or you do not "
-                                     "have access to it.", param="model")
+            raise ModelNotFoundError.of(facts.model)
         call = _Call(self, endpoint, facts, uuid.uuid4().hex, started)
         opening = asyncio.ensure_future(call.open(raw, fields))
         left = asyncio.ensure_future(until_disconnected(request))

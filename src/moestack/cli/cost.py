@@ -1,5 +1,6 @@
 """``moestack cost report [--since ...] [--html out.html]``: cost per 1M tokens self-hosted vs
-each baseline API, per tenant, savings and break-even, from the usage ledger."""
+each baseline API, per tenant, savings and break-even, from the hourly usage rollups (whole UTC
+hours: ``--since`` rounds down to its hour)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def register(subparsers) -> None:
 def run_report(args) -> int:
     from moestack.metering.pricing import load_pricing
     from moestack.metering.report import build_report, format_table, write_html
-    from moestack.tenancy.ledger import query_usage
+    from moestack.tenancy import rollups
     from moestack.tenancy.models import utcnow
 
     since, until = args.since, args.until
@@ -55,10 +56,10 @@ def run_report(args) -> int:
         cluster_usd = args.cluster_usd_per_hour * hours
     store = open_store(args)
     try:
-        rows = query_usage(store, tenant=args.tenant, since=since, until=until)
+        rolls = rollups.query(store, tenant=args.tenant, since=since, until=until)
     finally:
         store.close()
-    report = build_report(rows, catalog, cluster_usd)
+    report = build_report(rolls, catalog, cluster_usd)
     print(format_table(report))
     if args.html:
         files = write_html(report, args.html)

@@ -291,6 +291,10 @@ class StorageConfig(_Strict):
     url_env: str | None = Field(None, description="Environment variable holding the SQLAlchemy "
                                 "URL; when set it replaces `url` at load time (keeps database "
                                 "passwords out of config files; the Helm chart sets it).")
+    busy_timeout_s: float = Field(2.0, gt=0, le=60, description="Longest wait for the store: "
+                                  "SQLite's busy timeout on a locked file, PostgreSQL's connect "
+                                  "and lock timeouts. Past it the request answers 503 "
+                                  "`service_unavailable` with Retry-After.")
 
 
 class TokenPriceConfig(_Strict):
@@ -343,6 +347,18 @@ class TenancyConfig(_Strict):
                                             "prices of models absent from `prices`.")
     fair_queue: FairQueueConfig = Field(default_factory=FairQueueConfig,
                                         description="Fair scheduling across tenants.")
+    auth_cache_ttl_s: float = Field(2.0, ge=0, le=60, description="How long a gateway trusts "
+                                    "a cached key -> tenant (with limits) before it checks the "
+                                    "store's change version; revocations and limit changes reach "
+                                    "every gateway within this. 0 reads the store every request.")
+    settle_flush_interval_ms: float = Field(20.0, ge=0, le=5000, description="Settlements wait "
+                                            "at most this long to be written together in one "
+                                            "transaction (admissions flush them at once).")
+    settle_batch_max_rows: int = Field(500, ge=1, description="Most settlements and admissions "
+                                       "written in one transaction.")
+    raw_usage_retention_days: float | None = Field(None, gt=0, description="Days to keep raw "
+                                                   "ledger rows (finished ones); hourly usage "
+                                                   "rollups are kept for ever. Unset keeps all.")
 
     def price(self, model: str) -> TokenPriceConfig:
         return self.prices.get(model, self.default_price)

@@ -1,4 +1,5 @@
-"""Count requests refused before admission (bad key, model not allowed, rate limit or budget).
+"""Count requests refused before admission (bad key, model not allowed or absent, rate limit or
+budget, store unavailable).
 
 Those never reach the engine and emit no usage record, so the usage sinks do not see them; this
 ASGI middleware counts them from the response status of the OpenAI routes, per tenant (the
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from moestack.metering.metrics import GatewayMetrics
 
-REJECTION_STATUSES = frozenset({401, 403, 429})
+REJECTION_STATUSES = frozenset({401, 403, 404, 429, 503})
 UNKNOWN_TENANT = "unknown"
 
 

@@ -1,20 +1,22 @@
-"""Cost report over usage-ledger rows: USD per 1M tokens self-hosted vs each baseline API, per
+"""Cost report over hourly usage rollups: USD per 1M tokens self-hosted vs each baseline API, per
 tenant, savings and break-even utilisation; as a text table, PNG plots and an HTML page.
 
-It reads any rows with the :class:`UsageRowLike` fields (the ledger's ``LedgerEntry`` has them), and
-its sums are the ledger's figures: ``cost_usd`` and ``baseline_costs_usd`` as stored. Rows whose
-baselines were not priced when settled are priced with the catalog here.
+It reads rollups with the :class:`RollupLike` fields (the store's
+:class:`~moestack.tenancy.rollups.Rollup`, or raw ledger rows summed by
+:func:`moestack.tenancy.rollups.aggregate`), and its sums are the ledger's figures: ``cost_nusd``
+and ``baselines_nusd`` as stored, in integer nano-USD, so the report from rollups equals the
+report from raw rows exactly. Tokens of rows whose baselines were not priced when settled
+(``unpriced_*``) are priced with the catalog here.
 
 ``cost_usd`` values engine work at the measured cost per token (a saturated engine), so
 ``self_hosted_usd / baseline_usd`` is the utilisation at which self-hosting costs what the API
-does (break-even). With the cluster's provisioned cost over the same period, the report also
+does (break-even). With the cluster's provisioned cost over the period, the report also
 gives the real cost per 1M tokens (idle included) and the utilisation.
 """
 
 from __future__ import annotations
 
 import html
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +27,20 @@ from moestack.metering.pricing import PricingCatalog
 TOTAL = "(all tenants)"
 
 
-class UsageRowLike(Protocol):
+NUSD_PER_USD = 1_000_000_000
+
+
+class RollupLike(Protocol):
     tenant: str
-    model: str
+    requests: int
     prompt_tokens: int
     cached_prompt_tokens: int
     completion_tokens: int
-    cost_usd: float | None
-    baseline_costs_usd: Mapping[str, float] | None
+    cost_nusd: int
+    baselines_nusd: Mapping[str, int]
+    unpriced_prompt_tokens: int
+    unpriced_cached_prompt_tokens: int
+    unpriced_completion_tokens: int
 
 
 @dataclass
@@ -75,38 +83,40 @@ class CostReport:
         return self.total.self_hosted_usd / self.cluster_usd if self.cluster_usd else None
 
 
-def build_report(rows: Iterable[UsageRowLike], catalog: PricingCatalog,
+def build_report(rollups: Iterable[RollupLike], catalog: PricingCatalog,
                  cluster_usd: float | None = None) -> CostReport:
-    """Sum ledger rows per tenant and in total (exact sums: :func:`math.fsum`)."""
+    """Sum rollups per tenant and in total (exact: integer nano-USD)."""
     names = list(catalog.baselines)
-    parts: dict[str, dict[str, list[float]]] = {}
     lines: dict[str, CostLine] = {}
-    total_parts: dict[str, list[float]] = {"self": [], **{n: [] for n in names}}
+    nusd: dict[str, dict[str, int]] = {}
     total = CostLine(TOTAL)
-    for r in rows:
+    total_nusd = dict.fromkeys(["self", *names], 0)
+    for r in rollups:
         line = lines.setdefault(r.tenant, CostLine(r.tenant))
-        p = parts.setdefault(r.tenant, {"self": [], **{n: [] for n in names}})
+        mine = nusd.setdefault(r.tenant, dict.fromkeys(["self", *names], 0))
         for target in (line, total):
-            target.requests += 1
+            target.requests += r.requests
             target.prompt_tokens += r.prompt_tokens
             target.cached_prompt_tokens += r.cached_prompt_tokens
             target.completion_tokens += r.completion_tokens
-        stored = r.baseline_costs_usd or {}
-        for bucket in (p, total_parts):
-            bucket["self"].append(r.cost_usd or 0.0)
-            for n in names:
-                usd = stored[n] if n in stored else catalog.baselines[n].usd(
-                    r.prompt_tokens, r.cached_prompt_tokens, r.completion_tokens)
-                bucket[n].append(usd)
+        parts = {"self": r.cost_nusd}
+        for n in names:
+            priced = catalog.baselines[n].usd(r.unpriced_prompt_tokens,
+                                              r.unpriced_cached_prompt_tokens,
+                                              r.unpriced_completion_tokens)
+            parts[n] = r.baselines_nusd.get(n, 0) + int(round(priced * NUSD_PER_USD))
+        for bucket in (mine, total_nusd):
+            for k, v in parts.items():
+                bucket[k] += v
     for tenant, line in lines.items():
-        _fill(line, parts[tenant], names)
-    _fill(total, total_parts, names)
+        _fill(line, nusd[tenant], names)
+    _fill(total, total_nusd, names)
     return CostReport(total, sorted(lines.values(), key=lambda x: x.tenant), names, cluster_usd)
 
 
-def _fill(line: CostLine, parts: Mapping[str, list[float]], names: list[str]) -> None:
-    line.self_hosted_usd = math.fsum(parts["self"])
-    line.baseline_usd = {n: math.fsum(parts[n]) for n in names}
+def _fill(line: CostLine, nusd: Mapping[str, int], names: list[str]) -> None:
+    line.self_hosted_usd = nusd["self"] / NUSD_PER_USD
+    line.baseline_usd = {n: nusd[n] / NUSD_PER_USD for n in names}
 
 
 def _fmt(x: float | None, spec: str) -> str:

@@ -1,5 +1,11 @@
 """Admin API (``/admin/v1``, admin key) and the tenant's own usage (``GET /v1/usage``).
 
+``GET /v1/usage`` answers from the hourly rollups (:mod:`moestack.tenancy.rollups`): the tenant's
+requests, tokens and charges per hour, model and endpoint, never the operator's self-hosted cost
+or baseline prices; ``since`` rounds down to its hour. ``GET /admin/v1/usage`` lists raw ledger
+rows (kept for ``tenancy.raw_usage_retention_days``) and ``GET /admin/v1/usage/hourly`` the
+rollups with the operator's figures.
+
 The admin key is read from the environment variable named by ``tenancy.admin_key_env`` at each
 request and compared in constant time; while it is unset the admin API answers 403. A tenant key
 only ever reads its own tenant's rows.
@@ -20,10 +26,11 @@ from moestack.errors import (
     PermissionDeniedError,
     RateLimitError,
 )
-from moestack.tenancy import ledger
+from moestack.tenancy import ledger, rollups
 from moestack.tenancy.admin_protocol import KeyCreate, TenantCreate, TenantLimits
 from moestack.tenancy.admission import Principal
 from moestack.tenancy.gate import bearer_token, require_tenant
+from moestack.tenancy.models import NUSD_PER_USD
 from moestack.tenancy.store import TenancyStore
 
 
@@ -127,10 +134,25 @@ async def admin_usage(request: Request, tenant: str | None = None, since: str | 
     return _usage_json(rows)
 
 
+@admin_router.get("/usage/hourly")
+async def admin_hourly_usage(request: Request, tenant: str | None = None,
+                             since: str | None = None, until: str | None = None):
+    rolls = await _run(rollups.query, _store(request), tenant, _time(since, "since"),
+                       _time(until, "until"))
+    return {"object": "list", "data": [
+        {"tenant": r.tenant, **r.tenant_view(), "cost_usd": r.cost_usd,
+         "baseline_costs_usd": {b: n / NUSD_PER_USD for b, n in r.baselines_nusd.items()}}
+        for r in rolls]}
+
+
 @tenant_router.get("/v1/usage")
 async def own_usage(request: Request, since: str | None = None, until: str | None = None,
-                    limit: int = USAGE_LIMIT,
                     principal: Principal = Depends(require_tenant)):
-    rows = await _run(ledger.query_usage, _store(request), principal.tenant,
-                      _time(since, "since"), _time(until, "until"), limit)
-    return _usage_json(rows)
+    rolls = await _run(rollups.query, _store(request), principal.tenant,
+                       _time(since, "since"), _time(until, "until"))
+    data = [r.tenant_view() for r in rolls]
+    totals = {f: sum(d[f] for d in data) for f in (
+        "requests", "prompt_tokens", "cached_prompt_tokens", "completion_tokens",
+        "charged_tokens")}
+    totals["charged_usd"] = sum(r.charged_nusd for r in rolls) / NUSD_PER_USD
+    return {"object": "list", "tenant": principal.tenant, "data": data, "totals": totals}

@@ -1,44 +1,48 @@
 """Authentication and admission against the store: keys, model ACL, RPM/TPM/concurrency, budget.
 
-Admission is one transaction per request: lock the tenant's row, read its limits (so changes take
-effect at once), check the limits over the tenant's ledger rows, and insert the request's
-write-ahead ledger row with its reservation. Limits are sliding windows over the ledger itself:
+Admission is one transaction per request (or one per group of requests, see
+:mod:`moestack.tenancy.writer`): lock the tenant's counters row, check the limits against the
+counters (:mod:`moestack.tenancy.counters`: constant time whatever the ledger's size), insert the
+request's write-ahead ledger row with its reservation and add the reservation to the counters and
+the hourly rollup, all in the same transaction. The limits themselves come with the principal
+(:mod:`moestack.tenancy.auth_cache` keeps them at most ``tenancy.auth_cache_ttl_s`` stale):
 
-* requests/min: rows started in the last 60 s;
-* tokens/min: ``charged_tokens`` of those rows (prompt + max completion reserved while running,
-  the real count once settled);
-* concurrency: ``pending`` rows whose lease has not run out;
+* requests/min: requests started in the current 60 s window;
+* tokens/min: their ``charged_tokens`` (prompt + max completion reserved while running, the real
+  count once settled);
+* concurrency: ``pending`` rows (a lost gateway's rows stop counting when they are closed);
 * budget: ``charged_usd`` of rows started in the current period (UTC day, UTC month, or ever).
 
-Because the reservation is an upper bound of the real cost and is in the table before the engine
+Because the reservation is an upper bound of the real cost and is committed before the engine
 sees the request, concurrent and streamed requests cannot overspend, on any number of gateways.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Connection
 
 from moestack.errors import (
     AuthenticationError,
     InsufficientQuotaError,
     InvalidRequestError,
-    PermissionDeniedError,
+    ModelNotFoundError,
     RateLimitError,
 )
+from moestack.tenancy import counters, rollups
 from moestack.tenancy.keys import parse_key, secret_matches
-from moestack.tenancy.models import Tenant, UsageRow, allows_model, utcnow
-from moestack.tenancy.store import TenancyStore
+from moestack.tenancy.models import NUSD_PER_USD, ApiKey, Tenant, allows_model, to_nusd, utcnow
+from moestack.tenancy.store import TenancyStore, period_start, sql
 
-WINDOW_S = 60.0
+WINDOW_S = counters.WINDOW_S
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a request is from: the tenant behind an API key."""
+    """Who a request is from: the tenant behind an API key, with the tenant's limits."""
 
     tenant_id: int
     tenant: str
@@ -46,9 +50,21 @@ class Principal:
     priority: int
     weight: float
     allowed_models: tuple[str, ...]
+    requests_per_min: int | None = None
+    tokens_per_min: int | None = None
+    max_concurrent_requests: int | None = None
+    budget_usd: float | None = None
+    budget_period: str = "month"
 
     def allows(self, model: str) -> bool:
         return allows_model(self.allowed_models, model)
+
+
+def principal_of(key: ApiKey, tenant: Tenant) -> Principal:
+    return Principal(tenant.id, tenant.name, key.key_id, tenant.priority, tenant.weight,
+                     tuple(tenant.allowed_models), tenant.requests_per_min,
+                     tenant.tokens_per_min, tenant.max_concurrent_requests, tenant.budget_usd,
+                     tenant.budget_period)
 
 
 @dataclass(frozen=True)
@@ -59,125 +75,155 @@ class Reservation:
     tokens: int
     usd: float
 
+    @property
+    def nusd(self) -> int:
+        """The reservation in nano-USD, rounded up (it must stay an upper bound)."""
+        return math.ceil(self.usd * NUSD_PER_USD - 1e-6)
+
 
 def authenticate(store: TenancyStore, api_key: str | None) -> Principal:
-    """The principal of a bearer key; 401 for a missing, malformed, unknown or revoked key."""
+    """The principal of a bearer key read from the store; 401 for a missing, malformed, unknown
+    or revoked key. (Gateways go through :class:`~moestack.tenancy.auth_cache.AuthCache`.)"""
     if not api_key:
         raise AuthenticationError("Missing API key: send `Authorization: Bearer <key>`.")
     parsed = parse_key(api_key)
-    key_id, secret = parsed if parsed else ("", api_key)
-    found = store.key_record(key_id) if parsed else None
+    found = store.key_record(parsed[0]) if parsed else None
+    return check_key(api_key, found)
+
+
+def check_key(api_key: str, found: tuple[ApiKey, Tenant] | None) -> Principal:
+    """Compare the key's secret with the stored hash in constant time; 401 unless it matches an
+    unrevoked key."""
+    parsed = parse_key(api_key)
+    secret = parsed[1] if parsed else api_key
     ok = secret_matches(secret, found[0].secret_sha256 if found else None)
     if not ok or found is None or found[0].revoked_at is not None:
         raise AuthenticationError("Incorrect API key provided.")
-    key, tenant = found
-    return Principal(tenant.id, tenant.name, key.key_id, tenant.priority, tenant.weight,
-                     tuple(tenant.allowed_models))
+    return principal_of(*found)
+
+
+def model_not_found(model: str) -> ModelNotFoundError:
+    """The one 404 for a model that does not exist *or* is outside the tenant's list: the same
+    message and code either way, so a tenant cannot learn other tenants' models."""
+    return ModelNotFoundError.of(model)
 
 
 def check_model_access(principal: Principal, model: str) -> None:
     if not principal.allows(model):
-        raise PermissionDeniedError(
-            f"Tenant `{principal.tenant}` may not use the model `{model}`.", param="model")
+        raise model_not_found(model)
 
 
 def period_bounds(period: str, now: dt.datetime) -> tuple[dt.datetime, dt.datetime | None]:
     """Start and end (None: never ends) of the budget period containing ``now`` (naive UTC)."""
+    start = period_start(period, now)
     if period == "day":
-        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         return start, start + dt.timedelta(days=1)
     if period == "month":
-        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        end = (start + dt.timedelta(days=32)).replace(day=1)
-        return start, end
-    return dt.datetime(1970, 1, 1), None
+        return start, (start + dt.timedelta(days=32)).replace(day=1)
+    return start, None
+
+
+_INSERT = sql(
+    "INSERT INTO usage_ledger (request_id, tenant_id, key_id, model, endpoint, stream, state, "
+    "prompt_tokens, cached_prompt_tokens, completion_tokens, reserved_tokens, reserved_usd, "
+    "charged_tokens, charged_usd, started_at, gateway_id, lease_expires_at) VALUES (:id, :t, "
+    ":key, :model, :endpoint, :stream, 'pending', 0, 0, 0, :tokens, :usd, :tokens, :usd, :now, "
+    ":gw, :lease) ON CONFLICT (request_id) DO NOTHING", times=("now", "lease"))
 
 
 def admit(store: TenancyStore, principal: Principal, *, reservation: Reservation, model: str,
           endpoint: str, stream: bool, gateway_id: str, lease_s: float,
           now: dt.datetime | None = None) -> float | None:
-    """Check every limit and write the request's ledger row ahead, or raise 429.
+    """:func:`admit_in` in a transaction of its own."""
+    with store.begin() as conn:
+        return admit_in(conn, principal, reservation=reservation, model=model,
+                        endpoint=endpoint, stream=stream, gateway_id=gateway_id,
+                        lease_s=lease_s, now=now)
+
+
+def admit_in(conn: Connection, principal: Principal, *, reservation: Reservation, model: str,
+             endpoint: str, stream: bool, gateway_id: str, lease_s: float,
+             now: dt.datetime | None = None) -> float | None:
+    """Check every limit and write the request's ledger row ahead, or raise 429 (having
+    written nothing).
 
     Returns the USD left in the tenant's budget period net of this and every running
     reservation (None when the tenant has no budget)."""
+    p = principal
+    c = counters.lock(conn, p.tenant_id)
+    if c is None:  # deleted since authentication
+        raise AuthenticationError("Incorrect API key provided.")
     now = now or utcnow()
-    window_start = now - dt.timedelta(seconds=WINDOW_S)
+    c.roll(now)
+    if p.max_concurrent_requests is not None and c.inflight >= p.max_concurrent_requests:
+        raise RateLimitError(
+            f"Rate limit reached for concurrent requests: limit {p.max_concurrent_requests}, "
+            f"in flight {c.inflight}.", retry_after_s=1.0)
+    if p.requests_per_min is not None or p.tokens_per_min is not None:
+        recent = counters.window(conn, p.tenant_id, now)
+        _check_rpm(p.requests_per_min, recent, now)
+        _check_tpm(p.tokens_per_min, recent, reservation.tokens, now)
+    need = reservation.nusd
     remaining = None
-    with store.session() as s:
-        tenant = s.scalar(select(Tenant).where(Tenant.id == principal.tenant_id)
-                          .with_for_update())
-        if tenant is None:  # deleted since authentication
-            raise AuthenticationError("Incorrect API key provided.")
-        mine = UsageRow.tenant_id == tenant.id
-        if tenant.max_concurrent_requests is not None:
-            running = s.scalar(select(func.count()).where(
-                mine, UsageRow.state == "pending", UsageRow.lease_expires_at >= now))
-            if running >= tenant.max_concurrent_requests:
-                raise RateLimitError(
-                    f"Rate limit reached for concurrent requests: limit "
-                    f"{tenant.max_concurrent_requests}, in flight {running}.", retry_after_s=1.0)
-        if tenant.requests_per_min is not None or tenant.tokens_per_min is not None:
-            recent = s.execute(select(UsageRow.started_at, UsageRow.charged_tokens)
-                               .where(mine, UsageRow.started_at > window_start)
-                               .order_by(UsageRow.started_at)).all()
-            _check_rpm(tenant.requests_per_min, recent, now)
-            _check_tpm(tenant.tokens_per_min, recent, reservation.tokens, now)
-        if tenant.budget_usd is not None:
-            start, end = period_bounds(tenant.budget_period, now)
-            spent = s.scalar(select(func.coalesce(func.sum(UsageRow.charged_usd), 0.0))
-                             .where(mine, UsageRow.started_at >= start))
-            if spent + reservation.usd > tenant.budget_usd:
-                retry = (end - now).total_seconds() if end else 86400.0
-                raise InsufficientQuotaError(
-                    f"You exceeded your current quota: budget {tenant.budget_usd:g} USD per "
-                    f"{tenant.budget_period}, {spent:.6f} USD spent or reserved, this request "
-                    f"reserves up to {reservation.usd:.6f} USD.", retry_after_s=retry)
-            remaining = tenant.budget_usd - spent - reservation.usd
-        s.add(UsageRow(
-            request_id=reservation.request_id, tenant_id=tenant.id, key_id=principal.key_id,
-            model=model, endpoint=endpoint, stream=stream, state="pending",
-            reserved_tokens=reservation.tokens, reserved_usd=reservation.usd,
-            charged_tokens=reservation.tokens, charged_usd=reservation.usd, started_at=now,
-            gateway_id=gateway_id, lease_expires_at=now + dt.timedelta(seconds=lease_s)))
-        try:
-            s.flush()
-        except IntegrityError:
-            raise InvalidRequestError(f"request id `{reservation.request_id}` was already used",
-                                      code="duplicate_request_id") from None
+    if p.budget_usd is not None:
+        spent, budget = c.spent_nusd(p.budget_period), to_nusd(p.budget_usd)
+        if spent + need > budget:
+            end = period_bounds(p.budget_period, now)[1]
+            retry = (end - now).total_seconds() if end else 86400.0
+            raise InsufficientQuotaError(
+                f"You exceeded your current quota: budget {p.budget_usd:g} USD per "
+                f"{p.budget_period}, {spent / NUSD_PER_USD:.6f} USD spent or reserved, this "
+                f"request reserves up to {need / NUSD_PER_USD:.6f} USD.", retry_after_s=retry)
+        remaining = (budget - spent - need) / NUSD_PER_USD
+    inserted = conn.execute(_INSERT, {
+        "id": reservation.request_id, "t": p.tenant_id, "key": p.key_id, "model": model,
+        "endpoint": endpoint, "stream": stream, "tokens": reservation.tokens,
+        "usd": need / NUSD_PER_USD, "now": now, "gw": gateway_id,
+        "lease": now + dt.timedelta(seconds=lease_s)}).rowcount
+    if inserted != 1:
+        raise InvalidRequestError(f"request id `{reservation.request_id}` was already used",
+                                  code="duplicate_request_id")
+    counters.reserve(conn, c, now, reservation.tokens, need)
+    rollups.add(conn, p.tenant_id, model, endpoint, now, requests=1,
+                charged_tokens=reservation.tokens, charged_nusd=need)
     return remaining
 
 
+def _bucket_leaves(second: int, now: dt.datetime) -> float:
+    """Seconds until the bucket of ``second`` leaves the window ending at ``now``."""
+    return max(0.05, second + WINDOW_S - (now - counters.EPOCH).total_seconds())
+
+
 def _check_rpm(limit: int | None, recent: list, now: dt.datetime) -> None:
-    if limit is None or len(recent) < limit:
+    used = sum(r for _, r, _ in recent)
+    if limit is None or used < limit:
         return
-    # The request can go once enough of the oldest rows have left the window.
-    leaving = recent[len(recent) - limit][0] if limit > 0 else None
-    retry = _until_leaves(leaving, now)
+    # The request can go once enough of the oldest buckets have left the window.
+    retry, freed = float(WINDOW_S), 0
+    for second, requests, _ in recent:
+        freed += requests
+        if used - freed < limit:
+            retry = _bucket_leaves(second, now)
+            break
     raise RateLimitError(f"Rate limit reached for requests per minute: limit {limit}, "
-                         f"used {len(recent)}.", retry_after_s=retry)
+                         f"used {used}.", retry_after_s=retry)
 
 
 def _check_tpm(limit: int | None, recent: list, need: int, now: dt.datetime) -> None:
     if limit is None:
         return
-    used = sum(tokens for _, tokens in recent)
+    used = sum(t for _, _, t in recent)
     if used + need <= limit:
         return
     if need > limit:
         raise RateLimitError(f"Rate limit reached for tokens per minute: this request reserves "
                              f"{need} tokens (prompt + max completion), more than the limit "
                              f"{limit}; lower max_tokens.", retry_after_s=WINDOW_S)
-    freed, retry = 0, WINDOW_S
-    for started, tokens in recent:
+    freed, retry = 0, float(WINDOW_S)
+    for second, _, tokens in recent:
         freed += tokens
         if used - freed + need <= limit:
-            retry = _until_leaves(started, now)
+            retry = _bucket_leaves(second, now)
             break
     raise RateLimitError(f"Rate limit reached for tokens per minute: limit {limit}, used "
                          f"{used}, requested {need}.", retry_after_s=retry)
-
-
-def _until_leaves(started: dt.datetime | None, now: dt.datetime) -> float:
-    if started is None:
-        return WINDOW_S
-    return max(0.05, (started - now).total_seconds() + WINDOW_S)

@@ -21,15 +21,18 @@ from typing import TYPE_CHECKING
 
 import anyio
 from fastapi import Request
-from sqlalchemy.exc import SQLAlchemyError
 
 from moestack.config.schema import MoestackConfig
-from moestack.errors import AuthenticationError
+from moestack.errors import AuthenticationError, StoreUnavailableError
 from moestack.metering.cost import RequestCost
-from moestack.tenancy import admission, ledger
+from moestack.tenancy import admission, counters, ledger
 from moestack.tenancy.admission import Principal, Reservation
+from moestack.tenancy.auth_cache import AuthCache
 from moestack.tenancy.fair import FairQueue, Slot
+from moestack.tenancy.ledger import Settlement
+from moestack.tenancy.models import utcnow
 from moestack.tenancy.store import TenancyStore
+from moestack.tenancy.writer import StoreWriter
 from moestack.usage import CLIENT_CLOSED, RequestRecord
 
 if TYPE_CHECKING:
@@ -62,7 +65,7 @@ class Ticket:
         self._settled = True
         if self.slot is not None:
             self.slot.release(record.prompt_tokens + record.completion_tokens)
-        await self.gate.settle(record)
+        await self.gate.settle(record, self.principal.tenant_id)
         return record
 
 
@@ -76,7 +79,9 @@ class TenancyGate:
         self.gateway_id = f"{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._queues: dict[str, FairQueue] = {}
         self._heartbeat: asyncio.Task | None = None
-        self._unsettled: list[RequestRecord] = []
+        self.writer = StoreWriter(store, self.settings.settle_flush_interval_ms / 1000,
+                                  self.settings.settle_batch_max_rows)
+        self.auth = AuthCache(store, self.settings.auth_cache_ttl_s)
         self.on_budget_remaining: Callable[[str, float], None] | None = None
         """Told (tenant, USD left net of running reservations) at each admission with a budget."""
         self.pricer: Callable[[RequestRecord], RequestCost] | None = None
@@ -84,16 +89,21 @@ class TenancyGate:
 
     @classmethod
     def from_config(cls, config: MoestackConfig) -> TenancyGate:
-        return cls(config, TenancyStore.open(config.storage.url))
+        return cls(config, TenancyStore.open(config.storage.url,
+                                             busy_timeout_s=config.storage.busy_timeout_s))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start renewing this gateway's leases and closing rows of dead gateways (idempotent)."""
+        """Start the store writer and the beat: renew this gateway's leases, close rows of dead
+        gateways, drop expired rate buckets and raw rows past retention (idempotent)."""
+        self.writer.start()
         if self._heartbeat is None or self._heartbeat.done():
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
 
     async def stop(self) -> None:
+        """Stop the beat and flush queued settlements (those the store cannot take now stay
+        pending in the ledger and are closed as lost, keeping their reservation)."""
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             try:
@@ -101,44 +111,43 @@ class TenancyGate:
             except asyncio.CancelledError:
                 pass
             self._heartbeat = None
+        left = await anyio.to_thread.run_sync(self.writer.stop)
+        if left:
+            log.warning("%d settlements could not be written before stop", left)
 
     async def _beat(self) -> None:
         interval = self.settings.lease_s / 3
         while True:
             try:
-                await self._retry_unsettled()
-                await anyio.to_thread.run_sync(ledger.close_lost, self.store)
-                await anyio.to_thread.run_sync(ledger.renew_leases, self.store, self.gateway_id,
-                                               self.settings.lease_s)
-            except SQLAlchemyError:
+                await self._write(ledger.renew_leases, self.gateway_id, self.settings.lease_s)
+                while await self._write(ledger.close_lost) == ledger.CLOSE_BATCH_ROWS:
+                    pass
+                await self._write(counters.expire_buckets, utcnow())
+                if (days := self.settings.raw_usage_retention_days) is not None:
+                    await self._write(ledger.purge_raw, days)
+            except StoreUnavailableError:
                 # Fail open on purpose: a database blip must not stop future renewals; the
                 # leases are long enough to ride it out, and admissions report their own errors.
-                log.exception("tenancy heartbeat failed; retrying in %.0f s", interval)
+                log.warning("tenancy heartbeat: store unavailable; retrying in %.0f s", interval)
             await asyncio.sleep(interval)
 
-    async def settle(self, record: RequestRecord) -> None:
-        """Settle a ledger row; if the database is unreachable, keep it and retry on the beat."""
-        cost = self.pricer(record) if self.pricer is not None else None
-        try:
-            await anyio.to_thread.run_sync(
-                ledger.settle, self.store, record, self.cost_usd(record),
-                cost.self_hosted_usd if cost else None,
-                dict(cost.baseline_usd) if cost else None)
-        except SQLAlchemyError:
-            # Fail open on purpose: the response is already produced; the row stays pending
-            # (its reservation still counts against the limits) until a retry settles it.
-            log.exception("could not settle %s; will retry", record.request_id)
-            self._unsettled.append(record)
+    async def _write(self, fn, *args):
+        return await asyncio.wrap_future(self.writer.submit(lambda conn: fn(conn, *args)))
 
-    async def _retry_unsettled(self) -> None:
-        pending, self._unsettled = self._unsettled, []
-        for record in pending:
-            await self.settle(record)
+    async def settle(self, record: RequestRecord, tenant_id: int = 0) -> None:
+        """Queue the settlement of a ledger row: written in the next batch, within
+        ``settle_flush_interval_ms``; kept and retried while the store is unavailable."""
+        cost = self.pricer(record) if self.pricer is not None else None
+        s = Settlement(record, self.cost_usd(record), cost.self_hosted_usd if cost else None,
+                       dict(cost.baseline_usd) if cost else None)
+        self.start()
+        self.writer.submit_batched(ledger.settle_many, s, tenant_id)
 
     # -- the request path -----------------------------------------------------------------------
 
     async def authenticate(self, api_key: str | None) -> Principal:
-        return await anyio.to_thread.run_sync(admission.authenticate, self.store, api_key)
+        """The key's principal from the auth cache (at most ``auth_cache_ttl_s`` stale)."""
+        return await self.auth.principal(api_key)
 
     def queue(self, model: str) -> FairQueue:
         if model not in self._queues:
@@ -190,9 +199,7 @@ class TenancyGate:
         reservation = self.reservation_for(model, facts, request_id, generates)
         stream = facts.stream
         admission.check_model_access(principal, model)
-        remaining = await anyio.to_thread.run_sync(lambda: admission.admit(
-            self.store, principal, reservation=reservation, model=model, endpoint=endpoint,
-            stream=stream, gateway_id=self.gateway_id, lease_s=self.settings.lease_s))
+        remaining = await self._admit(principal, reservation, model, endpoint, stream)
         if remaining is not None and self.on_budget_remaining is not None:
             self.on_budget_remaining(principal.tenant, remaining)
         ticket = Ticket(self, principal, reservation)
@@ -208,6 +215,37 @@ class TenancyGate:
                     cached_prompt_tokens=0, ttft_s=None, e2e_s=0.0, error_code="client_closed"))
             raise
         return ticket
+
+
+    async def _admit(self, principal: Principal, reservation: Reservation, model: str,
+                     endpoint: str, stream: bool) -> float | None:
+        """Write the ledger row ahead (committed before this returns), or raise 429/503."""
+        future = self.writer.submit(lambda conn: admission.admit_in(
+            conn, principal, reservation=reservation, model=model, endpoint=endpoint,
+            stream=stream, gateway_id=self.gateway_id, lease_s=self.settings.lease_s),
+            principal.tenant_id)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(future))
+        except StoreUnavailableError:
+            # The commit may have happened before the store failed: release the row (if any)
+            # once the store is back. Settling a row that does not exist changes nothing.
+            self._release(principal, reservation, model, endpoint, stream, "store_unavailable")
+            raise
+        except asyncio.CancelledError:
+            # The client left while the row was being written: release it if it was.
+            future.add_done_callback(lambda f: f.exception() is None and self._release(
+                principal, reservation, model, endpoint, stream, "client_closed"))
+            raise
+
+    def _release(self, principal: Principal, reservation: Reservation, model: str,
+                 endpoint: str, stream: bool, why: str) -> None:
+        record = RequestRecord(request_id=reservation.request_id, model=model,
+                               endpoint=endpoint, stream=stream, status_code=CLIENT_CLOSED
+                               if why == "client_closed" else 503, prompt_tokens=0,
+                               completion_tokens=0, cached_prompt_tokens=0, ttft_s=None,
+                               e2e_s=0.0, error_code=why)
+        s = Settlement(record, 0.0)
+        self.writer.submit_batched(ledger.settle_many, s, principal.tenant_id)
 
 
 def bearer_token(request: Request) -> str | None:

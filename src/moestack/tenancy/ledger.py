@@ -1,13 +1,17 @@
 """The usage ledger: one row per admitted request, written ahead, settled exactly once.
 
-Life of a row: :func:`moestack.tenancy.admission.admit` inserts it as ``pending`` with the
-reservation (``charged_* = reserved_*``) and a lease; :func:`settle` replaces the reservation with
-the real counts in a conditional update, so settling twice changes nothing (idempotent by request
-id). While the request runs its gateway renews the lease (:func:`renew_leases`); if the gateway is
-killed, :func:`close_lost` marks the row ``lost`` once the lease ran out, keeping the reservation as
-the charge (an upper bound, so a crash can never let a tenant overspend). A late settle of a
-``lost`` row still replaces the reservation by the real figures. Requests refused before admission
-(401/403/429) have no row; they are counted in metrics.
+Life of a row: :func:`moestack.tenancy.admission.admit_in` inserts it as ``pending`` with the
+reservation (``charged_* = reserved_*``) and a lease; :func:`settle_many` replaces the reservation
+with the real counts in a conditional update, so settling twice changes nothing (idempotent by
+request id), and applies the difference to the tenant's counters (:mod:`.counters`) and the hourly
+rollup (:mod:`.rollups`) in the same transaction. While the request runs its gateway renews the
+lease (:func:`renew_leases`); if the gateway is killed, :func:`close_lost` marks the row ``lost``
+once the lease ran out, keeping the reservation as the charge (an upper bound, so a crash can never
+let a tenant overspend) and taking it out of the tenant's in-flight count. A late settle of a
+``lost`` row still replaces the reservation by the real figures, in the row and the counters.
+Requests refused before admission (401/404/429/503) have no row; they are counted in metrics.
+Finished rows older than ``tenancy.raw_usage_retention_days`` are deleted by :func:`purge_raw`;
+the rollups keep their sums.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import JSON, bindparam, delete, select, update
+from sqlalchemy.engine import Connection
 
+from moestack.tenancy import counters, rollups
+from moestack.tenancy.models import NUSD_PER_USD, Tenant, UsageRow, to_nusd, utcnow
+from moestack.tenancy.store import TenancyStore, sql
 from moestack.usage import RequestRecord
-from moestack.tenancy.models import Tenant, UsageRow, utcnow
-from moestack.tenancy.store import TenancyStore
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ class LedgerEntry:
 def query_usage(store: TenancyStore, tenant: str | None = None, since: dt.datetime | None = None,
                 until: dt.datetime | None = None, limit: int | None = None) -> list[LedgerEntry]:
     """Ledger rows, oldest first; filters are ANDed; datetimes are naive UTC."""
-    q = select(UsageRow, Tenant.name).join(Tenant, Tenant.id == UsageRow.tenant_id)
+    q = select(*UsageRow.__table__.columns, Tenant.name).join(Tenant, Tenant.id == UsageRow.tenant_id)
     if tenant is not None:
         q = q.where(Tenant.name == tenant)
     if since is not None:
@@ -72,8 +78,12 @@ def query_usage(store: TenancyStore, tenant: str | None = None, since: dt.dateti
     q = q.order_by(UsageRow.started_at, UsageRow.request_id)
     if limit is not None:
         q = q.limit(limit)
-    with store.session() as s:
-        return [_entry(row, name) for row, name in s.execute(q)]
+    with store.read() as conn:
+        return [_entry(UsageRow(**dict(zip(_COLUMNS, row[:-1]))), row[-1])
+                for row in conn.execute(q)]
+
+
+_COLUMNS = [c.key for c in UsageRow.__table__.columns]
 
 
 def _entry(r: UsageRow, tenant: str) -> LedgerEntry:
@@ -84,61 +94,166 @@ def _entry(r: UsageRow, tenant: str) -> LedgerEntry:
         r.started_at, r.finished_at)
 
 
+@dataclass(frozen=True)
+class Settlement:
+    """A finished request's figures, priced, ready to be written to its ledger row."""
+
+    record: RequestRecord
+    charged_usd: float
+    cost_usd: float | None = None
+    baseline_costs_usd: dict[str, float] | None = None
+
+
+_ROWS = {d: sql("SELECT request_id, tenant_id, model, endpoint, state, started_at, "
+                "charged_tokens, charged_usd FROM usage_ledger WHERE request_id IN :ids" + suffix,
+                columns=("request_id", "tenant_id", "model", "endpoint", "state", "started_at",
+                         "charged_tokens", "charged_usd"), time_columns=("started_at",),
+                lists=("ids",))
+         for d, suffix in (("postgresql", " FOR UPDATE"), ("sqlite", ""))}
+_TENANTS_OF = sql("SELECT DISTINCT tenant_id FROM usage_ledger WHERE request_id IN :ids",
+                  lists=("ids",))
+_SETTLE = sql(
+    "UPDATE usage_ledger SET state = 'settled', status_code = :status_code, error_code = "
+    ":error_code, prompt_tokens = :prompt_tokens, cached_prompt_tokens = :cached_prompt_tokens, "
+    "completion_tokens = :completion_tokens, charged_tokens = :charged_tokens, charged_usd = "
+    ":charged_usd, cost_usd = :cost_usd, baseline_costs_usd = :baselines, ttft_s = :ttft_s, "
+    "e2e_s = :e2e_s, finished_at = :finished_at, lease_expires_at = NULL WHERE request_id = "
+    ":id AND state IN ('pending', 'lost')", times=("finished_at",)).bindparams(
+    bindparam("baselines", type_=JSON))
+
+
 def settle(store: TenancyStore, record: RequestRecord, charged_usd: float,
            cost_usd: float | None = None,
            baseline_costs_usd: dict[str, float] | None = None) -> bool:
-    """Replace a row's reservation by the real usage; False if it was already settled.
-
-    ``charged_usd`` is what the tenant's budget is charged; ``cost_usd`` the self-hosted cost of
-    the request and ``baseline_costs_usd`` its price at each baseline API (None: not priced)."""
-    with store.session() as s:
-        res = s.execute(
-            update(UsageRow)
-            .where(UsageRow.request_id == record.request_id,
-                   UsageRow.state.in_(("pending", "lost")))
-            .values(state="settled", status_code=record.status_code,
-                    error_code=record.error_code, prompt_tokens=record.prompt_tokens,
-                    cached_prompt_tokens=record.cached_prompt_tokens,
-                    completion_tokens=record.completion_tokens,
-                    charged_tokens=record.prompt_tokens + record.completion_tokens,
-                    charged_usd=charged_usd, cost_usd=cost_usd,
-                    baseline_costs_usd=baseline_costs_usd, ttft_s=record.ttft_s,
-                    e2e_s=record.e2e_s, finished_at=utcnow(), lease_expires_at=None))
-        return res.rowcount == 1
+    """:func:`settle_many` of one settlement in a transaction of its own."""
+    with store.begin() as conn:
+        return settle_many(conn, [Settlement(record, charged_usd, cost_usd,
+                                             baseline_costs_usd)])[0]
 
 
-def renew_leases(store: TenancyStore, gateway_id: str, lease_s: float) -> int:
+def settle_many(conn: Connection, items: list[Settlement]) -> list[bool]:
+    """Replace rows' reservations by the real usage and apply the differences to the tenants'
+    counters and the hourly rollups; per item, False (changing nothing) if its row was already
+    settled (earlier or in this batch) or is gone. ``charged_usd`` is what the tenant's budget is
+    charged; ``cost_usd`` the self-hosted cost and ``baseline_costs_usd`` the price at each
+    baseline API (None: not priced). The tenants' counters are locked before the rows (the
+    writers' lock order). A batch costs a few statements whatever its size."""
+    ids = list(dict.fromkeys(s.record.request_id for s in items))
+    if conn.dialect.name == "postgresql":
+        counters.lock_many(conn, [t for (t,) in conn.execute(_TENANTS_OF, {"ids": ids})])
+    rows = {r.request_id: r for r in conn.execute(
+        _ROWS.get(conn.dialect.name, _ROWS["sqlite"]), {"ids": ids})}
+    done, updates, results = set(), [], []
+    corrections, deltas = counters.Corrections(), rollups.RollupDeltas()
+    finished_at = utcnow()
+    for s in items:
+        rec, row = s.record, rows.get(s.record.request_id)
+        if row is None or row.state not in ("pending", "lost") or rec.request_id in done:
+            results.append(False)
+            continue
+        done.add(rec.request_id)
+        results.append(True)
+        charged_nusd = to_nusd(s.charged_usd)
+        charged_tokens = rec.prompt_tokens + rec.completion_tokens
+        baselines = ({b: to_nusd(usd) for b, usd in s.baseline_costs_usd.items()}
+                     if s.baseline_costs_usd is not None else None)
+        updates.append({
+            "id": rec.request_id, "status_code": rec.status_code, "error_code": rec.error_code,
+            "prompt_tokens": rec.prompt_tokens, "cached_prompt_tokens": rec.cached_prompt_tokens,
+            "completion_tokens": rec.completion_tokens, "charged_tokens": charged_tokens,
+            "charged_usd": charged_nusd / NUSD_PER_USD,
+            "cost_usd": None if s.cost_usd is None else to_nusd(s.cost_usd) / NUSD_PER_USD,
+            "baselines": None if baselines is None else
+            {b: n / NUSD_PER_USD for b, n in baselines.items()},
+            "ttft_s": rec.ttft_s, "e2e_s": rec.e2e_s, "finished_at": finished_at})
+        d_tokens = charged_tokens - row.charged_tokens
+        d_nusd = charged_nusd - to_nusd(row.charged_usd)
+        corrections.add(row.tenant_id, row.started_at, -1 if row.state == "pending" else 0,
+                        d_tokens, d_nusd)
+        unpriced = {} if baselines is not None else {
+            "unpriced_prompt_tokens": rec.prompt_tokens,
+            "unpriced_cached_prompt_tokens": rec.cached_prompt_tokens,
+            "unpriced_completion_tokens": rec.completion_tokens}
+        deltas.add(row.tenant_id, row.model, row.endpoint, row.started_at, baselines,
+                   prompt_tokens=rec.prompt_tokens,
+                   cached_prompt_tokens=rec.cached_prompt_tokens,
+                   completion_tokens=rec.completion_tokens, charged_tokens=d_tokens,
+                   charged_nusd=d_nusd, cost_nusd=to_nusd(s.cost_usd), **unpriced)
+    if updates:
+        conn.execute(_SETTLE, updates)
+        corrections.write(conn)
+        deltas.write(conn)
+    return results
+
+
+def settle_in(conn: Connection, s: Settlement) -> bool:
+    """:func:`settle_many` of one settlement."""
+    return settle_many(conn, [s])[0]
+
+
+def renew_leases(conn: Connection, gateway_id: str, lease_s: float) -> int:
     """Extend the lease of this gateway's pending rows; returns how many."""
-    with store.session() as s:
-        return s.execute(update(UsageRow)
-                         .where(UsageRow.gateway_id == gateway_id, UsageRow.state == "pending")
-                         .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s))
-                         ).rowcount
+    return conn.execute(update(UsageRow)
+                        .where(UsageRow.gateway_id == gateway_id, UsageRow.state == "pending")
+                        .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s))
+                        ).rowcount
 
 
-def close_lost(store: TenancyStore, now: dt.datetime | None = None) -> int:
-    """Mark pending rows whose lease ran out as ``lost`` (their gateway died); returns how many."""
+CLOSE_BATCH_ROWS = 1000
+
+
+def close_lost(conn: Connection, now: dt.datetime | None = None) -> int:
+    """Mark pending rows whose lease ran out as ``lost`` (their gateway died), keeping their
+    reservation as the charge, and take them out of their tenants' in-flight counters; returns
+    how many (at most ``CLOSE_BATCH_ROWS`` per call; the beat calls again). Uses the
+    ``(state, lease_expires_at)`` index: the cost grows with the expired rows, not the ledger."""
     now = now or utcnow()
-    with store.session() as s:
-        return s.execute(update(UsageRow)
-                         .where(UsageRow.state == "pending", UsageRow.lease_expires_at < now)
+    expired = conn.execute(select(UsageRow.request_id, UsageRow.tenant_id)
+                           .where(UsageRow.state == "pending", UsageRow.lease_expires_at < now)
+                           .limit(CLOSE_BATCH_ROWS)).all()
+    by_tenant: dict[int, list[str]] = {}
+    for request_id, tenant_id in expired:
+        by_tenant.setdefault(tenant_id, []).append(request_id)
+    closed = 0
+    for tenant_id in sorted(by_tenant):
+        counters.lock(conn, tenant_id)
+        n = conn.execute(update(UsageRow)
+                         .where(UsageRow.request_id.in_(by_tenant[tenant_id]),
+                                UsageRow.state == "pending", UsageRow.lease_expires_at < now)
                          .values(state="lost", error_code="gateway_lost", finished_at=now)
                          ).rowcount
+        counters.release_lost(conn, tenant_id, n)
+        closed += n
+    return closed
+
+
+PURGE_BATCH_ROWS = 5000
+
+
+def purge_raw(conn: Connection, retention_days: float, now: dt.datetime | None = None) -> int:
+    """Delete finished raw rows started more than ``retention_days`` ago (rollups keep their
+    sums); at most ``PURGE_BATCH_ROWS`` per call. Returns how many."""
+    cutoff = (now or utcnow()) - dt.timedelta(days=retention_days)
+    old = select(UsageRow.request_id).where(UsageRow.started_at < cutoff,
+                                            UsageRow.state != "pending"
+                                            ).limit(PURGE_BATCH_ROWS).scalar_subquery()
+    return conn.execute(delete(UsageRow).where(UsageRow.request_id.in_(old))).rowcount
 
 
 def parse_time(text: str, now: dt.datetime | None = None) -> dt.datetime:
     """``2026-11-01``, ``2026-11-01T12:00:00[Z|+00:00]`` or a span back from now: ``30m``, ``24h``,
-    ``7d``; returns naive UTC."""
+    ``7d``; returns naive UTC. Anything else, or a time outside years 1-9999, is a ValueError
+    (the API answers 400, the CLI exits 2)."""
     now = now or utcnow()
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     t = text.strip()
-    if t and t[-1] in units and t[:-1].replace(".", "", 1).isdigit():
-        return now - dt.timedelta(seconds=float(t[:-1]) * units[t[-1]])
     try:
+        if t and t[-1] in units and t[:-1].replace(".", "", 1).isdigit():
+            return now - dt.timedelta(seconds=float(t[:-1]) * units[t[-1]])
         parsed = dt.datetime.fromisoformat(t.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"not a time: {text!r} (use 2026-11-01, an ISO time, or 30m/24h/7d)"
-                         ) from None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        if parsed.tzinfo is not None:
+            parsed = parsed.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    except (ValueError, OverflowError):
+        raise ValueError(f"not a time: {text[:64]!r} (use 2026-11-01, an ISO time between years "
+                         "1 and 9999, or a span back such as 30m/24h/7d)") from None
     return parsed

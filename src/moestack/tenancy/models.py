@@ -1,13 +1,16 @@
 """Tables of the tenancy store (SQLAlchemy 2 declarative); migrations live in ``migrations/``.
 
-Times are naive UTC ``DateTime`` columns (the same on SQLite and PostgreSQL).
+Times are naive UTC ``DateTime`` columns (the same on SQLite and PostgreSQL). Money in counters
+and rollups is integer nano-USD (``_nusd``, 1e-9 USD): sums of integers are exact, so a rollup
+equals the sum of its raw rows to the last digit; the ledger's float ``*_usd`` columns hold the
+same quantized values (``nusd / 1e9``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 ALL_MODELS = "*"
@@ -16,6 +19,14 @@ ALL_MODELS = "*"
 def allows_model(allowed_models: tuple[str, ...] | list[str], model: str) -> bool:
     """Whether a tenant's model list (``*`` for all) admits ``model``."""
     return ALL_MODELS in allowed_models or model in allowed_models
+
+
+NUSD_PER_USD = 1_000_000_000
+
+
+def to_nusd(usd: float | None) -> int:
+    """USD as integer nano-USD (nearest); None counts as 0."""
+    return int(round((usd or 0.0) * NUSD_PER_USD))
 
 
 def utcnow() -> dt.datetime:
@@ -87,4 +98,74 @@ class UsageRow(Base):
         Index("ix_usage_tenant_started", "tenant_id", "started_at"),
         Index("ix_usage_state_lease", "state", "lease_expires_at"),
         Index("ix_usage_gateway_state", "gateway_id", "state"),
+        Index("ix_usage_started", "started_at"),
     )
+
+
+class TenantCounters(Base):
+    """Running totals of one tenant, updated with every ledger write (see ``counters``)."""
+
+    __tablename__ = "tenant_counters"
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    inflight: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    day_start: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False)
+    day_nusd: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    month_start: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False)
+    month_nusd: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    total_nusd: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
+class RateBucket(Base):
+    """Requests and charged tokens of one tenant started in one UTC second (RPM/TPM window)."""
+
+    __tablename__ = "rate_buckets"
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    second: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    requests: Mapped[int] = mapped_column(Integer, nullable=False)
+    tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class RollupKey:
+    """Key columns of the rollup tables: tenant, model, endpoint, UTC hour of ``started_at``."""
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    endpoint: Mapped[str] = mapped_column(String(32), primary_key=True)
+    hour: Mapped[dt.datetime] = mapped_column(DateTime, primary_key=True)
+
+
+class UsageRollup(RollupKey, Base):
+    """Ledger rows summed per tenant, model, endpoint and UTC hour of ``started_at``."""
+
+    __tablename__ = "usage_rollups"
+
+    requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    cached_prompt_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    charged_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    charged_nusd: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    cost_nusd: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    unpriced_prompt_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    unpriced_cached_prompt_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    unpriced_completion_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class RollupBaseline(RollupKey, Base):
+    """Baseline-API price of a rollup's priced rows, per baseline."""
+
+    __tablename__ = "usage_rollup_baselines"
+
+    baseline: Mapped[str] = mapped_column(String(64), primary_key=True)
+    nusd: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class StoreVersion(Base):
+    """One row whose ``version`` grows with every change of a tenant or key (auth caches)."""
+
+    __tablename__ = "tenancy_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, nullable=False)

@@ -82,11 +82,19 @@ class PostgresServer:
                     parent.chmod(mode | 0o001)
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", SUPERUSER,
                   "--auth=trust", "-E", "UTF8", "--no-sync")
+        return self.resume()
+
+    def resume(self) -> PostgresServer:
+        """Start the server (again, on the same port and data) after :meth:`pause`."""
         opts = (f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
                 "-c full_page_writes=off -c max_connections=100")
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l",
                   str(self.root / "server.log"), "-w", "-t", "60", "-o", opts, "start")
         return self
+
+    def pause(self) -> None:
+        """Stop the server, keeping its data (outage tests): clients get connection errors."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():

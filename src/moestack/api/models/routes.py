@@ -33,6 +33,5 @@ async def get_model(model: str, request: Request) -> ModelCard:
     config = request.app.state.config.model(model)
     if config is None or not _allowed(request, model):
         # As OpenAI does: a model the tenant may not use is indistinguishable from a missing one.
-        raise ModelNotFoundError(f"The model `{model}` does not exist or you do not have access "
-                                 "to it.", param="model")
+        raise ModelNotFoundError.of(model)
     return _card(request, config)

@@ -1,0 +1,226 @@
+"""One writer thread per gateway process: the request path's writes, group-committed.
+
+Every admission, settlement and heartbeat write of a gateway process is an *operation* (a function
+of a Core connection) handed to :class:`StoreWriter`. Its thread takes everything queued (up to
+``max_batch``), runs the operations in one transaction, in tenant-id order (the lock order every
+writer follows, so gateways cannot deadlock), commits once, and then resolves each operation's
+future. So:
+
+* an admission's reservation is committed (durable) before its future resolves, i.e. before the
+  engine sees the request; admissions arriving together share one commit (group commit), which is
+  what lets one SQLite file take thousands of admissions a second;
+* settlements are *deferred*: they wait up to ``flush_interval_s`` for company (or ride along
+  with the next admission), and a batch that fails on a store error is kept and retried, in
+  order, until the store is back; settling is idempotent, so a retry of a batch whose commit was
+  in doubt bills nothing twice. A process crash before the flush leaves the row ``pending``; it is
+  closed as ``lost`` keeping its reservation (an upper bound), as before batching;
+* an operation that raises a :class:`~moestack.errors.MoestackError` (a 429, say) has written
+  nothing (admission checks before it writes) and fails alone; a store error fails the batch and
+  every urgent operation queued behind it with :class:`~moestack.errors.StoreUnavailableError`
+  (503), so no request waits longer than about one bounded store wait (``busy_timeout_s``).
+
+There is no process-wide lock: readers (authentication, usage queries) never queue here.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from moestack.errors import MoestackError, StoreUnavailableError
+from moestack.tenancy import counters
+from moestack.tenancy.store import UNAVAILABLE_MESSAGE, TenancyStore
+
+log = logging.getLogger(__name__)
+
+RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+"""Waits between retries of deferred operations while the store is unavailable."""
+
+
+@dataclass
+class Operation:
+    fn: Callable[[Connection], Any] | None
+    tenant_id: int
+    deferred: bool
+    batch_fn: Callable[[Connection, list], list] | None = None
+    payload: Any = None
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class StoreWriter:
+    """Runs write operations on ``store`` in batched transactions on a thread of its own."""
+
+    def __init__(self, store: TenancyStore, flush_interval_s: float = 0.02,
+                 max_batch: int = 500):
+        self.store = store
+        self.flush_interval_s = flush_interval_s
+        self.max_batch = max_batch
+        self._urgent: collections.deque[Operation] = collections.deque()
+        self._deferred: collections.deque[Operation] = collections.deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._failures = 0
+        self._retry_at = 0.0
+        self.batches = 0
+        """Transactions committed (for benchmarks and tests)."""
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._cv:
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(target=self._run, name="moestack-store-writer",
+                                                daemon=True)
+                self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> int:
+        """Flush what is queued (within ``timeout_s``) and stop; returns the deferred operations
+        left unwritten (the store was unavailable), which their rows' leases then close."""
+        with self._cv:
+            self._stopping = True
+            self._retry_at = 0.0
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        with self._cv:
+            left = len(self._deferred) + len(self._urgent)
+            for op in [*self._urgent, *self._deferred]:
+                op.future.set_exception(StoreUnavailableError(UNAVAILABLE_MESSAGE))
+            self._urgent.clear()
+            self._deferred.clear()
+        return left
+
+    def flush(self, timeout_s: float = 5.0) -> None:
+        """Block until everything queued before this call is committed (tests, shutdown): an
+        urgent no-op takes every queued settlement into its batch (retrying at once those
+        that wait out a store failure); raises StoreUnavailableError if the store still fails."""
+        with self._cv:
+            self._retry_at = 0.0
+        self.submit(lambda conn: None).result(timeout_s)
+
+    def pending(self) -> int:
+        """Operations queued and not yet committed."""
+        with self._cv:
+            return len(self._urgent) + len(self._deferred)
+
+    # -- submitting -----------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[[Connection], Any], tenant_id: int = 0,
+               deferred: bool = False) -> concurrent.futures.Future:
+        """Queue ``fn(conn)``; the future resolves after the commit of its batch. ``deferred``
+        operations are batched for up to ``flush_interval_s`` and retried on store errors."""
+        return self._queue(Operation(fn, tenant_id, deferred))
+
+    def submit_batched(self, batch_fn: Callable[[Connection, list], list], payload: Any,
+                       tenant_id: int = 0, deferred: bool = True) -> concurrent.futures.Future:
+        """Queue ``payload`` for ``batch_fn(conn, payloads) -> results``, called once per
+        transaction with every payload of that function in the batch (settlements: a few
+        statements per batch instead of a few per row)."""
+        return self._queue(Operation(None, tenant_id, deferred, batch_fn, payload))
+
+    def _queue(self, op: Operation) -> concurrent.futures.Future:
+        deferred = op.deferred
+        with self._cv:
+            (self._deferred if deferred else self._urgent).append(op)
+            # Wake the thread for urgent work, a full batch, or the first deferred operation
+            # (it then sleeps until that one's flush time).
+            if not deferred or len(self._deferred) in (1, self.max_batch):
+                self._cv.notify()
+        self.start()
+        return op.future
+
+    # -- the thread -----------------------------------------------------------------------------
+
+    def _take(self) -> list[Operation] | None:
+        with self._cv:
+            while True:
+                now = time.monotonic()
+                deferred_due = bool(self._deferred) and now >= self._retry_at and (
+                    self._stopping or len(self._deferred) >= self.max_batch
+                    or now - self._deferred[0].queued_at >= self.flush_interval_s)
+                if self._urgent or deferred_due:
+                    break
+                if self._stopping:
+                    return None
+                wait = None
+                if self._deferred:
+                    wait = max(self._retry_at, self._deferred[0].queued_at
+                               + self.flush_interval_s) - now
+                self._cv.wait(timeout=max(wait, 0.001) if wait is not None else None)
+            batch = [self._urgent.popleft()
+                     for _ in range(min(len(self._urgent), self.max_batch))]
+            if now >= self._retry_at:
+                room = self.max_batch - len(batch)
+                batch += [self._deferred.popleft()
+                          for _ in range(min(len(self._deferred), room))]
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            self._write(batch)
+
+    def _write(self, batch: list[Operation]) -> None:
+        # Skip operations whose waiter gave up before they ran (a cancelled heartbeat, say).
+        batch = [op for op in batch
+                 if op.future.running() or op.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        results: list[tuple[Operation, Any, BaseException | None]] = []
+        try:
+            with self.store.begin() as conn:
+                counters.lock_many(conn, [op.tenant_id for op in batch if op.tenant_id])
+                grouped: dict[Callable, list[Operation]] = {}
+                for op in sorted(batch, key=lambda o: o.tenant_id):  # stable: keeps arrival order
+                    if op.batch_fn is not None:
+                        grouped.setdefault(op.batch_fn, []).append(op)
+                        continue
+                    try:
+                        results.append((op, op.fn(conn), None))
+                    except MoestackError as exc:  # a refusal: the operation wrote nothing
+                        results.append((op, None, exc))
+                for batch_fn, ops in grouped.items():
+                    values = batch_fn(conn, [op.payload for op in ops])
+                    results.extend((op, v, None) for op, v in zip(ops, values))
+        except StoreUnavailableError as exc:
+            self._failed(batch, exc)
+            return
+        except BaseException as exc:  # a bug: tell every waiter rather than leave it hanging
+            log.exception("tenancy store writer: batch of %d failed", len(batch))
+            for op in batch:
+                op.future.set_exception(exc)
+            return
+        self.batches += 1
+        self._failures = 0
+        for op, value, exc in results:
+            if exc is None:
+                op.future.set_result(value)
+            else:
+                op.future.set_exception(exc)
+
+    def _failed(self, batch: list[Operation], exc: StoreUnavailableError) -> None:
+        cause = exc.__cause__
+        log.warning("tenancy store unavailable (%s); %d queued writes kept for retry",
+                    type(cause).__name__ if cause else "error",
+                    sum(op.deferred for op in batch) + len(self._deferred))
+        with self._cv:
+            # Urgent operations (admissions) fail at once, with those queued behind them: they
+            # would meet the same wait. Deferred ones (settlements) go back to the front.
+            urgent = [op for op in batch if not op.deferred] + list(self._urgent)
+            self._urgent.clear()
+            self._deferred.extendleft(reversed([op for op in batch if op.deferred]))
+            self._retry_at = time.monotonic() + RETRY_BACKOFF_S[
+                min(self._failures, len(RETRY_BACKOFF_S) - 1)]
+            self._failures += 1
+        for op in urgent:
+            op.future.set_exception(StoreUnavailableError(UNAVAILABLE_MESSAGE))
