@@ -60,6 +60,13 @@ class FakeEngineSettings(_Strict):
                                      "cache in tokens (LRU over blocks); 0 disables it.")
     prefix_block_tokens: int = Field(16, ge=1, description="Tokens per block of the simulated "
                                      "prefix cache (only whole blocks are cached).")
+    max_num_seqs: int | None = Field(None, ge=1, description="Requests one fake replica runs "
+                                     "in its batch at once (like vLLM's max_num_seqs); more wait, "
+                                     "ordered by (priority, arrival) as vLLM's priority policy "
+                                     "does. Unset: no batch limit.")
+    preempt: bool = Field(False, description="With `max_num_seqs`: a waiting request that sorts "
+                          "before the worst running one preempts it (it waits again and redoes "
+                          "its prefill), as vLLM does when its KV cache is full.")
 
 
 class RoutingConfig(_Strict):

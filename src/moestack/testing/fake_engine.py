@@ -28,6 +28,7 @@ from moestack.engine.protocol import (
     check_fits_context,
 )
 from moestack.errors import EngineUnavailableError, InvalidRequestError
+from moestack.testing.fake_scheduler import BatchScheduler
 
 
 @dataclass
@@ -52,6 +53,9 @@ class FakeEngine(Engine):
         self.prefix_cache = FakePrefixCache(config.fake.prefix_cache_tokens,
                                             config.fake.prefix_block_tokens)
         self._prefill_lock = asyncio.Lock()
+        # Batch scheduler (fake.max_num_seqs): a running slot is held while tokens are produced.
+        self.scheduler = (BatchScheduler(config.fake.max_num_seqs, config.fake.preempt)
+                          if config.fake.max_num_seqs else None)
 
     @property
     def info(self) -> EngineInfo:
@@ -87,7 +91,11 @@ class FakeEngine(Engine):
         timing, fault = self._config.fake, self.fault
         done = False
         self._in_flight += 1
+        seq = (self.scheduler.add(request.request_id, request.priority)
+               if self.scheduler is not None else None)
         try:
+            if seq is not None:
+                await seq.run()
             cached = await self._prefill(ids)
             if timing.ttft_s:
                 await asyncio.sleep(timing.ttft_s)
@@ -99,6 +107,8 @@ class FakeEngine(Engine):
                             + timing.token_interval_per_running_request_s * self._in_flight)
                 if n > 1 and interval:
                     await asyncio.sleep(interval)
+                if seq is not None and await seq.run():  # preempted: prefill again
+                    await asyncio.sleep(timing.ttft_s)
                 word = f"tok{n} "
                 text_so_far += word
                 stop_hit = any(s and s in text_so_far for s in request.sampling.stop)
@@ -110,6 +120,8 @@ class FakeEngine(Engine):
                 if done:
                     return
         finally:
+            if seq is not None:
+                seq.finish()
             self._in_flight -= 1
             if not done:
                 self.aborted.append(request.request_id)
