@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 
+from moestack.engine import GenerationRequest, SamplingOptions
 from moestack.testing import fake_config, fake_model
 from moestack.testing.fake_engine import FakeEngine
 from moestack.testing.fake_scheduler import BatchScheduler
-from moestack.engine import GenerationRequest, SamplingOptions
 
 
 async def test_runs_at_most_max_num_seqs():

@@ -73,6 +73,10 @@ class FairBoard:
         return self.epoch, SyncIn(dict(self.counters), elsewhere, share_of(served),
                                   share_of(weights))
 
+    def snapshot(self) -> dict[str, float]:
+        """The merged counters (for operators and tests)."""
+        return dict(self.counters)
+
     def _expire(self, now_s: float) -> None:
         for gone in [g for g, (t, _, _) in self._reports.items() if now_s - t > STALE_AFTER_S]:
             del self._reports[gone]
