@@ -85,30 +85,31 @@ def shares(stack, weights: dict[str, float], window) -> dict[str, tuple[float, f
 
 async def run_mode(args, port: int, mode: str, tmp: Path) -> dict:
     out: dict = {}
+    tokens = (max(1, args.max_tokens // 2), args.max_tokens * 3 // 2)
     cfg = config(args, mode, str(tmp / f"{mode}.db"))
     with deploy(port, cfg, mode.replace("+", "-"), TENANTS) as stack:
-        await closed_loop(stack, {"light": 2}, 1.0, MODEL, args.max_tokens, ramp_s=1.0)  # warm
+        await closed_loop(stack, {"light": 2}, 1.0, MODEL, tokens, ramp_s=1.0)  # warm
         print(f"  [{mode}] 1. weights 1:3", flush=True)
         w = await closed_loop(stack, {"a1": args.backlog, "a3": args.backlog}, args.seconds,
-                              MODEL, args.max_tokens, ramp_s=args.ramp_s)
+                              MODEL, tokens, ramp_s=args.ramp_s)
         out["1:3"] = shares(stack, {"a1": 1.0, "a3": 3.0}, w)
         print(f"  [{mode}] 2. weights 1:2:4", flush=True)
-        n = args.backlog
+        n = args.backlog * 3 // 4
         w = await closed_loop(stack, {"w1": n, "w2": n, "w4": n}, args.seconds, MODEL,
-                              args.max_tokens, ramp_s=args.ramp_s)
+                              tokens, ramp_s=args.ramp_s)
         out["1:2:4"] = shares(stack, {"w1": 1.0, "w2": 2.0, "w4": 4.0}, w)
         print(f"  [{mode}] 3. light alone, then next to 10x heavy", flush=True)
-        w = await closed_loop(stack, {"light": args.light}, args.seconds, MODEL, args.max_tokens)
+        w = await closed_loop(stack, {"light": args.light}, args.seconds, MODEL, tokens)
         alone = [r.ttft_s for r in stack.rows("light", *w)]
         w = await closed_loop(stack, {"light": args.light, "heavy": 10 * args.light},
-                              args.seconds, MODEL, args.max_tokens)
+                              args.seconds, MODEL, tokens)
         both = [r.ttft_s for r in stack.rows("light", *w)]
         heavy = [r.ttft_s for r in stack.rows("heavy", *w)]
         out["light"] = (alone, both, heavy)
         print(f"  [{mode}] 4. a tenant arriving late", flush=True)
-        late_s, n = 2.0, max(1, args.backlog * 3 // 4)
+        late_s, n = 2.0, max(1, args.backlog // 2)
         w = await closed_loop(stack, {"early1": n, "early2": n, "late": n}, args.seconds, MODEL,
-                              args.max_tokens, late={"late": args.ramp_s + late_s},
+                              tokens, late={"late": args.ramp_s + late_s},
                               ramp_s=args.ramp_s)
         # From about one request's latency after its arrival to the end of the phase.
         after = (w[0] + dt.timedelta(seconds=late_s + 2.5), w[1])
@@ -182,12 +183,13 @@ if __name__ == "__main__":
     p.add_argument("--engine", choices=("fake", "vllm"), default="fake")
     p.add_argument("--seconds", type=float, default=8.0, help="measured length of each phase")
     p.add_argument("--slots", type=int, default=32, help="batch slots (max_num_seqs) per replica")
-    p.add_argument("--backlog", type=int, default=32, help="workers per tenant, scenarios 1 "
-                   "and 2 (3/4 of it in scenario 4)")
+    p.add_argument("--backlog", type=int, default=64, help="workers per tenant in scenario 1 "
+                   "(3/4 of it in scenario 2, 1/2 in scenario 4)")
     p.add_argument("--ramp-s", type=float, default=4.0, help="unmeasured start of a backlogged "
                    "phase")
     p.add_argument("--light", type=int, default=4, help="light tenant's workers, scenario 3")
-    p.add_argument("--max-tokens", type=int, default=8, help="completion tokens per request")
+    p.add_argument("--max-tokens", type=int, default=8, help="mean completion tokens per "
+                   "request (each asks for 1/2x to 3/2x of it)")
     p.add_argument("--ttft-s", type=float, default=0.4, help="fake engine time to first token")
     p.add_argument("--itl-s", type=float, default=0.2, help="fake engine inter-token time")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "moestack-bench")

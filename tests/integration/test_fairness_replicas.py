@@ -48,15 +48,17 @@ def token_shares(stack, tenants, window):
 
 
 def test_three_tenants_get_tokens_by_weights_1_2_4_under_overload(stack):
-    window = run(closed_loop(stack, {"w1": 32, "w2": 32, "w4": 32}, 6.0, MODEL, 8, ramp_s=4.0))
+    window = run(closed_loop(stack, {"w1": 48, "w2": 48, "w4": 48}, 6.0, MODEL, (4, 12),
+                             ramp_s=4.0))
     shares = token_shares(stack, ("w1", "w2", "w4"), window)
-    # 96 closed-loop workers for 36 dispatch slots: without weights each would get a third.
+    # 144 closed-loop workers for 36 dispatch slots: without weights each would get a third.
     assert shares["w1"] < shares["w2"] < shares["w4"], shares
     assert jain_index([shares[t] / (TENANTS[t] / 7) for t in shares]) >= 0.9, shares
 
 
 def test_light_tenant_goes_ahead_of_a_ten_times_heavier_one(stack):
-    window = run(closed_loop(stack, {"light": 4, "heavy": 40}, 6.0, MODEL, 8, ramp_s=2.0))
+    window = run(closed_loop(stack, {"light": 4, "heavy": 40}, 6.0, MODEL, (4, 12),
+                             ramp_s=2.0))
     light = [r.ttft_s for r in stack.rows("light", *window)]
     heavy = [r.ttft_s for r in stack.rows("heavy", *window)]
     # 44 workers for 32 batch slots: heavy queues; light, far below its share, is dispatched
@@ -66,8 +68,8 @@ def test_light_tenant_goes_ahead_of_a_ten_times_heavier_one(stack):
 
 
 def test_late_tenant_gets_its_share_without_waiting_for_others_to_drain(stack):
-    window = run(closed_loop(stack, {"early1": 24, "early2": 24, "late": 24}, 8.0, MODEL, 8,
-                             late={"late": 4.0 + 2.0}, ramp_s=4.0))
+    window = run(closed_loop(stack, {"early1": 32, "early2": 32, "late": 32}, 8.0, MODEL,
+                             (4, 12), late={"late": 4.0 + 2.0}, ramp_s=4.0))
     after = (window[0] + dt.timedelta(seconds=4.5), window[1])
     shares = token_shares(stack, ("early1", "early2", "late"), after)
     # Lifted to the busy tenants' counters on arrival: a third, neither starved nor a burst of
@@ -81,7 +83,8 @@ def test_gateways_survive_losing_the_shared_counters_and_resync(stack):
     name, namespace = f"fair-board:{APP}:{MODEL}", "moestack"
 
     async def scenario():
-        load = asyncio.create_task(closed_loop(stack, {"steady": 6}, 6.0, MODEL, 4, ramp_s=1.0))
+        load = asyncio.create_task(
+            closed_loop(stack, {"steady": 6}, 6.0, MODEL, (2, 6), ramp_s=1.0))
         await asyncio.sleep(2.0)
         ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
         return await load  # every request must succeed: closed_loop raises on any error

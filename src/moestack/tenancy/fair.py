@@ -11,8 +11,12 @@ vLLM) with the smallest virtual token counter. So the gateway holds only what th
 take; the replicas' batches stay full.
 
 Counters. A tenant's counter grows by ``tokens / weight`` for the work it is given: prompt plus
-completion tokens (prefill is work), its reservation at dispatch, corrected by the real count at
-release. Backlogged tenants therefore receive tokens in proportion to their weights. A tenant
+completion tokens (prefill is work). At dispatch it is charged an estimate: its moving average of
+real tokens per request (all tenants' for a newcomer), at most the request's reservation; at
+release the estimate is corrected to the real count. (Charging the reservation itself, an upper
+bound often several times the real size, would inflate the counters of tenants with many
+requests running, and a tenant lifted to such a counter would fall behind when it deflates.)
+Backlogged tenants therefore receive tokens in proportion to their weights. A tenant
 that was idle (nothing waiting or running) is lifted, when it comes back, to the smallest counter
 among the backlogged tenants (or the counter of the last dispatched one): idleness is not banked
 as credit. A tenant with requests running is active and keeps its counter.
@@ -44,6 +48,9 @@ TIER_SPAN = 1000
 SHARE_WINDOW_S = 60.0
 """Tokens served over this window give each tenant's share."""
 
+MEAN_ALPHA = 0.2
+"""Weight of the newest request in a tenant's moving average of real tokens per request."""
+
 
 @dataclass
 class _Waiter:
@@ -63,6 +70,8 @@ class _TenantState:
     """Weighted tokens charged here since the last sync."""
     lift: float | None = None
     """Counter this tenant was lifted to since the last sync."""
+    mean_tokens: float | None = None
+    """Moving average of the real tokens of this tenant's released requests."""
 
     @property
     def active(self) -> bool:
@@ -96,7 +105,7 @@ class SyncIn:
 class Slot:
     """A dispatch slot held by one request; release it exactly once with the real token count."""
 
-    def __init__(self, owner: FairQueue, tenant: str, charged_tokens: int, priority: int):
+    def __init__(self, owner: FairQueue, tenant: str, charged_tokens: float, priority: int):
         self._owner, self.tenant, self.charged_tokens = owner, tenant, charged_tokens
         self.priority = priority
         """Engine priority of this request (vLLM: lower runs first)."""
@@ -117,6 +126,7 @@ class FairQueue:
         self.inflight = 0
         self._tenants: dict[str, _TenantState] = {}
         self._last_counter = 0.0
+        self._mean_tokens: float | None = None  # all tenants': the estimate for newcomers
         self._elsewhere: dict[str, bool] = {}
         self._served: deque[tuple[float, str, int]] = deque()
         self._unsynced_served: dict[str, int] = {}
@@ -193,8 +203,12 @@ class FairQueue:
         priority = self.engine_priority(state)
         self.inflight += 1
         state.inflight += 1
-        self._charge(state, cost_tokens / state.weight)
-        return Slot(self, tenant, cost_tokens, priority)
+        # Charged ahead: the reservation (an upper bound), or less once the tenant's requests
+        # are known to be smaller; corrected to the real count at release.
+        mean = state.mean_tokens if state.mean_tokens is not None else self._mean_tokens
+        charge = cost_tokens if mean is None else min(cost_tokens, mean)
+        self._charge(state, charge / state.weight)
+        return Slot(self, tenant, charge, priority)
 
     def _charge(self, state: _TenantState, weighted_tokens: float) -> None:
         state.counter += weighted_tokens
@@ -206,6 +220,8 @@ class FairQueue:
         state.inflight -= 1
         self._charge(state, (actual_tokens - slot.charged_tokens) / state.weight)
         if actual_tokens:
+            state.mean_tokens = moving_mean(state.mean_tokens, actual_tokens)
+            self._mean_tokens = moving_mean(self._mean_tokens, actual_tokens)
             self._served.append((time.monotonic(), slot.tenant, actual_tokens))
             self._unsynced_served[slot.tenant] = (self._unsynced_served.get(slot.tenant, 0)
                                                   + actual_tokens)
@@ -251,6 +267,10 @@ class FairQueue:
         self._elsewhere = dict(merged.active_elsewhere)
         self.shared_shares = (dict(merged.shares), dict(merged.weight_shares))
         self._fill()
+
+
+def moving_mean(mean: float | None, value: float) -> float:
+    return value if mean is None else MEAN_ALPHA * value + (1 - MEAN_ALPHA) * mean
 
 
 def share_of(amounts: dict[str, float]) -> dict[str, float]:

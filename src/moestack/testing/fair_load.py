@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import random
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -90,10 +91,14 @@ def deploy(port: int, config: MoestackConfig, name: str,
 
 
 async def closed_loop(stack: TenantStack, workers: dict[str, int], seconds: float,
-                      model: str, max_tokens: int, late: dict[str, float] | None = None,
+                      model: str, max_tokens: tuple[int, int],
+                      late: dict[str, float] | None = None,
                       ramp_s: float = 1.0) -> tuple[dt.datetime, dt.datetime]:
     """Closed-loop workers per tenant (``late[t]``: tenant ``t`` starts that many seconds
-    late) for ``ramp_s + seconds``; returns the UTC window after the ramp-up, before the stop."""
+    late) for ``ramp_s + seconds``, each request asking for between ``max_tokens[0]`` and
+    ``max_tokens[1]`` tokens (varied lengths, so that requests do not all end together);
+    returns the UTC window after the ramp-up, before the stop."""
+    rng = random.Random(0)
     stop = asyncio.Event()
     clients = {t: stack.client(t) for t in workers}
 
@@ -102,7 +107,7 @@ async def closed_loop(stack: TenantStack, workers: dict[str, int], seconds: floa
         while not stop.is_set():
             await clients[tenant].chat.completions.create(
                 model=model, messages=[{"role": "user", "content": "hello fair world"}],
-                max_tokens=max_tokens)
+                max_tokens=rng.randint(*max_tokens))
 
     tasks = [asyncio.create_task(loop(t)) for t, n in workers.items() for _ in range(n)]
     try:
