@@ -257,7 +257,7 @@ class FairQueueConfig(_Strict):
         None, ge=1, description="Requests one replica runs in one batch. Unset: the model's "
         "`engine_args.max_num_seqs` (vLLM), else `fake.max_num_seqs` (fake engine), else "
         "`max_ongoing_requests`.")
-    headroom_ratio: float = Field(0.125, ge=0, le=4, description="Extra dispatch slots beyond "
+    headroom_ratio: float = Field(0.5, ge=0, le=4, description="Extra dispatch slots beyond "
                                   "the batch slots, as a fraction of them: requests waiting "
                                   "inside the engine keep its batch full between two "
                                   "dispatches and are ordered there by their priority.")

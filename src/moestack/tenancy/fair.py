@@ -72,6 +72,8 @@ class _TenantState:
     """Counter this tenant was lifted to since the last sync."""
     mean_tokens: float | None = None
     """Moving average of the real tokens of this tenant's released requests."""
+    inflight_charge: float = 0.0
+    """Weighted tokens charged ahead for the requests still running."""
 
     @property
     def active(self) -> bool:
@@ -182,11 +184,20 @@ class FairQueue:
 
     def _lift(self, state: _TenantState) -> None:
         """Idle until now (here and at the other gateways): no banked credit."""
-        backlogged = [s.counter for t, s in self._tenants.items()
+        backlogged = [self._served_so_far(s) for t, s in self._tenants.items()
                       if s.queue or self._elsewhere.get(t)]
         floor = min(backlogged) if backlogged else self._last_counter
         if floor > state.counter:
             state.counter, state.pending, state.lift = floor, 0.0, floor
+
+    def _served_so_far(self, state: _TenantState) -> float:
+        """The counter with running requests counted at the best estimate of their size (the
+        moving average), or not at all before any request was released: a reservation charged
+        ahead at a cold start is an upper bound that deflates at release, and lifting a newcomer
+        to it would put it behind work that never existed."""
+        mean = state.mean_tokens if state.mean_tokens is not None else self._mean_tokens
+        running = state.inflight * (mean or 0.0) / state.weight
+        return state.counter - state.inflight_charge + running
 
     def engine_priority(self, state: _TenantState) -> int:
         """``tier * TIER_SPAN + rank`` (see the module docstring); the tier alone if static."""
@@ -207,6 +218,7 @@ class FairQueue:
         # are known to be smaller; corrected to the real count at release.
         mean = state.mean_tokens if state.mean_tokens is not None else self._mean_tokens
         charge = cost_tokens if mean is None else min(cost_tokens, mean)
+        state.inflight_charge += charge / state.weight
         self._charge(state, charge / state.weight)
         return Slot(self, tenant, charge, priority)
 
@@ -218,6 +230,7 @@ class FairQueue:
         self.inflight -= 1
         state = self._tenants[slot.tenant]
         state.inflight -= 1
+        state.inflight_charge = max(0.0, state.inflight_charge - slot.charged_tokens / state.weight)
         self._charge(state, (actual_tokens - slot.charged_tokens) / state.weight)
         if actual_tokens:
             state.mean_tokens = moving_mean(state.mean_tokens, actual_tokens)
