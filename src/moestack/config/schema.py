@@ -262,7 +262,7 @@ class FairQueueConfig(_Strict):
                                   "inside the engine keep its batch full between two "
                                   "dispatches and are ordered there by their priority.")
     priority_step_tokens: float | None = Field(
-        64.0, gt=0, description="Dynamic engine priority: a request is sent with priority "
+        8.0, gt=0, description="Dynamic engine priority: a request is sent with priority "
         "`tier x 1000 + rank`, rank = how far its tenant's virtual token counter is ahead of "
         "the smallest active one of its tier, in steps of this many weighted tokens (at most "
         "999), so vLLM's priority scheduler (engine_args `scheduling_policy: priority`) runs "
