@@ -13,6 +13,7 @@ import pytest
 
 from moestack.config import parse_config
 from moestack.loadtest import jain_index
+from moestack.tenancy.models import utcnow
 from moestack.testing.fair_load import closed_loop, deploy, serve_cluster
 
 pytestmark = pytest.mark.integration
@@ -89,7 +90,7 @@ def test_gateways_survive_losing_the_shared_counters_and_resync(stack):
         ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
         return await load  # every request must succeed: closed_loop raises on any error
 
-    begin = dt.datetime.utcnow()
+    begin = utcnow()
     run(scenario())
     assert len(stack.rows("steady", begin)) >= 10
     board = ray.get_actor(name, namespace=namespace)  # created again by the gateways' syncs
