@@ -41,6 +41,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 TIER_SPAN = 1000
 """Engine priorities of one tier: ``tier * TIER_SPAN`` up to ``tier * TIER_SPAN + 999``."""
@@ -102,6 +103,26 @@ class SyncIn:
     active_elsewhere: dict[str, bool]
     shares: dict[str, float]
     weight_shares: dict[str, float]
+
+
+class FairBoardLink(Protocol):
+    """Where a gateway merges one model's counters with the others' (``moestack.serve.fair_board``)."""
+
+    async def sync(self, gateway_id: str, out: SyncOut) -> SyncIn | None: ...
+
+
+@dataclass(frozen=True)
+class FairnessView:
+    """One model's fairness state as this gateway sees it."""
+
+    counters: dict[str, float]
+    """Virtual token counter per tenant (weighted tokens)."""
+    token_shares: dict[str, float]
+    """Share of the tokens served over the last minute per tenant."""
+    weight_shares: dict[str, float]
+    """Share of the weight among the active tenants: what ``token_shares`` should be."""
+    shared: bool | None
+    """Counters merged with the other gateways at the last sync; None: not shared."""
 
 
 class Slot:

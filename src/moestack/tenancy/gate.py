@@ -18,8 +18,6 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
 
 import anyio
 from fastapi import Request
@@ -32,7 +30,7 @@ from moestack.errors import AuthenticationError
 from moestack.metering.cost import RequestCost
 from moestack.tenancy import admission, ledger
 from moestack.tenancy.admission import Principal, Reservation
-from moestack.tenancy.fair import FairQueue, Slot, SyncIn, SyncOut
+from moestack.tenancy.fair import FairBoardLink, FairnessView, FairQueue, Slot
 from moestack.tenancy.store import TenancyStore
 
 log = logging.getLogger(__name__)
@@ -42,26 +40,6 @@ current_principal: contextvars.ContextVar[Principal | None] = contextvars.Contex
 
 TEMPLATE_TOKENS_PER_MESSAGE = 16
 """Allowance for chat-template tokens per message in the prompt-size upper bound."""
-
-
-class FairBoardLink(Protocol):
-    """Where a gateway merges one model's counters with the others' (``moestack.serve``)."""
-
-    async def sync(self, gateway_id: str, out: SyncOut) -> SyncIn | None: ...
-
-
-@dataclass(frozen=True)
-class FairnessView:
-    """One model's fairness state as this gateway sees it."""
-
-    counters: dict[str, float]
-    """Virtual token counter per tenant (weighted tokens)."""
-    token_shares: dict[str, float]
-    """Share of the tokens served over the last minute per tenant."""
-    weight_shares: dict[str, float]
-    """Share of the weight among the active tenants: what ``token_shares`` should be."""
-    shared: bool | None
-    """Counters merged with the other gateways at the last sync; None: not shared."""
 
 
 def prompt_tokens_upper_bound(request: GenerationRequest) -> int:
