@@ -187,7 +187,7 @@ async def main(args) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", choices=("fake", "vllm"), default="fake")
-    p.add_argument("--seconds", type=float, default=8.0, help="measured length of each phase")
+    p.add_argument("--seconds", type=float, default=10.0, help="measured length of each phase")
     p.add_argument("--slots", type=int, default=32, help="batch slots (max_num_seqs) per replica")
     p.add_argument("--backlog", type=int, default=64, help="workers per tenant in scenario 1 "
                    "(3/4 of it in scenario 2, 1/2 in scenario 4)")
