@@ -48,7 +48,8 @@ def _gate(tmp_path, fair_queue=None, gateways=1, **model):
         "models": [fake_model("m", max_ongoing_requests=16, **model)],
         "gateway": {"num_replicas": gateways},
         "storage": {"url": f"sqlite:///{tmp_path}/t.db"},
-        "tenancy": {"enabled": True, "fair_queue": fair_queue or {}}})
+        "tenancy": {"enabled": True,
+                    "fair_queue": {"headroom_ratio": 0.0, **(fair_queue or {})}}})
     return TenancyGate(config, store=None)
 
 

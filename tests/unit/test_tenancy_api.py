@@ -8,6 +8,7 @@ import uvicorn
 
 from moestack.metering.pricing import load_pricing
 from moestack.tenancy import query_usage
+from moestack.tenancy.fair import TIER_SPAN
 from moestack.testing import FakeFault, fake_config, fake_model
 from moestack.testing.local_api import local_stack
 
@@ -258,7 +259,8 @@ async def test_engine_rejection_releases_reservation(stack):
 async def test_priority_tier_reaches_the_engine(stack):
     key = tenant(stack, priority=3)
     await chat(stack.openai(key))
-    assert stack.engines[MODEL].requests_seen[-1].priority == 3
+    # Dynamic priority: the tier dominates (tier x TIER_SPAN), plus the tenant's rank (0 alone).
+    assert stack.engines[MODEL].requests_seen[-1].priority == 3 * TIER_SPAN
 
 
 async def test_tenant_reads_only_its_own_usage(stack):

@@ -1,12 +1,14 @@
 """The VTC fair queue alone, and two tenants contending through the gateway on the fake engine."""
 
 import asyncio
+import re
 import statistics
 
 import pytest
 
 from moestack.tenancy import query_usage
-from moestack.tenancy.fair import FairQueue
+from moestack.serve.fair_board import FairBoard
+from moestack.tenancy.fair import TIER_SPAN, FairQueue
 from moestack.testing import fake_config, fake_model
 from moestack.testing.local_api import local_stack
 
@@ -135,3 +137,121 @@ async def test_light_tenant_is_served_next_although_heavy_sends_ten_times_more(t
     assert len(ahead) >= 5 and len(heavy) > 3 * len(ahead)
     assert statistics.median(ahead) <= inflight, ahead
     assert max(ahead) <= 2 * inflight < 20 - inflight, ahead
+
+
+# -- dynamic engine priority ------------------------------------------------------------------
+
+
+async def test_engine_priority_puts_the_tenant_below_its_share_first_and_tiers_dominate():
+    q = FairQueue(100, priority_step_tokens=10)
+    light = await q.acquire("light", 1.0, 0, 10)  # keeps running: active, counter 10
+    heavy = [await q.acquire("heavy", 1.0, 0, 10) for _ in range(20)]  # lifted to 0, then 200
+    assert [s.priority for s in heavy[:2]] == [0, 0]
+    assert heavy[-1].priority == (190 - 10) // 10  # 18 steps ahead of light, the floor
+    assert (await q.acquire("light", 1.0, 0, 10)).priority == 0  # furthest below its share
+    batch = await q.acquire("batch", 100.0, 2, 10)
+    assert batch.priority == 2 * TIER_SPAN  # tier dominates whatever the counters
+    assert all(s.priority < TIER_SPAN for s in heavy)
+    light.release(10)
+
+
+async def test_static_priority_without_a_step_is_the_tier():
+    q = FairQueue(4)
+    assert (await q.acquire("t", 1.0, 3, 10)).priority == 3
+
+
+async def test_rank_is_capped_inside_the_tier():
+    q = FairQueue(10_000, priority_step_tokens=1)
+    await q.acquire("light", 1.0, 1, 1)
+    for _ in range(50):
+        slot = await q.acquire("heavy", 1.0, 1, 100)
+    assert slot.priority == 2 * TIER_SPAN - 1
+
+
+# -- counters shared across gateway replicas ----------------------------------------------------
+
+
+def sync(board, gateway, queue, epochs):
+    epochs[gateway], merged = board.sync(gateway, epochs.get(gateway), queue.sync_out())
+    queue.sync_in(merged)
+
+
+async def test_two_gateways_share_counters_through_the_board():
+    board, epochs = FairBoard(), {}
+    gw_a, gw_b = FairQueue(100), FairQueue(100)
+    held = [await gw_a.acquire("heavy", 1.0, 0, 100) for _ in range(5)]  # 500 at gateway a
+    light = await gw_b.acquire("light", 1.0, 0, 10)
+    sync(board, "a", gw_a, epochs)
+    sync(board, "b", gw_b, epochs)
+    # Gateway b now knows heavy's 500, and that heavy is active elsewhere.
+    assert gw_b.counters()["heavy"] == 500 and gw_b._elsewhere == {"heavy": False}
+    sync(board, "a", gw_a, epochs)
+    assert gw_a.counters() == {"heavy": 500, "light": 10}
+    # Charges between syncs are kept on top of the merged value.
+    extra = await gw_b.acquire("heavy", 1.0, 0, 50)
+    sync(board, "a", gw_a, epochs)
+    assert gw_b.counters()["heavy"] == 550
+    sync(board, "b", gw_b, epochs)
+    sync(board, "a", gw_a, epochs)
+    assert gw_a.counters()["heavy"] == gw_b.counters()["heavy"] == 550 == board.counters["heavy"]
+    for s in [*held, light, extra]:
+        s.release(s.charged_tokens)
+
+
+async def test_lost_board_falls_back_to_local_counters_and_a_new_board_is_reseeded():
+    board, epochs = FairBoard(), {}
+    gw_a, gw_b = FairQueue(100), FairQueue(100)
+    for _ in range(3):
+        (await gw_a.acquire("heavy", 1.0, 0, 100)).release(100)
+    sync(board, "a", gw_a, epochs)
+    sync(board, "b", gw_b, epochs)
+    gw_b.sync_in(None)  # the board is gone: b keeps what it knew and runs on its own
+    assert gw_b.counters()["heavy"] == 300 and gw_b.shared_shares is None
+    (await gw_b.acquire("light", 1.0, 0, 10)).release(10)  # still served, never an outage
+    for _ in range(2):
+        (await gw_a.acquire("heavy", 1.0, 0, 100)).release(100)
+    gw_a.sync_in(None)
+    board = FairBoard()  # recreated: empty, new epoch
+    sync(board, "b", gw_b, epochs)
+    sync(board, "a", gw_a, epochs)
+    assert board.counters == {"heavy": 500, "light": 10}  # seeded by the maximum
+    sync(board, "b", gw_b, epochs)
+    assert gw_b.counters() == {"heavy": 500, "light": 10}
+
+
+async def test_board_lifts_a_tenant_idle_everywhere_and_reports_shares():
+    board, epochs = FairBoard(), {}
+    gw_a, gw_b = FairQueue(1), FairQueue(1)
+    running = await gw_a.acquire("heavy", 1.0, 0, 100)
+    waiting = asyncio.create_task(gw_a.acquire("heavy", 1.0, 0, 100))
+    await asyncio.sleep(0)
+    sync(board, "a", gw_a, epochs)
+    sync(board, "b", gw_b, epochs)
+    assert gw_b._elsewhere == {"heavy": True}  # backlogged at a
+    late = await gw_b.acquire("late", 3.0, 0, 30)  # idle everywhere: lifted to heavy's 100
+    assert gw_b.counters()["late"] == 110
+    sync(board, "b", gw_b, epochs)
+    assert board.counters["late"] == 110
+    running.release(100)
+    late.release(30)
+    (await waiting).release(100)
+    sync(board, "a", gw_a, epochs)
+    epoch, merged = board.sync("b", epochs["b"], gw_b.sync_out())
+    assert merged.shares == pytest.approx({"heavy": 200 / 230, "late": 30 / 230})
+    assert merged.weight_shares == {}  # nobody active any more
+
+
+async def test_fairness_gauges_are_exported(tmp_path):
+    config = fake_config(
+        fake_model(MODEL), storage={"url": f"sqlite:///{tmp_path}/t.db"},
+        tenancy={"enabled": True})
+    async with local_stack(config) as stack:
+        key = stack.tenancy.store.create_tenant("acme", weight=2.0)[1].plaintext
+        await stack.openai(key).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x y"}], max_tokens=3)
+        text = (await stack.operator.get("/metrics")).text
+    counter = re.search(r'moestack_fair_virtual_tokens\{model="fake-moe",tenant="acme"\} (\S+)',
+                        text)
+    assert counter and float(counter.group(1)) > 0
+    assert 'moestack_fair_token_share_ratio{model="fake-moe",tenant="acme"} 1.0' in text
+    assert "moestack_fair_shared_counters_up{" not in text  # no shared board in-process

@@ -49,6 +49,7 @@ def build_api(config: MoestackConfig, backend: ModelBackend,
         for m in config.models:
             queue = app.state.tenancy.queue(m.name)
             metrics.track_queue_depth(m.name, queue.waiting, lambda q=queue: q.max_inflight)
+            metrics.track_fairness(m.name, lambda name=m.name: app.state.tenancy.fairness(name))
     relay = Relay(config, backend, [metrics, *sinks], admission=app.state.tenancy)
     app.state.config = config
     app.state.created = int(time.time())

@@ -61,6 +61,13 @@ class FakeEngineSettings(_Strict):
                                      "cache in tokens (LRU over blocks); 0 disables it.")
     prefix_block_tokens: int = Field(16, ge=1, description="Tokens per block of the simulated "
                                      "prefix cache (only whole blocks are cached).")
+    max_num_seqs: int | None = Field(None, ge=1, description="Requests one fake replica runs "
+                                     "in its batch at once (like vLLM's max_num_seqs); more wait, "
+                                     "ordered by (priority, arrival) as vLLM's priority policy "
+                                     "does. Unset: no batch limit.")
+    preempt: bool = Field(False, description="With `max_num_seqs`: a waiting request that sorts "
+                          "before the worst running one preempts it (it waits again and redoes "
+                          "its prefill), as vLLM does when its KV cache is full.")
 
 
 class RoutingConfig(_Strict):
@@ -311,14 +318,34 @@ class TokenPriceConfig(_Strict):
 
 
 class FairQueueConfig(_Strict):
-    """Weighted, token-based fair queue in front of each model (per gateway replica)."""
+    """Weighted, token-based fair queue in front of each model, counters shared by the gateways."""
 
     max_inflight_requests_per_model: int | None = Field(
         None, ge=1, description="Requests one gateway replica sends to a model at once; more "
         "wait in the fair queue, ordered by priority tier and virtual token counter. Unset: "
-        "what the model's live replicas take at once (replicas x max_ongoing_requests) divided "
-        "by the gateway replicas, following autoscaling, so requests wait here in fair order "
-        "rather than in Ray Serve's FIFO queues.")
+        "what the model's live replicas run in one batch (replicas x batch slots, plus "
+        "`headroom_ratio`) divided by the gateway replicas, following autoscaling, so the "
+        "batches stay full and only the excess waits here in fair order.")
+    batch_slots_per_replica: int | None = Field(
+        None, ge=1, description="Requests one replica runs in one batch. Unset: the model's "
+        "`engine_args.max_num_seqs` (vLLM), else `fake.max_num_seqs` (fake engine), else "
+        "`max_ongoing_requests`.")
+    headroom_ratio: float = Field(0.5, ge=0, le=4, description="Extra dispatch slots beyond "
+                                  "the batch slots, as a fraction of them: requests waiting "
+                                  "inside the engine keep its batch full between two "
+                                  "dispatches and are ordered there by their priority.")
+    priority_step_tokens: float | None = Field(
+        8.0, gt=0, description="Dynamic engine priority: a request is sent with priority "
+        "`tier x 1000 + rank`, rank = how far its tenant's virtual token counter is ahead of "
+        "the smallest active one of its tier, in steps of this many weighted tokens (at most "
+        "999), so vLLM's priority scheduler (engine_args `scheduling_policy: priority`) runs "
+        "the tenants furthest below their share first. Unset: the tier alone.")
+    shared_counters: bool = Field(True, description="Merge the virtual token counters of all "
+                                  "gateway replicas through a per-model Ray actor (Ray Serve "
+                                  "only); if it is lost each gateway falls back to its own "
+                                  "counters until it is back.")
+    sync_interval_s: float = Field(0.2, gt=0, description="How often a gateway merges its "
+                                   "counters with the shared ones, in seconds.")
 
 
 class TenancyConfig(_Strict):

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,7 +23,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from moestack.usage import RequestRecord
@@ -66,8 +67,10 @@ class GatewayMetrics:
         self._lock = threading.Lock()
         self._routing: dict[str, tuple[Callable[[], RoutingCounts | None],
                                        Callable[[], int]]] = {}
+        self._fairness: dict[str, Callable[[], FairnessSource]] = {}
         self._declare(self.registry)
         self.registry.register(_RoutingCollector(self._routing))
+        self.registry.register(_FairnessCollector(self._fairness))
         if config is not None:
             for m in config.models:
                 self._track_replicas(m, lambda m=m: m.initial_replicas)
@@ -165,6 +168,11 @@ class GatewayMetrics:
         self.queue_depth.labels(model).set_function(waiting)
         self.queue_slots.labels(model).set_function(slots)
 
+    def track_fairness(self, model: str, view: Callable[[], FairnessSource]) -> None:
+        """Report ``view()`` (the tenancy gate's ``fairness(model)``: virtual token counters,
+        token and weight shares per tenant, whether counters are shared) at every scrape."""
+        self._fairness[model] = view
+
     def track_routing(self, model: str, counts: Callable[[], RoutingCounts | None],
                       failovers: Callable[[], int]) -> None:
         """Report the routing of ``model`` at every scrape: ``counts()`` of the router (None
@@ -253,6 +261,53 @@ class _RoutingCollector(Collector):
             blocks.add_metric([model, "prompt"], c.prompt_blocks)
             blocks.add_metric([model, "matched"], c.matched_blocks)
         yield from (routed, blocks, failovers)
+
+
+class FairnessSource(Protocol):
+    """What the fairness gauges read (``moestack.tenancy.gate.FairnessView``)."""
+
+    counters: dict[str, float]
+    token_shares: dict[str, float]
+    weight_shares: dict[str, float]
+    shared: bool | None
+
+
+class _FairnessCollector(Collector):
+    """Fair-queue counters and shares read from the tenancy gate at scrape time."""
+
+    def __init__(self, sources: dict[str, Callable[[], FairnessSource]]):
+        self.sources = sources
+
+    def describe(self):
+        return []  # names are declared in collect(); nothing to check at registration
+
+    def collect(self):
+        counters = GaugeMetricFamily("moestack_fair_virtual_tokens", "Virtual token counter of "
+                                     "a tenant in a model's fair queue: prompt plus completion "
+                                     "tokens served, divided by its weight, lifted when idle.",
+                                     labels=["model", "tenant"])
+        shares = GaugeMetricFamily("moestack_fair_token_share_ratio", "A tenant's share of the "
+                                   "prompt plus completion tokens served by a model over the "
+                                   "last minute (all gateways when shared).",
+                                   labels=["model", "tenant"])
+        entitled = GaugeMetricFamily("moestack_fair_weight_share_ratio", "A tenant's share of "
+                                     "the weight among a model's active tenants: the token "
+                                     "share it is entitled to.", labels=["model", "tenant"])
+        shared = GaugeMetricFamily("moestack_fair_shared_counters_up", "1 while the gateway "
+                                   "merges its counters with the other gateways' (shared "
+                                   "board reachable), 0 while it runs on local counters.",
+                                   labels=["model"])
+        for model, source in self.sources.items():
+            view = source()
+            for tenant, value in view.counters.items():
+                counters.add_metric([model, tenant], value)
+            for tenant, value in view.token_shares.items():
+                shares.add_metric([model, tenant], value)
+            for tenant, value in view.weight_shares.items():
+                entitled.add_metric([model, tenant], value)
+            if view.shared is not None:
+                shared.add_metric([model], 1.0 if view.shared else 0.0)
+        yield from (counters, shares, entitled, shared)
 
 
 def _default_resources(config: MoestackConfig) -> ResourceSource:

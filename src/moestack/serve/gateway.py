@@ -12,6 +12,7 @@ from moestack.api.operator import build_operator_api
 from moestack.config.schema import MoestackConfig
 from moestack.routing.policy import ROUTERS
 from moestack.serve.backend import ServeBackend
+from moestack.serve.fair_board import FairBoardClient
 from moestack.serve.operator_listener import OperatorListener
 from moestack.serve.queue_board import REPORT_INTERVAL_S, BoardClient
 from moestack.tenancy.gate import TenancyGate
@@ -30,6 +31,9 @@ class Gateway:
             else None
         context = serve.get_replica_context()
         self.app_name, self.replica_id = context.app_name, context.replica_id.unique_id
+        if self.tenancy is not None:  # fair-queue counters shared by the gateway replicas
+            self.tenancy.share_fairness({m.name: FairBoardClient(self.app_name, m.name)
+                                         for m in self.config.models})
         self._follow = asyncio.get_running_loop().create_task(self._follow_models())
 
     def __serve_build_asgi_app__(self):

@@ -52,8 +52,11 @@ class BoardClient:
     """A replica's connection to its application's board, found again after it was lost.
 
     Gateways create the board if it is missing; ModelServers only read it (no board: nothing is
-    queued at any gateway, e.g. tenancy off).
+    queued at any gateway, e.g. tenancy off). Subclasses set ``actor_cls`` and ``name`` for
+    other boards (``moestack.serve.fair_board``).
     """
+
+    actor_cls: type = QueueBoard
 
     def __init__(self, app_name: str, create: bool):
         self.name, self.create = board_name(app_name), create
@@ -65,7 +68,7 @@ class BoardClient:
 
         if self._actor is None:
             if self.create:
-                actor_cls = ray.remote(num_cpus=0)(QueueBoard)
+                actor_cls = ray.remote(num_cpus=0)(self.actor_cls)
                 self._actor = await asyncio.to_thread(lambda: actor_cls.options(
                     name=self.name, namespace=NAMESPACE, get_if_exists=True).remote())
             else:
@@ -88,7 +91,7 @@ class BoardClient:
             self._actor = None
             if not self._warned:
                 self._warned = True
-                log.warning("queue board %s: %s: %s", self.name, method, type(exc).__name__)
+                log.warning("board %s: %s: %s", self.name, method, type(exc).__name__)
             return None
 
     async def report(self, gateway_id: str, waiting: dict[str, int]) -> None:

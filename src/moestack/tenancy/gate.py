@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import dataclasses
 import logging
+import math
 import os
 import socket
 import uuid
@@ -28,7 +29,7 @@ from moestack.metering.cost import RequestCost
 from moestack.tenancy import admission, counters, ledger
 from moestack.tenancy.admission import Principal, Reservation
 from moestack.tenancy.auth_cache import AuthCache
-from moestack.tenancy.fair import FairQueue, Slot
+from moestack.tenancy.fair import FairBoardLink, FairnessView, FairQueue, Slot
 from moestack.tenancy.ledger import Settlement
 from moestack.tenancy.models import utcnow
 from moestack.tenancy.store import TenancyStore
@@ -49,12 +50,10 @@ class Ticket:
     def __init__(self, gate: TenancyGate, principal: Principal, reservation: Reservation):
         self.gate, self.principal, self.reservation = gate, principal, reservation
         self.slot: Slot | None = None
+        self.priority: int = principal.priority
+        """Engine priority to send (vLLM's request ``priority``, lower runs first): the dynamic
+        one of the dispatch slot, from the tenant's tier and virtual token counter."""
         self._settled = False
-
-    @property
-    def priority(self) -> int:
-        """The engine priority of the request (lower runs first): the tenant's tier."""
-        return self.principal.priority
 
     async def settle(self, record: RequestRecord) -> RequestRecord:
         """Settle the ledger row with the real usage (once); returns the record with the tenant."""
@@ -82,6 +81,10 @@ class TenancyGate:
         self.writer = StoreWriter(store, self.settings.settle_flush_interval_ms / 1000,
                                   self.settings.settle_batch_max_rows)
         self.auth = AuthCache(store, self.settings.auth_cache_ttl_s)
+        self._fair_boards: dict[str, FairBoardLink] = {}
+        self._fair_sync: asyncio.Task | None = None
+        self.fair_shared: dict[str, bool] = {}
+        """Per model: whether the last sync with the shared counters succeeded."""
         self.on_budget_remaining: Callable[[str, float], None] | None = None
         """Told (tenant, USD left net of running reservations) at each admission with a budget."""
         self.pricer: Callable[[RequestRecord], RequestCost] | None = None
@@ -100,10 +103,17 @@ class TenancyGate:
         self.writer.start()
         if self._heartbeat is None or self._heartbeat.done():
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+        if self._fair_boards and (self._fair_sync is None or self._fair_sync.done()):
+            self._fair_sync = asyncio.get_running_loop().create_task(self._sync_fairness())
 
     async def stop(self) -> None:
-        """Stop the beat and flush queued settlements (those the store cannot take now stay
-        pending in the ledger and are closed as lost, keeping their reservation)."""
+        """Stop the beat and the fairness sync, and flush queued settlements (those the store
+        cannot take now stay pending in the ledger and are closed as lost, keeping their
+        reservation)."""
+        if self._fair_sync is not None:
+            self._fair_sync.cancel()
+            await asyncio.gather(self._fair_sync, return_exceptions=True)
+            self._fair_sync = None
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             try:
@@ -151,20 +161,52 @@ class TenancyGate:
 
     def queue(self, model: str) -> FairQueue:
         if model not in self._queues:
-            self._queues[model] = FairQueue(self.dispatch_slots(model))
+            self._queues[model] = FairQueue(self.dispatch_slots(model),
+                                            self.settings.fair_queue.priority_step_tokens)
         return self._queues[model]
+
+    def batch_slots(self, model: str) -> int:
+        """Requests one replica of ``model`` runs in one batch (see ``FairQueueConfig``)."""
+        m = self.config.model(model)
+        return (self.settings.fair_queue.batch_slots_per_replica
+                or m.engine_args.get("max_num_seqs") or m.fake.max_num_seqs
+                or m.max_ongoing_requests)
 
     def dispatch_slots(self, model: str, live_replicas: int | None = None) -> int:
         """This gateway replica's fair-queue slots for ``model``: the configured number, else
-        what the model's replicas (live, or the initial ones) take at once, shared by the
-        gateway replicas. A model scaled to zero gets one replica's worth, so the first
-        requests reach Ray Serve and start it."""
-        fixed = self.settings.fair_queue.max_inflight_requests_per_model
-        if fixed is not None:
-            return fixed
+        what the model's replicas (live, or the initial ones) run in one batch plus the
+        headroom, shared by the gateway replicas. A model scaled to zero gets one replica's
+        worth, so the first requests reach Ray Serve and start it."""
+        fair = self.settings.fair_queue
+        if fair.max_inflight_requests_per_model is not None:
+            return fair.max_inflight_requests_per_model
         m = self.config.model(model)
         replicas = max(1, m.initial_replicas if live_replicas is None else live_replicas)
-        return max(1, -(-replicas * m.max_ongoing_requests // self.config.gateway.num_replicas))
+        total = math.ceil(replicas * self.batch_slots(model) * (1 + fair.headroom_ratio))
+        return max(1, -(-total // self.config.gateway.num_replicas))
+
+    def share_fairness(self, boards: dict[str, FairBoardLink]) -> None:
+        """Merge each model's virtual token counters with the other gateway replicas through
+        ``boards[model]`` every ``sync_interval_s`` (from :meth:`start`)."""
+        if self.settings.fair_queue.shared_counters:
+            self._fair_boards = dict(boards)
+
+    async def _sync_fairness(self) -> None:
+        interval = self.settings.fair_queue.sync_interval_s
+        while True:
+            for model, board in self._fair_boards.items():
+                queue = self.queue(model)
+                merged = await board.sync(self.gateway_id, queue.sync_out())
+                queue.sync_in(merged)  # None: board lost, run on local counters until back
+                self.fair_shared[model] = merged is not None
+            await asyncio.sleep(interval)
+
+    def fairness(self, model: str) -> FairnessView:
+        """Counters and shares of ``model``'s tenants, for the metrics."""
+        queue = self.queue(model)
+        shares, weight_shares = queue.shares()
+        return FairnessView(queue.counters(), shares, weight_shares,
+                            self.fair_shared.get(model))
 
     def follow_replicas(self, model: str, live_replicas: int) -> None:
         """The model now has ``live_replicas``: resize its fair queue's slots to match."""
@@ -206,6 +248,7 @@ class TenancyGate:
         try:
             ticket.slot = await self.queue(model).acquire(
                 principal.tenant, principal.weight, principal.priority, reservation.tokens)
+            ticket.priority = ticket.slot.priority
         except BaseException:
             # Gone while queued: nothing ran; close the row so the reservation is released.
             with anyio.CancelScope(shield=True):
@@ -215,7 +258,6 @@ class TenancyGate:
                     cached_prompt_tokens=0, ttft_s=None, e2e_s=0.0, error_code="client_closed"))
             raise
         return ticket
-
 
     async def _admit(self, principal: Principal, reservation: Reservation, model: str,
                      endpoint: str, stream: bool) -> float | None:

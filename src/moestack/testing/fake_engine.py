@@ -33,6 +33,7 @@ from moestack.engine.protocol import (
     EngineStats,
 )
 from moestack.errors import EngineUnavailableError
+from moestack.testing.fake_scheduler import BatchScheduler
 from moestack.usage import Usage
 
 _COMMON_FIELDS = frozenset({
@@ -90,6 +91,9 @@ class FakeEngine(Engine):
         self.prefix_cache = FakePrefixCache(config.fake.prefix_cache_tokens,
                                             config.fake.prefix_block_tokens)
         self._prefill_lock = asyncio.Lock()
+        # Batch scheduler (fake.max_num_seqs): a running slot is held while tokens are produced.
+        self.scheduler = (BatchScheduler(config.fake.max_num_seqs, config.fake.preempt)
+                          if config.fake.max_num_seqs else None)
 
     @property
     def info(self) -> EngineInfo:
@@ -180,7 +184,12 @@ class FakeEngine(Engine):
                 "created": int(time.time()), "model": self._config.name}
         done, first = False, True
         self._in_flight += 1
+        # A batch slot (fake.max_num_seqs) is held while tokens are produced, as in vLLM.
+        seq = (self.scheduler.add(request.request_id, body.get("priority", 0))
+               if self.scheduler is not None else None)
         try:
+            if seq is not None:
+                await seq.run()
             for ids in prompts:
                 cached += await self._prefill(ids)
             if timing.ttft_s:
@@ -192,6 +201,8 @@ class FakeEngine(Engine):
                             + timing.token_interval_per_running_request_s * self._in_flight)
                 if step > 1 and interval:
                     await asyncio.sleep(interval)
+                if seq is not None and await seq.run():  # preempted: prefill again
+                    await asyncio.sleep(timing.ttft_s)
                 deltas = []
                 for i, _ in enumerate(choices):
                     if finish[i] is not None:
@@ -225,6 +236,8 @@ class FakeEngine(Engine):
                        "usage": _usage(usage)}
                 yield EngineChunk(json.dumps(out).encode(), usage, 200, "application/json")
         finally:
+            if seq is not None:
+                seq.finish()
             self._in_flight -= 1
             if not done:
                 self.aborted.append(request.request_id)
