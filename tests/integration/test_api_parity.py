@@ -31,6 +31,7 @@ def stack():
             "name": MODEL, "tiny": {"arch": "deepseek-v3", "seed": 0},
             "architecture": "DeepseekV3ForCausalLM", "max_model_len": 1024,
             "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
+            "serving": {"tool_call_parser": "hermes"},
             "engine_args": {"enforce_eager": True},
         }],
         # Direct ingress, as the embedded default runs (tests/integration/test_stack.py: the proxy)
@@ -110,13 +111,14 @@ def test_json_schema_response_parses(client):
 
 
 def test_named_tool_choice_returns_a_parsed_call_and_a_tool_result_turn_renders(client):
+    # `strict: true` pins the arguments to the schema (vLLM's --tool-strict-level auto).
     tools = [{"type": "function", "function": {
-        "name": "get_weather", "description": "Weather of a city",
+        "name": "get_weather", "description": "Weather of a city", "strict": True,
         "parameters": {"type": "object", "properties": {"city": {"type": "string",
                                                                  "maxLength": 10}},
-                       "required": ["city"]}}}]
+                       "required": ["city"], "additionalProperties": False}}}]
     resp = client.chat.completions.create(
-        model=MODEL, messages=HELLO, max_tokens=60, tools=tools,
+        model=MODEL, messages=HELLO, max_tokens=400, tools=tools,
         tool_choice={"type": "function", "function": {"name": "get_weather"}})
     (call,) = resp.choices[0].message.tool_calls
     assert call.function.name == "get_weather"

@@ -133,9 +133,10 @@ async def test_light_tenant_is_served_next_although_heavy_sends_ten_times_more(t
     # 20 heavy requests compete for 4 slots, so about 16 are always queued: FIFO would start all
     # of them before a light request. VTC gives the light request the next free slot; what starts
     # ahead of it is what was already picked while it went through authentication and admission
-    # (the 4 slots ending together on the fake engine): a few, never the queue.
+    # (the 4 slots ending together on the fake engine, and one more while its ledger row is
+    # committed by the store writer): a few, never the queue.
     assert len(ahead) >= 5 and len(heavy) > 3 * len(ahead)
-    assert statistics.median(ahead) <= inflight, ahead
+    assert statistics.median(ahead) <= inflight + 1, ahead
     assert max(ahead) <= 2 * inflight < 20 - inflight, ahead
 
 

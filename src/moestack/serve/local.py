@@ -48,6 +48,14 @@ def start_ray(config: MoestackConfig, verbose: bool) -> None:
     ray.init(num_cpus=config.ray.num_cpus, **kwargs)
 
 
+def _spare_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def direct_ingress_env(config: MoestackConfig) -> dict[str, str]:
     """Ray Serve's environment for ``gateway.ingress``: direct ingress on the gateway's ports
     (replica i on ``port + i``), or none."""
@@ -70,7 +78,11 @@ def deploy(config: MoestackConfig, say: Say, timeout_s: float = DEPLOY_TIMEOUT_S
         check_app_fits_cluster(config.models)
     except PlacementError as exc:
         raise StackFailed(exc.message) from None
-    serve.start(http_options={"host": config.gateway.host, "port": config.gateway.port})
+    gw = config.gateway
+    # With direct ingress the Gateway replicas listen on `port` (+ i) themselves; Serve still
+    # starts its proxy, which then gets a spare loopback port nobody is told about.
+    proxy = (gw.host, gw.port) if gw.ingress == "proxy" else ("127.0.0.1", _spare_port())
+    serve.start(http_options={"host": proxy[0], "port": proxy[1]})
     errors: list[BaseException] = []
 
     def run() -> None:
