@@ -90,7 +90,7 @@ def streams_phase(server, recorder, n: int, name: str, check_leaks: bool = True)
         "ignore_eos": False, "tenants": [{"name": "t"}], "prompt_tokens": {"mean": 8},
         "output_tokens": {"mean": 16}})
     run = asyncio.run(run_scenario(scenario, server.base_url, {}, plots=False))
-    check = recorder.reconcile(r.response_id for r in run.results if r.response_id)
+    check = recorder.reconcile(r.ledger_id for r in run.results if r.ledger_id)
     return Phase(name, n, run.report["requests"]["failed"], check.lost,
                  check.double_billed - double_before, leaks(server) if check_leaks else "")
 

@@ -226,8 +226,7 @@ STREAMS = [
      {"prompt": "Once upon a time", "max_tokens": 600, "ignore_eos": True, "stream": True}),
     ("/responses", "responses", {"input": "Once upon a time", "max_output_tokens": 600,
                                  "stream": True}),
-    ("/messages", "messages",
-     {"messages": HELLO, "max_tokens": 600, "ignore_eos": True, "stream": True}),
+    ("/messages", "messages", {"messages": HELLO, "max_tokens": 600, "stream": True}),
 ]
 
 

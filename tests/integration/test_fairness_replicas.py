@@ -97,7 +97,7 @@ def test_gateways_survive_losing_the_shared_counters_and_resync(stack):
     assert ray.get(board.snapshot.remote()).get("steady", 0) > 0  # re-seeded with counters
     ups = []
     with httpx.Client() as client:
-        for _ in range(6):  # reaches both gateway replicas
-            text = client.get(stack.base_url.removesuffix("/v1") + "/metrics").text
+        for url in stack.operator_urls:  # each gateway replica's own metrics
+            text = client.get(url + "/metrics").text
             ups += re.findall(r'moestack_fair_shared_counters_up\{model="fair-moe"\} (\S+)', text)
-    assert ups and all(float(u) == 1.0 for u in ups), ups
+    assert len(ups) == len(stack.operator_urls) == 2 and all(float(u) == 1.0 for u in ups), ups

@@ -17,6 +17,7 @@ import uvicorn
 import yaml
 
 from moestack.api.app import build_api
+from moestack.api.operator import build_operator_api
 from moestack.api.backend import LocalBackend
 from moestack.config import parse_config
 from moestack.engine import build_engine
@@ -115,20 +116,24 @@ async def scraped_gateway():
     engine = build_engine(config.model("m"))
     await engine.start()
     app = build_api(config, LocalBackend({"m": engine}))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
+    port, operator_port = free_port(), free_port()
+    # The public API, and the operator listener whose /metrics Prometheus scrapes.
+    servers = [uvicorn.Server(uvicorn.Config(a, host="127.0.0.1", port=p, log_level="warning",
+                                             lifespan="off"))
+               for a, p in ((app, port), (build_operator_api(config, app.state.metrics, None),
+                                          operator_port))]
+    serving = [asyncio.create_task(s.serve()) for s in servers]
+    while not all(s.started for s in servers):
         await asyncio.sleep(0.05)
-    prom = _Prometheus(f"127.0.0.1:{port}", short_temp_dir())
+    prom = _Prometheus(f"127.0.0.1:{operator_port}", short_temp_dir())
     try:
         await asyncio.to_thread(prom.wait_ready)
         yield f"http://127.0.0.1:{port}", prom
     finally:
         prom.stop()
-        server.should_exit = True
-        await serving
+        for s in servers:
+            s.should_exit = True
+        await asyncio.gather(*serving)
         engine.stop()
 
 

@@ -18,6 +18,7 @@ import httpx
 import pytest
 import yaml
 
+from moestack.api.relay import REQUEST_ID_HEADER
 from moestack.loadtest import parse_scenario, run_scenario
 from moestack.loadtest.abuse import leave_before_first_token, leave_mid_stream
 from moestack.loadtest.compare import wait_http_ok
@@ -131,7 +132,7 @@ async def test_revoked_key_is_refused_but_streams_already_running_finish_and_bil
                 assert resp.status_code == 200
                 lines = [line async for line in resp.aiter_lines() if line.startswith("data:")]
             assert lines[-1] == "data: [DONE]"
-            return json.loads(lines[0][5:])["id"]
+            return resp.headers[REQUEST_ID_HEADER]
 
         running = [asyncio.create_task(full_stream()) for _ in range(5)]
         await asyncio.sleep(0.5)  # all five are streaming now
@@ -171,7 +172,7 @@ async def test_multi_tenant_load_with_disconnects_bills_each_request_exactly_onc
     billed = rows(db_url)
     assert not [r for r in billed.values() if r.state == "pending"]
     for r in run.results:
-        row = billed[r.response_id]
+        row = billed[r.ledger_id]
         assert (row.state, row.status_code, row.tenant) == ("settled", 200, r.tenant)
         assert (row.prompt_tokens, row.completion_tokens) == (r.prompt_tokens,
                                                                r.completion_tokens)
@@ -237,10 +238,10 @@ async def test_gateway_killed_mid_load_bills_completed_requests_once_and_closes_
                 proc.wait(30)
     assert not [r for r in billed.values() if r.state == "pending"]
     for r in completed:
-        row = billed[r.response_id]
+        row = billed[r.ledger_id]
         assert (row.state, row.status_code) == ("settled", 200)
         assert row.completion_tokens == r.completion_tokens
-    crash_rows = [r for r in billed.values() if r.request_id != resp.json()["id"]]
+    crash_rows = [r for r in billed.values() if r.request_id != resp.headers[REQUEST_ID_HEADER]]
     assert len(crash_rows) == len({r.request_id for r in crash_rows})
     lost = [r for r in crash_rows if r.state == "lost"]
     assert lost and all(r.error_code == "gateway_lost" for r in lost)

@@ -271,7 +271,9 @@ async def test_gateway_fair_queue_depth_scales_the_model_and_its_slots_up(
                    autoscaling={"enabled": True, "min_replicas": 1, "max_replicas": 3,
                                 "target_ongoing_requests": 2, "look_back_period_s": 1,
                                 "downscale_delay_s": 600}),
-        storage={"url": url}, tenancy={"enabled": True, "bootstrap_tenant": None},
+        storage={"url": url}, tenancy={"enabled": True, "bootstrap_tenant": None,
+                                       # slots = replicas x batch exactly (no headroom)
+                                       "fair_queue": {"headroom_ratio": 0}},
         gateway={"operator_port": free_port()})
     serve_cluster.run(build_app(config), name="queued", route_prefix="/queued")
     base = f"http://127.0.0.1:{proxy_port}/queued"

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from moestack.api.relay import REQUEST_ID_HEADER
 from moestack.usage import RequestRecord
 from moestack.errors import InsufficientQuotaError, RateLimitError
 from moestack.tenancy import ledger, query_usage
@@ -311,7 +312,7 @@ async def test_postgres_stopped_and_restarted_gives_503_then_recovers_and_settle
         stack.tenancy.writer.flush(timeout_s=10)
         rows = query_usage(store, tenant="t")
         by_id = {row.request_id: row for row in rows}
-        assert by_id[served.json()["id"]].completion_tokens == 40
+        assert by_id[served.headers[REQUEST_ID_HEADER]].completion_tokens == 40
         settled = [row for row in rows if row.state == "settled" and row.status_code == 200]
         # The refused requests' rows (if a commit raced the outage) are released, never billed.
         assert len(settled) == 3

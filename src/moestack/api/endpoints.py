@@ -45,6 +45,9 @@ class Endpoint:
     list_prompts: bool = False
     anthropic: bool = False
     """Errors are shaped the Anthropic way, and ``x-api-key`` carries the key."""
+    templated: bool = True
+    """The prompt goes through the chat template (which adds tokens per message); False: the
+    text is tokenized as it is (one special token per prompt at most)."""
 
     @property
     def generates(self) -> bool:
@@ -55,18 +58,19 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/v1/chat/completions", "chat.completions", "messages",
              ("max_completion_tokens", "max_tokens"), ("tools",), choices=True),
     Endpoint("/v1/completions", "completions", "prompt", ("max_tokens",), choices=True,
-             list_prompts=True),
+             list_prompts=True, templated=False),
     Endpoint("/v1/responses", "responses", "input", ("max_output_tokens",),
              ("instructions", "tools")),
     Endpoint("/v1/messages", "messages", "messages", ("max_tokens",), ("system", "tools"),
              anthropic=True),
     Endpoint("/v1/messages/count_tokens", "messages.count_tokens", "messages", (),
              ("system", "tools"), anthropic=True),
-    Endpoint("/v1/embeddings", "embeddings", "input", list_prompts=True),
-    Endpoint("/v1/score", "score", "text_1", extra_prompt_fields=("text_2",)),
-    Endpoint("/v1/rerank", "rerank", "query", extra_prompt_fields=("documents",)),
-    Endpoint("/classify", "classify", "input", list_prompts=True),
-    Endpoint("/pooling", "pooling", "input", list_prompts=True),
+    Endpoint("/v1/embeddings", "embeddings", "input", list_prompts=True, templated=False),
+    Endpoint("/v1/score", "score", "text_1", extra_prompt_fields=("text_2",), templated=False),
+    Endpoint("/v1/rerank", "rerank", "query", extra_prompt_fields=("documents",),
+             templated=False),
+    Endpoint("/classify", "classify", "input", list_prompts=True, templated=False),
+    Endpoint("/pooling", "pooling", "input", list_prompts=True, templated=False),
     Endpoint("/tokenize", "tokenize", "prompt", extra_prompt_fields=("messages", "tools")),
     Endpoint("/detokenize", "detokenize", "tokens"),
 )
@@ -100,6 +104,8 @@ def read_body(endpoint: Endpoint, raw: bytes) -> tuple[RequestFacts, frozenset[s
         body = json.loads(text)
     except ValueError:
         raise InvalidRequestError("The request body is not valid JSON.") from None
+    except RecursionError:
+        raise InvalidRequestError("The request body is nested too deeply.") from None
     if not isinstance(body, dict):
         raise InvalidRequestError("The request body must be a JSON object.")
     if b"\\u" in raw and (where := _lone_surrogate(body)):
@@ -126,8 +132,9 @@ def read_body(endpoint: Endpoint, raw: bytes) -> tuple[RequestFacts, frozenset[s
     for value in extra:
         _strings(value, texts)
     messages = len(prompt) if isinstance(prompt, list) else 1
-    bound = (sum(len(t.encode()) for t in texts) + _token_ids(prompt)
-             + TEMPLATE_TOKENS_PER_MESSAGE * (messages + 1)
+    template = (TEMPLATE_TOKENS_PER_MESSAGE * (messages + 1) if endpoint.templated
+                else prompts)  # a chat template's tokens, else one special token per prompt
+    bound = (sum(len(t.encode()) for t in texts) + _token_ids(prompt) + template
              + (TEMPLATE_TOKENS_FOR_TOOLS if body.get("tools") else 0))
     facts = RequestFacts(model=model, stream=bool(stream), prompt_text="\x1e".join(texts),
                          prompt_tokens_bound=bound, prompts=prompts, choices=choices or 1,

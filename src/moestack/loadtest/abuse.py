@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from moestack.api.relay import REQUEST_ID_HEADER
+
 
 @dataclass(frozen=True)
 class Reconciliation:
@@ -104,16 +106,17 @@ async def leave_mid_stream(http: httpx.AsyncClient, body: dict, after_events: in
                            ) -> str | None:
     """Stream ``body`` (a chat request), read ``after_events`` events, then disconnect.
 
-    Returns the response id, or None if the request failed before streaming."""
+    Returns the request's ledger id, or None if the request failed before streaming."""
     async with http.stream("POST", "chat/completions", json={**body, "stream": True}) as resp:
         if resp.status_code != 200:
             return None
+        ledger_id = resp.headers.get(REQUEST_ID_HEADER)
         seen = 0
         async for line in resp.aiter_lines():
             if line.startswith("data:") and line[5:].strip() != "[DONE]":
                 seen += 1
                 if seen >= after_events:
-                    return json.loads(line[5:])["id"]
+                    return ledger_id or json.loads(line[5:])["id"]
     return None
 
 
@@ -133,10 +136,10 @@ def reconcile_ledger(entries: Iterable, results: Iterable) -> Reconciliation:
     settled with status 200 and the same token counts the client saw; ``double_billed``: rows
     charged more tokens than they used (a row exists once per request id by construction)."""
     rows = {e.request_id: e for e in entries}
-    done = [r for r in results if r.ok and r.response_id]
+    done = [r for r in results if r.ok and r.ledger_id]
     lost = 0
     for r in done:
-        row = rows.get(r.response_id)
+        row = rows.get(r.ledger_id)
         if row is None or (row.state, row.status_code) != ("settled", 200) or (
                 row.prompt_tokens, row.completion_tokens) != (r.prompt_tokens,
                                                               r.completion_tokens):

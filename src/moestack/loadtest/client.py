@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from moestack.api.relay import REQUEST_ID_HEADER
 from moestack.loadtest.scenario import Scenario
 from moestack.loadtest.workload import RequestSpec
 
@@ -47,7 +48,10 @@ class RequestResult:
     text_chunks: int = 0
     error: str | None = None
     response_id: str | None = None
-    """The ``id`` the server gave the response (reconciles client results with a usage ledger)."""
+    """The ``id`` the server gave the response."""
+    ledger_id: str | None = None
+    """The request's id in moestack's usage ledger (the ``x-moestack-request-id`` header; the
+    response id for other servers): reconciles client results with the ledger."""
 
     @property
     def ok(self) -> bool:
@@ -108,6 +112,7 @@ async def send_one(http: httpx.AsyncClient, path: str, body: dict, headers: Mapp
         async with asyncio.timeout(timeout_s):
             async with http.stream("POST", path, json=body, headers=headers) as resp:
                 result.status = resp.status_code
+                result.ledger_id = resp.headers.get(REQUEST_ID_HEADER)
                 if resp.status_code != 200:
                     result.error = _error_text(await resp.aread())
                 elif body.get("stream"):
@@ -117,6 +122,7 @@ async def send_one(http: httpx.AsyncClient, path: str, body: dict, headers: Mapp
                     if not isinstance(data, dict):
                         raise ValueError("the response is not a JSON object")
                     result.response_id = data.get("id")
+                    result.ledger_id = result.ledger_id or result.response_id
                     _take_usage(result, data.get("usage"))
                     result.text_chunks = 1 if _chunk_text(data) else 0
     except (httpx.HTTPError, TimeoutError, ValueError) as exc:
@@ -147,6 +153,7 @@ async def _read_stream(resp: httpx.Response, result: RequestResult, started: flo
             result.error = f"stream error {err.get('code')}: {err.get('message', '')}"[:300]
             return
         result.response_id = result.response_id or event.get("id")
+        result.ledger_id = result.ledger_id or result.response_id
         _take_usage(result, event.get("usage"))
         if _chunk_text(event):
             if last is None:

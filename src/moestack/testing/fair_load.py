@@ -48,6 +48,8 @@ class TenantStack:
     base_url: str
     store: TenancyStore
     keys: dict[str, str] = field(default_factory=dict)
+    operator_urls: list[str] = field(default_factory=list)
+    """The gateway replicas' operator listeners (admin API, /metrics), one each."""
 
     def client(self, tenant: str):
         import httpx
@@ -79,7 +81,9 @@ def deploy(port: int, config: MoestackConfig, name: str,
     from moestack.serve.app import build_app
 
     store = TenancyStore.open(config.storage.url)
-    stack = TenantStack(name, f"http://127.0.0.1:{port}/{name}/v1", store)
+    gw = config.gateway
+    stack = TenantStack(name, f"http://127.0.0.1:{port}/{name}/v1", store,
+                        operator_urls=[f"http://{gw.operator_host}:{p}" for p in gw.operator_ports])
     for tenant, weight in tenants.items():
         stack.keys[tenant] = store.create_tenant(tenant, weight=weight)[1].plaintext
     serve.run(build_app(config), name=name, route_prefix=f"/{name}")

@@ -47,6 +47,8 @@ REQUEST_FIELDS = {
 }
 """The fields the fake reads, per route: anything else is refused by the gateway."""
 
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
 
 @dataclass
 class FakeFault:
@@ -270,6 +272,8 @@ def _prompts(body: dict, chat: bool) -> list[str]:
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("content", ""), str):
                 raise _BadRequest("each message needs a role and a text content", "messages")
+            if m.get("role") not in ROLES:
+                raise _BadRequest(f"unknown message role {m.get('role')!r}", "messages")
             parts.append(f"<|{m.get('role')}|> {m.get('content') or ''} <|end|>")
         return [" ".join(parts) + " <|assistant|>"]
     prompt = body.get("prompt")
