@@ -24,15 +24,18 @@ TENANTS = {"w1": 1.0, "w2": 2.0, "w4": 4.0, "light": 1.0, "heavy": 1.0, "early1"
            "early2": 1.0, "late": 1.0, "steady": 1.0}
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["local-counters", "shared-counters"])
+def stack(request, tmp_path_factory):
+    """Two gateway replicas, each with its own counters (the default) or merging them through
+    the shared board."""
     config = parse_config({
         "models": [{"name": MODEL, "engine": "fake", "max_model_len": 256,
                     "cpus_per_worker": 0.1, "max_ongoing_requests": 64,
                     "fake": {"ttft_s": 0.4, "token_interval_s": 0.2, "max_num_seqs": 32}}],
         "gateway": {"num_replicas": 2},
         "storage": {"url": f"sqlite:///{tmp_path_factory.mktemp('fair')}/fair.db"},
-        "tenancy": {"enabled": True, "bootstrap_tenant": None}})
+        "tenancy": {"enabled": True, "bootstrap_tenant": None,
+                    "fair_queue": {"shared_counters": request.param}}})
     with serve_cluster() as port, deploy(port, config, APP, TENANTS) as deployed:
         yield deployed
 
@@ -48,10 +51,12 @@ def token_shares(stack, tenants, window):
     return {t: n / total for t, n in tokens.items()}
 
 
-@pytest.mark.xfail(strict=False, reason="known defect, issue 14 stays open: on the merged data "
-                   "plane the 1:2:4 shares swing from run to run (one tenant starves), with "
-                   "dynamic and with static engine priorities")
-def test_three_tenants_get_tokens_by_weights_1_2_4_under_overload(stack):
+def test_three_tenants_get_tokens_by_weights_1_2_4_under_overload(stack, request):
+    if stack.shared_counters:  # runs, and reports when the defect is gone (XPASS)
+        request.applymarker(pytest.mark.xfail(strict=False, reason=(
+            "known defect, issue 14 stays open: with the shared counter board the 1:2:4 shares "
+            "swing from run to run (one tenant starves); with local counters (the default) "
+            "they hold")))
     window = run(closed_loop(stack, {"w1": 48, "w2": 48, "w4": 48}, 6.0, MODEL, (4, 12),
                              ramp_s=4.0))
     shares = token_shares(stack, ("w1", "w2", "w4"), window)
@@ -83,6 +88,9 @@ def test_late_tenant_gets_its_share_without_waiting_for_others_to_drain(stack):
 
 def test_gateways_survive_losing_the_shared_counters_and_resync(stack):
     import ray
+
+    if not stack.shared_counters:
+        pytest.skip("needs the shared counter board (fair_queue.shared_counters)")
 
     name, namespace = f"fair-board:{APP}:{MODEL}", "moestack"
 

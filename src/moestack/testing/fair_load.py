@@ -50,6 +50,8 @@ class TenantStack:
     keys: dict[str, str] = field(default_factory=dict)
     operator_urls: list[str] = field(default_factory=list)
     """The gateway replicas' operator listeners (admin API, /metrics), one each."""
+    shared_counters: bool = False
+    """Whether the gateways merge their virtual counters through the shared board."""
 
     def client(self, tenant: str):
         import httpx
@@ -83,7 +85,8 @@ def deploy(port: int, config: MoestackConfig, name: str,
     store = TenancyStore.open(config.storage.url)
     gw = config.gateway
     stack = TenantStack(name, f"http://127.0.0.1:{port}/{name}/v1", store,
-                        operator_urls=[f"http://{gw.operator_host}:{p}" for p in gw.operator_ports])
+                        operator_urls=[f"http://{gw.operator_host}:{p}" for p in gw.operator_ports],
+                        shared_counters=config.tenancy.fair_queue.shared_counters)
     for tenant, weight in tenants.items():
         stack.keys[tenant] = store.create_tenant(tenant, weight=weight)[1].plaintext
     serve.run(build_app(config), name=name, route_prefix=f"/{name}")
