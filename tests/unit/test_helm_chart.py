@@ -643,3 +643,16 @@ def test_packaged_chart_carries_the_schema_rules_and_dashboards(tmp_path):
     for kind, pattern in (("prometheus", "*.y*ml"), ("grafana", "*.json")):
         for path in (CHART / "files" / kind).glob(pattern):
             assert f"moestack/files/{kind}/{path.name}" in names
+
+
+@pytest.mark.parametrize("optimized", [True, False])
+def test_every_ray_pod_runs_serve_with_the_throughput_env_moestack_up_uses(optimized):
+    from moestack.serve.local import THROUGHPUT_ENV
+
+    docs = render(sets=() if optimized else ("moestack.ray.serve_throughput_optimized=false",))
+    pods = [ray_cluster(docs)["headGroupSpec"]["template"],
+            *(g["template"] for g in ray_cluster(docs)["workerGroupSpecs"])]
+    for pod in pods:
+        env = {e["name"]: e.get("value") for e in container(pod)["env"]}
+        serve_env = {k: v for k, v in env.items() if k in THROUGHPUT_ENV}
+        assert serve_env == (THROUGHPUT_ENV if optimized else {})

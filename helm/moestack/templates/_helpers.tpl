@@ -167,6 +167,18 @@ config refers to. Worker pods run only engines and get none. */}}
 {{- end }}
 {{- end -}}
 
+{{/* Environment of every Ray pod: Ray Serve's throughput profile unless
+moestack.ray.serve_throughput_optimized is false (moestack.serve.local.THROUGHPUT_ENV). */}}
+{{- define "moestack.serveEnv" -}}
+{{- if dig "ray" "serve_throughput_optimized" true .Values.moestack }}
+- {name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, value: "0"}
+- {name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP, value: "0"}
+- {name: RAY_SERVE_USE_GRPC_BY_DEFAULT, value: "1"}
+- {name: RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE, value: "1000"}
+- {name: RAY_SERVE_FREEZE_GC_ON_STARTUP, value: "1"}
+{{- end }}
+{{- end -}}
+
 {{/* Volumes of every Ray pod: config, shared memory, model cache. Arg: dict root, shmSize. */}}
 {{- define "moestack.volumes" -}}
 {{- $root := .root -}}

@@ -446,6 +446,11 @@ class RayConfig(_Strict):
                                 "unset starts a local one.")
     num_cpus: int = Field(2, ge=1, description="CPUs of a locally started Ray.")
     temp_dir: Path | None = Field(None, description="Ray session folder of a local Ray.")
+    serve_throughput_optimized: bool = Field(
+        True, description="Run Ray Serve with its throughput profile: replica code and request "
+        "routing on the replica's event loop, handle calls over gRPC between replicas, request "
+        "logs buffered (see moestack.serve.local.THROUGHPUT_ENV; the Helm chart sets the same "
+        "environment on every Ray pod).")
 
 
 class MoestackConfig(_Strict):

@@ -3,9 +3,10 @@
 vLLM's OpenAI server is a FastAPI app over an ``EngineClient``; a ModelServer replica builds that
 app over its own AsyncLLM and calls it here, without a socket. What this adds:
 
-* **Batching that spares the first token.** The first body piece is yielded as soon as the app
-  sends it (time to first token is untouched: a fixed flush timer would add its length to every
-  first token). After that, each chunk gathers what the app sends within ``batch_interval_s`` of
+* **Batching that spares the first token.** The first body pieces are yielded as soon as the
+  app sends them, with whatever it sent in the same step (chat sends its role chunk and the first
+  token together), so time to first token is untouched: a fixed flush timer would add its length
+  to every first token. After that, each chunk gathers what the app sends within ``batch_interval_s`` of
   the piece that opens it, plus whatever piled up while the consumer was busy, and goes out the
   moment the answer ends. Every chunk costs a crossing of Ray Serve's object transport (replica
   to gateway, gateway to proxy), so fewer, larger chunks are what keeps the relay's CPU near the
@@ -97,6 +98,9 @@ async def serve_asgi(app: ASGIApp, request: EngineRequest,
         content_type = next((v.decode("latin-1") for k, v in start.get("headers", ())
                              if k.lower() == b"content-type"), "application/json")
         first, more = await _body(messages)
+        parts = [first]  # and what the app sent with it: chat's role chunk comes with the
+        more = await _gather(messages, parts, more, 0.0)  # first token, in one engine step
+        first = b"".join(parts)
         if status >= 500:
             raise EngineUnavailableError(f"the engine failed ({status}): "
                                          f"{first[:300].decode('utf-8', 'replace')}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,13 +19,9 @@ from pathlib import Path
 
 import yaml
 
+from moestack.net import free_port  # noqa: F401  (benchmarks and tests import it from here)
+
 READY_LINE = "Press Ctrl-C to stop."  # the last line of the ready banner
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
