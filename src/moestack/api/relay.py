@@ -21,6 +21,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Protocol
 
 import anyio
@@ -124,7 +125,7 @@ class Relay:
                 and first.status < 400:
             return StreamingResponse(call.stream(first, chunks), status_code=first.status,
                                      media_type=first.content_type, headers=headers)
-        body = await _rest(call, first, chunks)
+        body = await call.whole(first, chunks)
         return Response(body, status_code=first.status, media_type=first.content_type,
                         headers=headers)
 
@@ -185,25 +186,42 @@ class _Call:
         self.usage = first.usage
         return first, chunks
 
-    async def stream(self, first: EngineChunk, chunks: AsyncIterator[EngineChunk]
+    async def answer(self, first: EngineChunk, chunks: AsyncIterator[EngineChunk]
                     ) -> AsyncIterator[bytes]:
-        """The stream's bytes; records the request once it ends, however it ends."""
+        """The answer's bytes as they come; records the request once they end, however they
+        end (a failure is recorded and re-raised). Close it, finished or not."""
         status, code = CLIENT_CLOSED, "client_closed"
         try:
             yield first.data
             async for chunk in chunks:
                 self.usage = chunk.usage
                 yield chunk.data
-            status, code = first.status, None
+            status = first.status
+            code = _engine_error_code(first) if status >= 400 else None
         except MoestackError as exc:
             status, code = exc.status_code, exc.code
-            yield sse_error_event(exc, self.endpoint.anthropic)
+            raise
         finally:
             # Shielded: the client may have gone and the surrounding scope be cancelled, but the
             # engine request must still be aborted and the usage recorded exactly once.
             with anyio.CancelScope(shield=True):
                 await chunks.aclose()
                 await self.finish(status, code)
+
+    async def stream(self, first: EngineChunk, chunks: AsyncIterator[EngineChunk]
+                    ) -> AsyncIterator[bytes]:
+        """A streamed answer: a failure mid-stream becomes the stream's error event."""
+        async with aclosing(self.answer(first, chunks)) as data:
+            try:
+                async for piece in data:
+                    yield piece
+            except MoestackError as exc:
+                yield sse_error_event(exc, self.endpoint.anthropic)
+
+    async def whole(self, first: EngineChunk, chunks: AsyncIterator[EngineChunk]) -> bytes:
+        """A non-streamed answer, whole."""
+        async with aclosing(self.answer(first, chunks)) as data:
+            return b"".join([piece async for piece in data])
 
     async def finish(self, status: int, code: str | None) -> None:
         """Emit the request's record (once) to the ticket and the sinks."""
@@ -223,25 +241,6 @@ class _Call:
                 sink.record(rec)
             except Exception:  # fail open on purpose: a broken sink must not fail the request
                 log.exception("usage sink %r failed for request %s", sink, rec.request_id)
-
-
-async def _rest(call: _Call, first: EngineChunk, chunks: AsyncIterator[EngineChunk]) -> bytes:
-    """A whole (non-streamed) answer; records the request."""
-    parts, status, code = [first.data], CLIENT_CLOSED, "client_closed"
-    try:
-        async for chunk in chunks:
-            call.usage = chunk.usage
-            parts.append(chunk.data)
-        status = first.status
-        code = _engine_error_code(first) if status >= 400 else None
-    except MoestackError as exc:
-        status, code = exc.status_code, exc.code
-        raise
-    finally:
-        with anyio.CancelScope(shield=True):
-            await chunks.aclose()
-            await call.finish(status, code)
-    return b"".join(parts)
 
 
 def _engine_error_code(first: EngineChunk) -> str:
