@@ -116,7 +116,11 @@ async def closed_loop(stack: TenantStack, workers: dict[str, int], seconds: floa
                 model=model, messages=[{"role": "user", "content": "hello fair world"}],
                 max_tokens=rng.randint(*max_tokens))
 
-    tasks = [asyncio.create_task(loop(t)) for t, n in workers.items() for _ in range(n)]
+    # Started in turn across tenants (a1 b1 a2 b2 ...): all at once, the tenant whose workers
+    # started first would take every free slot of the idle system, and VTC would then hold it
+    # back until the others had received as much, for longer than a measured phase.
+    tasks = [asyncio.create_task(loop(t)) for i in range(max(workers.values(), default=0))
+             for t, n in workers.items() if i < n]
     try:
         await asyncio.sleep(ramp_s)
         begin = utcnow()
