@@ -14,7 +14,10 @@ Scenarios (closed-loop workers; tokens = prompt + completion from the usage ledg
 1. weights 1:3, both backlogged: share of tokens / weight share, Jain's index;
 2. weights 1:2:4, all backlogged: same;
 3. a light tenant (``--light`` workers) alone, then next to a heavy one with 10x its workers:
-   the light tenant's p50/p95 TTFT (queueing included, from the ledger) and the p95 ratio;
+   the light tenant's p50/p95 TTFT (streamed: the first token's; queueing included, from the
+   ledger) and the p95 ratio;
+   3b. next to a heavy one that just fills the batch (``--slots`` minus the light workers), so
+   nothing queues: what the light tenant's TTFT gains from the engine's step time alone;
 4. a tenant arriving 2 s late in a busy system: its token share from 2.5 s after its arrival
    to the end of the phase, vs 1/3.
 Backlogged phases start measuring after ``--ramp-s``: the first requests all start together and
@@ -115,14 +118,23 @@ async def run_mode(args, port: int, mode: str, tmp: Path) -> dict:
                               tokens, ramp_s=args.ramp_s)
         out["1:2:4"] = shares(stack, {"w1": 1.0, "w2": 2.0, "w4": 4.0}, w)
         print(f"  [{mode}] 3. light alone, then next to 10x heavy", flush=True)
-        w = await closed_loop(stack, {"light": args.light}, args.seconds, MODEL, tokens)
+        w = await closed_loop(stack, {"light": args.light}, args.seconds, MODEL, tokens,
+                              stream=True)
         alone_rows = stack.rows("light", *w)
         w = await closed_loop(stack, {"light": args.light, "heavy": 10 * args.light},
-                              args.seconds, MODEL, tokens)
+                              args.seconds, MODEL, tokens, stream=True)
         both_rows, heavy_rows = stack.rows("light", *w), stack.rows("heavy", *w)
         out["light"] = tuple([r.ttft_s for r in rows]
                              for rows in (alone_rows, both_rows, heavy_rows))
-        out["itl"] = tuple(itl(rows) for rows in (alone_rows, both_rows, heavy_rows))
+        # The same batch size without a queue anywhere: heavy fills the replica's batch up to
+        # its slots and no more, so the light tenant never waits for a slot or behind anyone;
+        # what its TTFT gains here is the engine's step time with a full batch.
+        print(f"  [{mode}] 3b. light next to heavy just filling the batch", flush=True)
+        w = await closed_loop(stack, {"light": args.light, "heavy": args.slots - args.light},
+                              args.seconds, MODEL, tokens, stream=True)
+        full_rows = stack.rows("light", *w)
+        out["full"] = [r.ttft_s for r in full_rows]
+        out["itl"] = tuple(itl(rows) for rows in (alone_rows, full_rows, both_rows, heavy_rows))
         print(f"  [{mode}] 4. a tenant arriving late", flush=True)
         late_s, n = 2.0, max(1, args.backlog // 2)
         w = await closed_loop(stack, {"early1": n, "early2": n, "late": n}, args.seconds, MODEL,
@@ -155,11 +167,15 @@ def report(results: dict, args) -> None:
               f"{pct(both, .5) * 1e3:>12.1f}ms {pct(both, .95) * 1e3:>12.1f}ms "
               f"{pct(both, .95) / pct(alone, .95):>9.2f} {pct(heavy, .5) * 1e3:>8.1f}ms "
               f"{len(both):>8} {len(heavy):>8}")
-    print(f"\n{'mode':13} {'light ITL alone':>15} {'contended':>10} {'heavy ITL':>10}  "
-          f"(median time between output tokens: the engine's step time)")
+    print(f"\n{'mode':13} {'batch full, no queue: light p50':>31} {'p95':>9} {'p95 ratio':>9}"
+          f"   light ITL: {'alone':>8} {'full':>8} {'10x heavy':>10}; heavy ITL")
     for mode, res in results.items():
-        alone, both, heavy = res["itl"]
-        print(f"{mode:13} {alone * 1e3:>13.1f}ms {both * 1e3:>8.1f}ms {heavy * 1e3:>8.1f}ms")
+        alone, full = res["light"][0], res["full"]
+        i_alone, i_full, i_both, i_heavy = res["itl"]
+        print(f"{mode:13} {pct(full, .5) * 1e3:>29.1f}ms {pct(full, .95) * 1e3:>7.1f}ms "
+              f"{pct(full, .95) / pct(alone, .95):>9.2f}   {'':>11}{i_alone * 1e3:>6.1f}ms "
+              f"{i_full * 1e3:>6.1f}ms {i_both * 1e3:>8.1f}ms; {i_heavy * 1e3:.1f}ms")
+    print("(ITL: median time between output tokens, the engine's step time as each saw it)")
 
 
 def plot(results: dict, path: Path) -> Path:
@@ -196,6 +212,7 @@ async def main(args) -> None:
             print(f"deploying {mode} ({args.engine} engine)", flush=True)
             results[mode] = await run_mode(args, port, mode, tmp)
     report(results, args)
+    args.out.mkdir(parents=True, exist_ok=True)
     png = plot(results, args.out / f"fairness_{args.engine}.png")
     print(f"\nplot: {png}")
 

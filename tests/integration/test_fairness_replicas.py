@@ -66,7 +66,7 @@ def test_three_tenants_get_tokens_by_weights_1_2_4_under_overload(stack):
 
 def test_light_tenant_goes_ahead_of_a_ten_times_heavier_one(stack):
     window = run(closed_loop(stack, {"light": 4, "heavy": 40}, 6.0, MODEL, (4, 12),
-                             ramp_s=2.0))
+                             ramp_s=2.0, stream=True))
     light = [r.ttft_s for r in stack.rows("light", *window)]
     heavy = [r.ttft_s for r in stack.rows("heavy", *window)]
     # 44 workers for 32 batch slots: heavy queues; light, far below its share, is dispatched

@@ -255,16 +255,17 @@ async def test_lost_board_falls_back_to_local_counters_and_a_new_board_is_reseed
     sync(board, "b", gw_b, epochs)
     gw_b.sync_in(None)  # the board is gone: b keeps what it knew and runs on its own
     assert gw_b.counters()["heavy"] == 300 and gw_b.shared_shares is None
-    (await gw_b.acquire("light", 1.0, 0, 10)).release(10)  # still served, never an outage
+    # Still served, never an outage; lifted to heavy's 300 (all idle: the largest counter).
+    (await gw_b.acquire("light", 1.0, 0, 10)).release(10)
     for _ in range(2):
         (await gw_a.acquire("heavy", 1.0, 0, 100)).release(100)
     gw_a.sync_in(None)
     board = FairBoard()  # recreated: empty, new epoch
     sync(board, "b", gw_b, epochs)
     sync(board, "a", gw_a, epochs)
-    assert board.counters == {"heavy": 500, "light": 10}  # seeded by the maximum
+    assert board.counters == {"heavy": 500, "light": 310}  # seeded by the maximum
     sync(board, "b", gw_b, epochs)
-    assert gw_b.counters() == {"heavy": 500, "light": 10}
+    assert gw_b.counters() == {"heavy": 500, "light": 310}
 
 
 async def test_board_lifts_a_tenant_idle_everywhere_and_reports_shares():
@@ -287,6 +288,32 @@ async def test_board_lifts_a_tenant_idle_everywhere_and_reports_shares():
     epoch, merged = board.sync("b", epochs["b"], gw_b.sync_out())
     assert merged.shares == pytest.approx({"heavy": 200 / 230, "late": 30 / 230})
     assert merged.weight_shares == {}  # nobody active any more
+
+
+async def test_tenants_coming_back_together_start_together_whichever_gateway_they_reach():
+    board, epochs = FairBoard(), {}
+    gw_a, gw_b = FairQueue(100), FairQueue(100)
+    for gw, tenant, tokens in ((gw_a, "small", 500), (gw_b, "big", 3000)):
+        (await gw.acquire(tenant, 1.0, 0, 10)).release(tokens)
+        (await gw.acquire(tenant, 1.0, 0, 10)).release(0)  # a dispatched small last, b big
+    for gw, name in ((gw_a, "a"), (gw_b, "b"), (gw_a, "a")):
+        sync(board, name, gw, epochs)
+    # All idle. early1 reaches both gateways, early2 reaches a, then b once b knows it is
+    # active at a (no lift there).
+    held = [await gw_a.acquire("early1", 1.0, 0, 10), await gw_a.acquire("early2", 1.0, 0, 10),
+            await gw_b.acquire("early1", 1.0, 0, 10)]
+    for gw, name in ((gw_a, "a"), (gw_b, "b"), (gw_a, "a")):
+        sync(board, name, gw, epochs)
+    held.append(await gw_b.acquire("early2", 1.0, 0, 10))
+    sync(board, "b", gw_b, epochs)
+    # Lifted to the same place (the largest counter known to both), not to 500 at one gateway
+    # and 3000 at the other: the one lifted higher would wait 2500 tokens for the other.
+    for gw in (gw_a, gw_b):
+        counters = gw.counters()
+        assert abs(counters["early1"] - counters["early2"]) <= 20, counters
+        assert counters["early1"] >= 3000, counters
+    for s in held:
+        s.release(10)
 
 
 async def test_fairness_gauges_are_exported(tmp_path):

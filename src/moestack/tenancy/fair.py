@@ -22,8 +22,7 @@ tenant looked served far beyond its share, got no dispatch, and its requests sor
 engine, so it starved for many seconds.) Backlogged tenants therefore receive tokens in
 proportion to their weights. A tenant that was idle (nothing waiting or running, here and at the
 other gateways) is lifted, when it comes back, to the smallest counter among the backlogged
-tenants, or to the counter of the last dispatched tenant (as in VTC): idleness is not banked as
-credit. The converse is VTC's bounded lag: at a cold start the first requests take the free
+tenants (else the active ones, else the largest known): idleness is not banked as credit. The converse is VTC's bounded lag: at a cold start the first requests take the free
 slots first come, first served, and a tenant served past its share then waits until the others
 have received as much per weight (at most the dispatch slots' worth of work).
 
@@ -172,7 +171,6 @@ class FairQueue:
         self.priority_step_tokens = priority_step_tokens
         self.inflight = 0
         self._tenants: dict[str, _TenantState] = {}
-        self._last_counter = 0.0
         self._mean_tokens: float | None = None  # all tenants': the estimate for newcomers
         self._elsewhere: dict[str, bool] = {}
         self._served: deque[tuple[float, str, int]] = deque()
@@ -249,10 +247,17 @@ class FairQueue:
             raise
 
     def _lift(self, state: _TenantState) -> None:
-        """Idle until now (here and at the other gateways): no banked credit."""
-        backlogged = [self._lift_floor(s) for t, s in self._tenants.items()
-                      if s.queue or self._elsewhere.get(t)]
-        floor = min(backlogged) if backlogged else self._last_counter
+        """Idle until now (here and at the other gateways): no banked credit. Lifted to the
+        smallest counter of the backlogged tenants, else of the active ones, else (nobody
+        active) to the largest counter known: with shared counters every gateway knows the same
+        ones, so tenants that come back together start together, whichever gateway they reach
+        first (the counter of the tenant this gateway happened to dispatch last, VTC's choice,
+        differs from gateway to gateway)."""
+        others = [(t, s) for t, s in self._tenants.items() if s is not state]
+        backlogged = [self._lift_floor(s) for t, s in others if s.queue or self._elsewhere.get(t)]
+        active = [self._lift_floor(s) for t, s in others if s.active or t in self._elsewhere]
+        floor = (min(backlogged) if backlogged else min(active) if active
+                 else max((self._lift_floor(s) for _, s in others), default=0.0))
         if floor > self.counter(state):
             state.settled = floor - self._running(state) - state.running_elsewhere
             state.pending, state.lift = 0.0, state.settled
@@ -265,7 +270,6 @@ class FairQueue:
         return state.priority * TIER_SPAN + min(TIER_SPAN - 1, start)
 
     def _dispatch(self, state: _TenantState, tenant: str, cost_tokens: int) -> Slot:
-        self._last_counter = self._lift_floor(state)  # where the newest work started
         priority = self.engine_priority(state)
         self.inflight += 1
         state.inflight += 1
