@@ -24,10 +24,10 @@ TENANTS = {"w1": 1.0, "w2": 2.0, "w4": 4.0, "light": 1.0, "heavy": 1.0, "early1"
            "early2": 1.0, "late": 1.0, "steady": 1.0}
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["local-counters", "shared-counters"])
+@pytest.fixture(scope="module", params=[True, False], ids=["shared-counters", "local-counters"])
 def stack(request, tmp_path_factory):
-    """Two gateway replicas, each with its own counters (the default) or merging them through
-    the shared board."""
+    """Two gateway replicas merging their counters through the shared board (the default), or
+    each with its own counters."""
     config = parse_config({
         "models": [{"name": MODEL, "engine": "fake", "max_model_len": 256,
                     "cpus_per_worker": 0.1, "max_ongoing_requests": 64,
@@ -51,23 +51,22 @@ def token_shares(stack, tenants, window):
     return {t: n / total for t, n in tokens.items()}
 
 
-def test_three_tenants_get_tokens_by_weights_1_2_4_under_overload(stack, request):
-    # Runs, and reports when the defect is gone (XPASS).
-    request.applymarker(pytest.mark.xfail(strict=False, reason=(
-        "known defect, issue 14 stays open: the 1:2:4 shares swing from run to run (one tenant "
-        "starves) with the shared counter board, and under a loaded machine with local counters "
-        "too")))
+def test_three_tenants_get_tokens_by_weights_1_2_4_under_overload(stack):
+    # Measured after the cold start: the first 48 requests take the free slots of the idle
+    # system first come, first served (a third each), and w1, served past its share, then waits
+    # until w2 and w4 have received as much per weight: about 4 s at this engine's pace (250
+    # tokens/s), plus the releases before and one request's latency after (2 s each).
     window = run(closed_loop(stack, {"w1": 48, "w2": 48, "w4": 48}, 6.0, MODEL, (4, 12),
-                             ramp_s=4.0))
+                             ramp_s=10.0))
     shares = token_shares(stack, ("w1", "w2", "w4"), window)
-    # 144 closed-loop workers for 36 dispatch slots: without weights each would get a third.
+    # 144 closed-loop workers for 48 dispatch slots: without weights each would get a third.
     assert shares["w1"] < shares["w2"] < shares["w4"], shares
     assert jain_index([shares[t] / (TENANTS[t] / 7) for t in shares]) >= 0.9, shares
 
 
 def test_light_tenant_goes_ahead_of_a_ten_times_heavier_one(stack):
     window = run(closed_loop(stack, {"light": 4, "heavy": 40}, 6.0, MODEL, (4, 12),
-                             ramp_s=2.0))
+                             ramp_s=2.0, stream=True))
     light = [r.ttft_s for r in stack.rows("light", *window)]
     heavy = [r.ttft_s for r in stack.rows("heavy", *window)]
     # 44 workers for 32 batch slots: heavy queues; light, far below its share, is dispatched

@@ -80,6 +80,19 @@ async def test_idle_tenant_does_not_bank_credit():
     assert [s.tenant for s in order] == ["busy", "late"] * 3
 
 
+async def test_running_requests_count_at_the_real_average_once_known_not_the_reservation():
+    q = FairQueue(100)
+    slots = [await q.acquire("a", 1.0, 0, 60) for _ in range(5)]  # cold start: reservations
+    assert q.counters()["a"] == 300
+    slots[0].release(14)
+    # The four still running are re-estimated at the real size seen (14), not kept at 60: a
+    # tenant whose first requests run long does not look served four times over.
+    assert q.counters()["a"] == 14 + 4 * 14
+    for s in slots[1:]:
+        s.release(10)
+    assert q.counters()["a"] == 54
+
+
 async def test_cancelled_waiter_leaves_the_queue():
     q = FairQueue(1)
     held = await q.acquire("a", 1.0, 0, 10)
@@ -143,17 +156,29 @@ async def test_light_tenant_is_served_next_although_heavy_sends_ten_times_more(t
 # -- dynamic engine priority ------------------------------------------------------------------
 
 
-async def test_engine_priority_puts_the_tenant_below_its_share_first_and_tiers_dominate():
+async def test_engine_priority_is_the_virtual_start_and_tiers_dominate():
     q = FairQueue(100, priority_step_tokens=10)
     light = await q.acquire("light", 1.0, 0, 10)  # keeps running: active, counter 10
     heavy = [await q.acquire("heavy", 1.0, 0, 10) for _ in range(20)]  # lifted to 0, then 200
-    assert [s.priority for s in heavy[:2]] == [0, 0]
-    assert heavy[-1].priority == (190 - 10) // 10  # 18 steps ahead of light, the floor
-    assert (await q.acquire("light", 1.0, 0, 10)).priority == 0  # furthest below its share
+    assert [s.priority for s in heavy] == list(range(20))  # its counter at each dispatch
+    assert (await q.acquire("light", 1.0, 0, 10)).priority == 1  # ahead of heavy's later ones
     batch = await q.acquire("batch", 100.0, 2, 10)
-    assert batch.priority == 2 * TIER_SPAN  # tier dominates whatever the counters
+    assert batch.priority // TIER_SPAN == 2  # tier dominates whatever the counters
     assert all(s.priority < TIER_SPAN for s in heavy)
     light.release(10)
+
+
+async def test_an_earlier_request_is_not_overtaken_by_a_later_one_of_a_tenant_served_more():
+    # vLLM keeps a request's priority while it waits: priorities must compare across time.
+    q = FairQueue(100, priority_step_tokens=10)
+    ahead = [await q.acquire("a", 1.0, 0, 10) for _ in range(3)]
+    await q.acquire("b", 1.0, 0, 10)
+    old = await q.acquire("a", 1.0, 0, 10)  # a is 3 steps ahead of b when this one starts
+    more = [await q.acquire(t, 1.0, 0, 10) for t in ["b"] * 5 + ["a"] * 2]
+    later = await q.acquire("b", 1.0, 0, 10)  # b was served past a's start of `old` since
+    assert old.priority < later.priority, (old.priority, later.priority)
+    for s in [*ahead, old, *more, later]:
+        s.release(10)
 
 
 async def test_static_priority_without_a_step_is_the_tier():
@@ -161,11 +186,10 @@ async def test_static_priority_without_a_step_is_the_tier():
     assert (await q.acquire("t", 1.0, 3, 10)).priority == 3
 
 
-async def test_rank_is_capped_inside_the_tier():
+async def test_virtual_start_is_capped_inside_the_tier():
     q = FairQueue(10_000, priority_step_tokens=1)
-    await q.acquire("light", 1.0, 1, 1)
-    for _ in range(50):
-        slot = await q.acquire("heavy", 1.0, 1, 100)
+    (await q.acquire("heavy", 1.0, 1, 10)).release(2 * TIER_SPAN)
+    slot = await q.acquire("heavy", 1.0, 1, 100)
     assert slot.priority == 2 * TIER_SPAN - 1
 
 
@@ -180,23 +204,46 @@ def sync(board, gateway, queue, epochs):
 async def test_two_gateways_share_counters_through_the_board():
     board, epochs = FairBoard(), {}
     gw_a, gw_b = FairQueue(100), FairQueue(100)
-    held = [await gw_a.acquire("heavy", 1.0, 0, 100) for _ in range(5)]  # 500 at gateway a
+    held = [await gw_a.acquire("heavy", 1.0, 0, 100) for _ in range(5)]  # 500 running at a
     light = await gw_b.acquire("light", 1.0, 0, 10)
     sync(board, "a", gw_a, epochs)
     sync(board, "b", gw_b, epochs)
-    # Gateway b now knows heavy's 500, and that heavy is active elsewhere.
+    # Gateway b now knows heavy's 500 running at a, and that heavy is active elsewhere.
     assert gw_b.counters()["heavy"] == 500 and gw_b._elsewhere == {"heavy": False}
     sync(board, "a", gw_a, epochs)
     assert gw_a.counters() == {"heavy": 500, "light": 10}
-    # Charges between syncs are kept on top of the merged value.
+    # Work between syncs is counted on top of the merged value.
     extra = await gw_b.acquire("heavy", 1.0, 0, 50)
     sync(board, "a", gw_a, epochs)
     assert gw_b.counters()["heavy"] == 550
     sync(board, "b", gw_b, epochs)
     sync(board, "a", gw_a, epochs)
-    assert gw_a.counters()["heavy"] == gw_b.counters()["heavy"] == 550 == board.counters["heavy"]
-    for s in [*held, light, extra]:
-        s.release(s.charged_tokens)
+    assert gw_a.counters()["heavy"] == gw_b.counters()["heavy"] == 550
+    # Released, the real tokens are settled on the board (deltas) and replace the estimates.
+    for s in held:
+        s.release(60)
+    extra.release(40)
+    sync(board, "a", gw_a, epochs)
+    sync(board, "b", gw_b, epochs)
+    sync(board, "a", gw_a, epochs)
+    assert gw_a.counters()["heavy"] == gw_b.counters()["heavy"] == 340 == board.counters["heavy"]
+    light.release(10)
+
+
+async def test_a_new_gateway_adds_its_work_to_the_board_and_a_lost_board_takes_the_maximum():
+    board, epochs = FairBoard(), {}
+    gw_a, gw_b = FairQueue(100), FairQueue(100)
+    for gw in (gw_a, gw_b):  # each serves heavy before its first sync
+        (await gw.acquire("heavy", 1.0, 0, 100)).release(100)
+    sync(board, "a", gw_a, epochs)
+    sync(board, "b", gw_b, epochs)
+    assert board.counters["heavy"] == 200  # both gateways' work, not the larger of the two
+    sync(board, "a", gw_a, epochs)
+    assert gw_a.counters()["heavy"] == 200
+    board = FairBoard()  # lost and recreated: each view already holds the other's work
+    sync(board, "a", gw_a, epochs)
+    sync(board, "b", gw_b, epochs)
+    assert board.counters["heavy"] == 200
 
 
 async def test_lost_board_falls_back_to_local_counters_and_a_new_board_is_reseeded():
@@ -208,16 +255,17 @@ async def test_lost_board_falls_back_to_local_counters_and_a_new_board_is_reseed
     sync(board, "b", gw_b, epochs)
     gw_b.sync_in(None)  # the board is gone: b keeps what it knew and runs on its own
     assert gw_b.counters()["heavy"] == 300 and gw_b.shared_shares is None
-    (await gw_b.acquire("light", 1.0, 0, 10)).release(10)  # still served, never an outage
+    # Still served, never an outage; lifted to heavy's 300 (all idle: the largest counter).
+    (await gw_b.acquire("light", 1.0, 0, 10)).release(10)
     for _ in range(2):
         (await gw_a.acquire("heavy", 1.0, 0, 100)).release(100)
     gw_a.sync_in(None)
     board = FairBoard()  # recreated: empty, new epoch
     sync(board, "b", gw_b, epochs)
     sync(board, "a", gw_a, epochs)
-    assert board.counters == {"heavy": 500, "light": 10}  # seeded by the maximum
+    assert board.counters == {"heavy": 500, "light": 310}  # seeded by the maximum
     sync(board, "b", gw_b, epochs)
-    assert gw_b.counters() == {"heavy": 500, "light": 10}
+    assert gw_b.counters() == {"heavy": 500, "light": 310}
 
 
 async def test_board_lifts_a_tenant_idle_everywhere_and_reports_shares():
@@ -230,9 +278,9 @@ async def test_board_lifts_a_tenant_idle_everywhere_and_reports_shares():
     sync(board, "b", gw_b, epochs)
     assert gw_b._elsewhere == {"heavy": True}  # backlogged at a
     late = await gw_b.acquire("late", 3.0, 0, 30)  # idle everywhere: lifted to heavy's 100
-    assert gw_b.counters()["late"] == 110
+    assert gw_b.counters()["late"] == 110  # lifted to 100 settled, plus its own 30 / 3 running
     sync(board, "b", gw_b, epochs)
-    assert board.counters["late"] == 110
+    assert board.counters["late"] == 100
     running.release(100)
     late.release(30)
     (await waiting).release(100)
@@ -240,6 +288,32 @@ async def test_board_lifts_a_tenant_idle_everywhere_and_reports_shares():
     epoch, merged = board.sync("b", epochs["b"], gw_b.sync_out())
     assert merged.shares == pytest.approx({"heavy": 200 / 230, "late": 30 / 230})
     assert merged.weight_shares == {}  # nobody active any more
+
+
+async def test_tenants_coming_back_together_start_together_whichever_gateway_they_reach():
+    board, epochs = FairBoard(), {}
+    gw_a, gw_b = FairQueue(100), FairQueue(100)
+    for gw, tenant, tokens in ((gw_a, "small", 500), (gw_b, "big", 3000)):
+        (await gw.acquire(tenant, 1.0, 0, 10)).release(tokens)
+        (await gw.acquire(tenant, 1.0, 0, 10)).release(0)  # a dispatched small last, b big
+    for gw, name in ((gw_a, "a"), (gw_b, "b"), (gw_a, "a")):
+        sync(board, name, gw, epochs)
+    # All idle. early1 reaches both gateways, early2 reaches a, then b once b knows it is
+    # active at a (no lift there).
+    held = [await gw_a.acquire("early1", 1.0, 0, 10), await gw_a.acquire("early2", 1.0, 0, 10),
+            await gw_b.acquire("early1", 1.0, 0, 10)]
+    for gw, name in ((gw_a, "a"), (gw_b, "b"), (gw_a, "a")):
+        sync(board, name, gw, epochs)
+    held.append(await gw_b.acquire("early2", 1.0, 0, 10))
+    sync(board, "b", gw_b, epochs)
+    # Lifted to the same place (the largest counter known to both), not to 500 at one gateway
+    # and 3000 at the other: the one lifted higher would wait 2500 tokens for the other.
+    for gw in (gw_a, gw_b):
+        counters = gw.counters()
+        assert abs(counters["early1"] - counters["early2"]) <= 20, counters
+        assert counters["early1"] >= 3000, counters
+    for s in held:
+        s.release(10)
 
 
 async def test_fairness_gauges_are_exported(tmp_path):

@@ -336,16 +336,17 @@ class FairQueueConfig(_Strict):
                                   "dispatches and are ordered there by their priority.")
     priority_step_tokens: float | None = Field(
         8.0, gt=0, description="Dynamic engine priority: a request is sent with priority "
-        "`tier x 1000 + rank`, rank = how far its tenant's virtual token counter is ahead of "
-        "the smallest active one of its tier, in steps of this many weighted tokens (at most "
-        "999), so vLLM's priority scheduler (engine_args `scheduling_policy: priority`) runs "
-        "the tenants furthest below their share first. Unset: the tier alone.")
-    shared_counters: bool = Field(False, description="Merge the virtual token counters of all "
+        "`tier x 10^12 + start`, start = its tenant's virtual token counter when it is "
+        "dispatched (its virtual start time), in steps of this many weighted tokens, so vLLM's "
+        "priority scheduler (engine_args `scheduling_policy: priority`) runs the waiting "
+        "requests in fair order: the tenants furthest below their share first, and no request "
+        "behind a later one of a tenant that had received more. Unset: the tier alone.")
+    shared_counters: bool = Field(True, description="Merge the virtual token counters of all "
                                   "gateway replicas through a per-model Ray actor (Ray Serve "
-                                  "only); if it is lost each gateway falls back to its own "
-                                  "counters until it is back. Off by default for now: with it "
-                                  "on, weighted shares of three tenants were seen to starve one "
-                                  "of them (tests/integration/test_fairness_replicas.py).")
+                                  "only), so that weights hold across the replicas whichever "
+                                  "replica each tenant's requests reach; if it is lost each "
+                                  "gateway falls back to its own counters until it is back. "
+                                  "Off: each replica is fair over the traffic it sees.")
     sync_interval_s: float = Field(0.2, gt=0, description="How often a gateway merges its "
                                    "counters with the shared ones, in seconds.")
 

@@ -2,10 +2,11 @@
 
 Design. Every gateway replica keeps its own fair queue (:mod:`moestack.tenancy.fair`) and
 dispatches from its own view with no remote call on the request path. Every
-``fair_queue.sync_interval_s`` it sends the model's board what changed (weighted tokens charged
-per tenant, counter lifts, its full counters, which tenants are active there, tokens served) and
-takes back the merged counters, which tenants are active or backlogged at the other gateways and
-each tenant's share of the tokens served by all gateways. Counters are thus at most one sync
+``fair_queue.sync_interval_s`` it sends the model's board what changed (weighted real tokens
+settled per tenant, counter lifts), its full settled counters, its estimate of the requests
+running there per tenant, which tenants are active there and the tokens served; it takes back
+the merged settled counters, the other gateways' running estimates, which tenants are active or
+backlogged at the other gateways and each tenant's share of the tokens served by all gateways. Counters are thus at most one sync
 interval stale; a replica's dispatch decisions use the cluster-wide service each tenant got, so a
 tenant that reaches one gateway more often than another gets no more than its weight.
 
@@ -16,9 +17,13 @@ that may be rebuilt at any time.
 Failure mode. If the board is lost (actor killed, node gone) or slow, a sync fails after
 ``CALL_TIMEOUT_S``: the gateway keeps its local counters and schedules on local fairness alone
 (never an outage: no request waits on the board). The next sync creates the board again
-(``get_if_exists``); a new board has a new ``epoch``, so each gateway's first sync with it seeds
-it with that gateway's full counters (merged by maximum) instead of deltas, and the gateways
-re-converge on shared counters. A gateway that stops syncing drops out of the activity and share
+(``get_if_exists``); a new board has a new ``epoch``, so each gateway that had synced with the
+lost one seeds the new one with its full counters (merged by maximum: each gateway's view already
+holds the others' work) instead of deltas, and the gateways re-converge on shared counters. A
+gateway that never synced (just started; ``epoch`` None) sends deltas like any other: its
+counters are its own work alone, which the board must add to the others', not take the maximum
+of. A failed sync keeps the epoch it knew, so the answer of a board that survived a slow call is
+merged by deltas again (the deltas of the failed call may be lost: at most one interval). A gateway that stops syncing drops out of the activity and share
 figures after ``STALE_AFTER_S``.
 """
 
@@ -40,14 +45,15 @@ class FairBoard:
     def __init__(self) -> None:
         self.epoch = uuid.uuid4().hex
         self.counters: dict[str, float] = {}
-        self._reports: dict[str, tuple[float, dict[str, bool], dict[str, float]]] = {}
+        self._reports: dict[str, tuple[float, dict[str, bool], dict[str, float],
+                                       dict[str, float]]] = {}
         self._served: deque[tuple[float, dict[str, int]]] = deque()
 
     def sync(self, gateway_id: str, epoch: str | None, out: SyncOut,
              now_s: float | None = None) -> tuple[str, SyncIn]:
         """Merge one gateway's changes; answers (this board's epoch, the merged view)."""
         now_s = time.monotonic() if now_s is None else now_s
-        if epoch != self.epoch:  # new board or new gateway: its full counters seed the board
+        if epoch is not None and epoch != self.epoch:  # lost board: its view seeds this one
             for tenant, counter in out.counters.items():
                 self.counters[tenant] = max(self.counters.get(tenant, counter), counter)
         else:
@@ -55,30 +61,35 @@ class FairBoard:
                 self.counters[tenant] = max(self.counters.get(tenant, lift), lift)
             for tenant, delta in out.deltas.items():
                 self.counters[tenant] = self.counters.get(tenant, 0.0) + delta
-        self._reports[gateway_id] = (now_s, dict(out.active), dict(out.weights))
+        self._reports[gateway_id] = (now_s, dict(out.active), dict(out.weights),
+                                     dict(out.running))
         if out.served_tokens:
             self._served.append((now_s, dict(out.served_tokens)))
         self._expire(now_s)
         elsewhere: dict[str, bool] = {}
         weights: dict[str, float] = {}
-        for gw, (_, active, gw_weights) in self._reports.items():
+        running: dict[str, float] = {}
+        for gw, (_, active, gw_weights, gw_running) in self._reports.items():
             for tenant, backlogged in active.items():
                 weights[tenant] = gw_weights.get(tenant, 1.0)
                 if gw != gateway_id:
                     elsewhere[tenant] = elsewhere.get(tenant, False) or backlogged
+            if gw != gateway_id:
+                for tenant, value in gw_running.items():
+                    running[tenant] = running.get(tenant, 0.0) + value
         served: dict[str, int] = {}
         for _, tokens in self._served:
             for tenant, n in tokens.items():
                 served[tenant] = served.get(tenant, 0) + n
         return self.epoch, SyncIn(dict(self.counters), elsewhere, share_of(served),
-                                  share_of(weights))
+                                  share_of(weights), running)
 
     def snapshot(self) -> dict[str, float]:
         """The merged counters (for operators and tests)."""
         return dict(self.counters)
 
     def _expire(self, now_s: float) -> None:
-        for gone in [g for g, (t, _, _) in self._reports.items() if now_s - t > STALE_AFTER_S]:
+        for gone in [g for g, (t, *_) in self._reports.items() if now_s - t > STALE_AFTER_S]:
             del self._reports[gone]
         while self._served and now_s - self._served[0][0] > SHARE_WINDOW_S:
             self._served.popleft()
@@ -103,7 +114,6 @@ class FairBoardClient(BoardClient):
         """The merged view, or None when the board is unreachable (run on local counters)."""
         answer = await self._call("sync", gateway_id, self.epoch, out)
         if answer is None:
-            self.epoch = None
-            return None
+            return None  # keep the epoch: a new board is seeded, a surviving one gets deltas
         self.epoch, merged = answer
         return merged

@@ -10,29 +10,39 @@ that goes next is the first one of the tenant in the best priority tier (lowest 
 vLLM) with the smallest virtual token counter. So the gateway holds only what the replicas cannot
 take; the replicas' batches stay full.
 
-Counters. A tenant's counter grows by ``tokens / weight`` for the work it is given: prompt plus
-completion tokens (prefill is work). At dispatch it is charged an estimate: its moving average of
-real tokens per request (all tenants' for a newcomer), at most the request's reservation; at
-release the estimate is corrected to the real count. (Charging the reservation itself, an upper
-bound often several times the real size, would inflate the counters of tenants with many
-requests running, and a tenant lifted to such a counter would fall behind when it deflates.)
-Backlogged tenants therefore receive tokens in proportion to their weights. A tenant
-that was idle (nothing waiting or running) is lifted, when it comes back, to the smallest counter
-among the backlogged tenants (or the counter of the last dispatched one): idleness is not banked
-as credit. A tenant with requests running is active and keeps its counter.
+Counters. A tenant's counter is the work it was given divided by its weight, in prompt plus
+completion tokens (prefill is work): the real tokens of its finished requests (``settled``),
+plus its running requests at the best estimate of their size, its moving average of real tokens
+per request (all tenants' for a newcomer; before any request finished, the reservation, an
+upper bound), re-estimated whenever the average moves. A request thus counts at once when it
+is dispatched and at its real size when it ends. (Baking the estimate of the moment into the
+counter at dispatch, as a first version did, kept a cold start's reservations, several times
+the real size, in the counters of the tenants whose first requests were still running: such a
+tenant looked served far beyond its share, got no dispatch, and its requests sorted last in the
+engine, so it starved for many seconds.) Backlogged tenants therefore receive tokens in
+proportion to their weights. A tenant that was idle (nothing waiting or running, here and at the
+other gateways) is lifted, when it comes back, to the smallest counter among the backlogged
+tenants (else the active ones, else the largest known): idleness is not banked as credit. The converse is VTC's bounded lag: at a cold start the first requests take the free
+slots first come, first served, and a tenant served past its share then waits until the others
+have received as much per weight (at most the dispatch slots' worth of work).
 
 Dynamic engine priority. Each dispatched request carries an engine priority for vLLM's
-``scheduling_policy: priority`` (lower runs first): ``tier * TIER_SPAN + rank``, where ``rank``
-is how far the tenant's counter is ahead of the smallest counter of the active tenants of its
-tier, in steps of ``priority_step_tokens`` (capped at ``TIER_SPAN - 1``). Tiers dominate; within
-a tier the tenant furthest below its share runs first among the requests waiting inside vLLM, and
-can preempt where vLLM preempts. ``priority_step_tokens=None`` sends the tier alone (static).
+``scheduling_policy: priority`` (lower runs first): ``tier * TIER_SPAN + start``, where
+``start`` is the tenant's counter when the request is dispatched (its virtual start time), in
+steps of ``priority_step_tokens``. Tiers dominate; within a tier the engine runs the waiting
+requests in the order of their virtual start, as the gateway dispatches them: the tenant
+furthest below its share first, and a request never falls behind one dispatched after it for a
+tenant that had received more. (A rank relative to the smallest counter of the moment, the first
+version, is not comparable across time: an old request ranked a few steps ahead waited behind
+every later request ranked 0, while its tenant's counter already held it as served.)
+``priority_step_tokens=None`` sends the tier alone (static).
 
 Shared counters. With several gateway replicas the counters are merged through a shared board
-(``moestack.serve.fair_board``): :meth:`FairQueue.sync_out` hands over what changed since the
-last sync (charges and lifts), :meth:`FairQueue.sync_in` takes back the merged counters and
-which tenants are active or backlogged at the other gateways. Between syncs a gateway runs on
-its own view; without a board (or while it is lost) it runs on local counters alone.
+(``moestack.serve.fair_board``): :meth:`FairQueue.sync_out` hands over what changed in the
+settled counters since the last sync (real tokens, lifts) and this gateway's running estimate per
+tenant; :meth:`FairQueue.sync_in` takes back the merged settled counters, the other gateways'
+running estimates, and which tenants are active or backlogged there. Between syncs a gateway
+runs on its own view; without a board (or while it is lost) it runs on local counters alone.
 """
 
 from __future__ import annotations
@@ -43,8 +53,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-TIER_SPAN = 1000
-"""Engine priorities of one tier: ``tier * TIER_SPAN`` up to ``tier * TIER_SPAN + 999``."""
+TIER_SPAN = 10**12
+"""Engine priorities of one tier: ``tier * TIER_SPAN`` up to ``tier * TIER_SPAN + TIER_SPAN - 1``
+(a tier's virtual start times, in ``priority_step_tokens``, stay below that; int64 for vLLM)."""
 
 SHARE_WINDOW_S = 60.0
 """Tokens served over this window give each tenant's share."""
@@ -64,17 +75,20 @@ class _Waiter:
 class _TenantState:
     weight: float = 1.0
     priority: int = 0
-    counter: float = 0.0
+    settled: float = 0.0
+    """Weighted real tokens of the finished requests, plus lifts (merged across gateways)."""
     inflight: int = 0
+    reserved_tokens: int = 0
+    """Reservations (upper bounds, in tokens) of the requests running here."""
+    running_elsewhere: float = 0.0
+    """The other gateways' running estimate for this tenant (weighted tokens), from the board."""
     queue: deque[_Waiter] = field(default_factory=deque)
     pending: float = 0.0
-    """Weighted tokens charged here since the last sync."""
+    """Weighted real tokens settled here since the last sync."""
     lift: float | None = None
-    """Counter this tenant was lifted to since the last sync."""
+    """Settled value this tenant was lifted to since the last sync."""
     mean_tokens: float | None = None
     """Moving average of the real tokens of this tenant's released requests."""
-    inflight_charge: float = 0.0
-    """Weighted tokens charged ahead for the requests still running."""
 
     @property
     def active(self) -> bool:
@@ -86,9 +100,14 @@ class SyncOut:
     """What one gateway tells the board about one model."""
 
     deltas: dict[str, float]
+    """Weighted real tokens settled per tenant since the last sync."""
     lifts: dict[str, float]
+    """Settled value per tenant lifted since the last sync."""
     counters: dict[str, float]
-    """This gateway's full view, to re-seed a board that lost its state."""
+    """This gateway's full view of the settled counters, to re-seed a board that lost its
+    state."""
+    running: dict[str, float]
+    """This gateway's estimate of its running requests per tenant (weighted tokens)."""
     active: dict[str, bool]
     """Tenant -> backlogged here (True) or only running here (False); idle tenants absent."""
     served_tokens: dict[str, int]
@@ -100,9 +119,12 @@ class SyncIn:
     """What the board answers: merged counters, activity elsewhere, shares of served tokens."""
 
     counters: dict[str, float]
+    """Merged settled counters."""
     active_elsewhere: dict[str, bool]
     shares: dict[str, float]
     weight_shares: dict[str, float]
+    running_elsewhere: dict[str, float] = field(default_factory=dict)
+    """The other gateways' running estimates per tenant (weighted tokens)."""
 
 
 class FairBoardLink(Protocol):
@@ -128,8 +150,9 @@ class FairnessView:
 class Slot:
     """A dispatch slot held by one request; release it exactly once with the real token count."""
 
-    def __init__(self, owner: FairQueue, tenant: str, charged_tokens: float, priority: int):
+    def __init__(self, owner: FairQueue, tenant: str, charged_tokens: int, priority: int):
         self._owner, self.tenant, self.charged_tokens = owner, tenant, charged_tokens
+        """The request's reservation (an upper bound of its tokens)."""
         self.priority = priority
         """Engine priority of this request (vLLM: lower runs first)."""
         self._released = False
@@ -148,7 +171,6 @@ class FairQueue:
         self.priority_step_tokens = priority_step_tokens
         self.inflight = 0
         self._tenants: dict[str, _TenantState] = {}
-        self._last_counter = 0.0
         self._mean_tokens: float | None = None  # all tenants': the estimate for newcomers
         self._elsewhere: dict[str, bool] = {}
         self._served: deque[tuple[float, str, int]] = deque()
@@ -158,8 +180,29 @@ class FairQueue:
 
     # -- views --------------------------------------------------------------------------------
 
+    def counter(self, state: _TenantState) -> float:
+        """Settled tokens plus the running requests (here and elsewhere) at the best estimate
+        of their size, all divided by the weight (see the module docstring)."""
+        return state.settled + self._running(state) + state.running_elsewhere
+
+    def _running(self, state: _TenantState, cold_start: bool = True) -> float:
+        """The running requests at the moving average of real tokens per request (at most
+        their reservations); before any request finished, their reservations, or nothing if
+        not ``cold_start``."""
+        mean = state.mean_tokens if state.mean_tokens is not None else self._mean_tokens
+        if mean is None:
+            return state.reserved_tokens / state.weight if cold_start else 0.0
+        return min(state.reserved_tokens, state.inflight * mean) / state.weight
+
+    def _lift_floor(self, state: _TenantState) -> float:
+        """The counter a returning tenant may be lifted to. Lifts are permanent, so running
+        requests count only at a known average: lifting a newcomer to reservations charged
+        ahead at a cold start (upper bounds that deflate when the requests end) would put it
+        behind work that never existed."""
+        return state.settled + self._running(state, cold_start=False) + state.running_elsewhere
+
     def counters(self) -> dict[str, float]:
-        return {t: s.counter for t, s in self._tenants.items()}
+        return {t: self.counter(s) for t, s in self._tenants.items()}
 
     def waiting(self) -> int:
         return sum(len(s.queue) for s in self._tenants.values())
@@ -204,55 +247,42 @@ class FairQueue:
             raise
 
     def _lift(self, state: _TenantState) -> None:
-        """Idle until now (here and at the other gateways): no banked credit."""
-        backlogged = [self._served_so_far(s) for t, s in self._tenants.items()
-                      if s.queue or self._elsewhere.get(t)]
-        floor = min(backlogged) if backlogged else self._last_counter
-        if floor > state.counter:
-            state.counter, state.pending, state.lift = floor, 0.0, floor
-
-    def _served_so_far(self, state: _TenantState) -> float:
-        """The counter with running requests counted at the best estimate of their size (the
-        moving average), or not at all before any request was released: a reservation charged
-        ahead at a cold start is an upper bound that deflates at release, and lifting a newcomer
-        to it would put it behind work that never existed."""
-        mean = state.mean_tokens if state.mean_tokens is not None else self._mean_tokens
-        running = state.inflight * (mean or 0.0) / state.weight
-        return state.counter - state.inflight_charge + running
+        """Idle until now (here and at the other gateways): no banked credit. Lifted to the
+        smallest counter of the backlogged tenants, else of the active ones, else (nobody
+        active) to the largest counter known: with shared counters every gateway knows the same
+        ones, so tenants that come back together start together, whichever gateway they reach
+        first (the counter of the tenant this gateway happened to dispatch last, VTC's choice,
+        differs from gateway to gateway)."""
+        others = [(t, s) for t, s in self._tenants.items() if s is not state]
+        backlogged = [self._lift_floor(s) for t, s in others if s.queue or self._elsewhere.get(t)]
+        active = [self._lift_floor(s) for t, s in others if s.active or t in self._elsewhere]
+        floor = (min(backlogged) if backlogged else min(active) if active
+                 else max((self._lift_floor(s) for _, s in others), default=0.0))
+        if floor > self.counter(state):
+            state.settled = floor - self._running(state) - state.running_elsewhere
+            state.pending, state.lift = 0.0, state.settled
 
     def engine_priority(self, state: _TenantState) -> int:
-        """``tier * TIER_SPAN + rank`` (see the module docstring); the tier alone if static."""
+        """``tier * TIER_SPAN + start`` (see the module docstring); the tier alone if static."""
         if self.priority_step_tokens is None:
             return state.priority
-        floor = min((s.counter for t, s in self._tenants.items()
-                     if s.priority == state.priority and (s.active or t in self._elsewhere)),
-                    default=state.counter)
-        rank = int(max(0.0, state.counter - floor) / self.priority_step_tokens)
-        return state.priority * TIER_SPAN + min(TIER_SPAN - 1, rank)
+        start = int(max(0.0, self.counter(state)) / self.priority_step_tokens)
+        return state.priority * TIER_SPAN + min(TIER_SPAN - 1, start)
 
     def _dispatch(self, state: _TenantState, tenant: str, cost_tokens: int) -> Slot:
-        self._last_counter = state.counter  # where the newest work started
         priority = self.engine_priority(state)
         self.inflight += 1
         state.inflight += 1
-        # Charged ahead: the reservation (an upper bound), or less once the tenant's requests
-        # are known to be smaller; corrected to the real count at release.
-        mean = state.mean_tokens if state.mean_tokens is not None else self._mean_tokens
-        charge = cost_tokens if mean is None else min(cost_tokens, mean)
-        state.inflight_charge += charge / state.weight
-        self._charge(state, charge / state.weight)
-        return Slot(self, tenant, charge, priority)
-
-    def _charge(self, state: _TenantState, weighted_tokens: float) -> None:
-        state.counter += weighted_tokens
-        state.pending += weighted_tokens
+        state.reserved_tokens += cost_tokens
+        return Slot(self, tenant, cost_tokens, priority)
 
     def _release(self, slot: Slot, actual_tokens: int) -> None:
         self.inflight -= 1
         state = self._tenants[slot.tenant]
         state.inflight -= 1
-        state.inflight_charge = max(0.0, state.inflight_charge - slot.charged_tokens / state.weight)
-        self._charge(state, (actual_tokens - slot.charged_tokens) / state.weight)
+        state.reserved_tokens -= slot.charged_tokens
+        state.settled += actual_tokens / state.weight
+        state.pending += actual_tokens / state.weight
         if actual_tokens:
             state.mean_tokens = moving_mean(state.mean_tokens, actual_tokens)
             self._mean_tokens = moving_mean(self._mean_tokens, actual_tokens)
@@ -264,7 +294,7 @@ class FairQueue:
     def _fill(self) -> None:
         while self.inflight < self.max_inflight:
             best = min((s for s in self._tenants.values() if s.queue),
-                       key=lambda s: (s.priority, s.counter), default=None)
+                       key=lambda s: (s.priority, self.counter(s)), default=None)
             if best is None:
                 return
             waiter = best.queue.popleft()
@@ -279,7 +309,8 @@ class FairQueue:
         out = SyncOut(
             deltas={t: s.pending for t, s in self._tenants.items() if s.pending},
             lifts={t: s.lift for t, s in self._tenants.items() if s.lift is not None},
-            counters=self.counters(),
+            counters={t: s.settled for t, s in self._tenants.items()},
+            running={t: self._running(s) for t, s in self._tenants.items() if s.inflight},
             active={t: bool(s.queue) for t, s in self._tenants.items() if s.active},
             served_tokens=self._unsynced_served,
             weights={t: s.weight for t, s in self._tenants.items()})
@@ -289,15 +320,21 @@ class FairQueue:
         return out
 
     def sync_in(self, merged: SyncIn | None) -> None:
-        """Take the board's merged counters (plus what was charged here since ``sync_out``);
+        """Take the board's merged counters (plus what was settled here since ``sync_out``);
         None (board lost): carry on with the local counters, forget other gateways."""
         if merged is None:
             self._elsewhere, self.shared_shares = {}, None
+            for state in self._tenants.values():
+                state.running_elsewhere = 0.0
             return
-        for tenant, counter in merged.counters.items():
+        for tenant, settled in merged.counters.items():
             state = self._tenants.setdefault(tenant, _TenantState())
-            base = counter if state.lift is None else max(counter, state.lift)
-            state.counter = base + state.pending
+            base = settled if state.lift is None else max(settled, state.lift)
+            state.settled = base + state.pending
+        for tenant in merged.running_elsewhere:
+            self._tenants.setdefault(tenant, _TenantState())
+        for tenant, state in self._tenants.items():
+            state.running_elsewhere = merged.running_elsewhere.get(tenant, 0.0)
         self._elsewhere = dict(merged.active_elsewhere)
         self.shared_shares = (dict(merged.shares), dict(merged.weight_shares))
         self._fill()

@@ -100,11 +100,13 @@ def deploy(port: int, config: MoestackConfig, name: str,
 async def closed_loop(stack: TenantStack, workers: dict[str, int], seconds: float,
                       model: str, max_tokens: tuple[int, int],
                       late: dict[str, float] | None = None,
-                      ramp_s: float = 1.0) -> tuple[dt.datetime, dt.datetime]:
+                      ramp_s: float = 1.0,
+                      stream: bool = False) -> tuple[dt.datetime, dt.datetime]:
     """Closed-loop workers per tenant (``late[t]``: tenant ``t`` starts that many seconds
     late) for ``ramp_s + seconds``, each request asking for between ``max_tokens[0]`` and
     ``max_tokens[1]`` tokens (varied lengths, so that requests do not all end together);
-    returns the UTC window after the ramp-up, before the stop."""
+    returns the UTC window after the ramp-up, before the stop. ``stream``: streamed requests
+    (the ledger's TTFT is then the first token's, not the whole answer's)."""
     rng = random.Random(0)
     stop = asyncio.Event()
     clients = {t: stack.client(t) for t in workers}
@@ -112,11 +114,19 @@ async def closed_loop(stack: TenantStack, workers: dict[str, int], seconds: floa
     async def loop(tenant: str) -> None:
         await asyncio.sleep((late or {}).get(tenant, 0.0))
         while not stop.is_set():
-            await clients[tenant].chat.completions.create(
+            answer = await clients[tenant].chat.completions.create(
                 model=model, messages=[{"role": "user", "content": "hello fair world"}],
-                max_tokens=rng.randint(*max_tokens))
+                max_tokens=rng.randint(*max_tokens), stream=stream,
+                **({"stream_options": {"include_usage": True}} if stream else {}))
+            if stream:
+                async for _ in answer:
+                    pass
 
-    tasks = [asyncio.create_task(loop(t)) for t, n in workers.items() for _ in range(n)]
+    # Started in turn across tenants (a1 b1 a2 b2 ...): all at once, the tenant whose workers
+    # started first would take every free slot of the idle system, and VTC would then hold it
+    # back until the others had received as much, for longer than a measured phase.
+    tasks = [asyncio.create_task(loop(t)) for i in range(max(workers.values(), default=0))
+             for t, n in workers.items() if i < n]
     try:
         await asyncio.sleep(ramp_s)
         begin = utcnow()
