@@ -229,3 +229,21 @@ def test_admin_key_and_tenant_keys_never_reach_the_logs(tmp_path, monkeypatch, c
     assert caplog.records  # the servers did log
     assert ADMIN_KEY not in caplog.text and ADMIN_KEY[:-1] not in caplog.text
     assert key not in caplog.text
+
+
+def test_serve_env_puts_direct_ingress_on_the_gateway_ports_and_skips_the_balancer_drain():
+    from moestack.config.schema import MoestackConfig
+    from moestack.serve.local import THROUGHPUT_ENV, serve_env
+
+    base = {"models": [{"name": "m", "engine": "fake"}]}
+    direct = serve_env(MoestackConfig.model_validate(
+        {**base, "gateway": {"ingress": "direct", "port": 9000, "num_replicas": 2,
+                             "operator_port": 9100}}))
+    assert direct["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert (direct["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"],
+            direct["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("9000", "9002")
+    assert direct["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"
+    assert THROUGHPUT_ENV.items() <= direct.items()
+    proxy = serve_env(MoestackConfig.model_validate(
+        {**base, "ray": {"serve_throughput_optimized": False}}))
+    assert proxy == {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}

@@ -72,7 +72,10 @@ def serve_env(config: MoestackConfig) -> dict[str, str]:
         return env | {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
     return env | {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
                   "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(gw.port),
-                  "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(gw.port + gw.num_replicas)}
+                  "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(gw.port + gw.num_replicas),
+                  # Serve keeps a stopping ingress replica up 30 s for load balancers to notice;
+                  # no balancer fronts a stack `moestack up` starts (ongoing requests still drain).
+                  "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
 def deploy(config: MoestackConfig, say: Say, timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
