@@ -343,23 +343,23 @@ async def test_batch_reserve_lets_a_tenant_below_its_share_start_at_once():
     # present, so light's next request finds a free batch slot instead of queueing behind heavy.
     q = FairQueue(12, batch_slots=8, reserve_slots=1)
     light = await q.acquire("light", 1.0, 0, 10)
-    heavy = await _fill_with(q, "heavy", 6)
+    await _fill_with(q, "heavy", 6)
     blocked = [asyncio.create_task(q.acquire("heavy", 1.0, 0, 10)) for _ in range(5)]
     await asyncio.sleep(0.01)
     assert q.inflight == 7 and q.waiting() == 5  # the 8th batch slot and the headroom kept
     second = await asyncio.wait_for(q.acquire("light", 1.0, 0, 10), 0.1)
     assert q.inflight == 8 and q.waiting() == 5
-    for slot in (light, second):
-        slot.release(10)
+    light.release(10)
     await asyncio.sleep(0.01)
-    # Light ended just now but stays present: heavy refills up to the reserve, not into it.
-    assert q.inflight == 7 and q.waiting() == 4
-    heavy[0].release(10)
-    await asyncio.sleep(0.01)
-    assert q.inflight == 7 and q.waiting() == 3
+    # Light just freed a slot: it holds it for its next request, heavy does not ratchet into it.
+    assert q.inflight == 7 and q.waiting() == 5
+    third = await asyncio.wait_for(q.acquire("light", 1.0, 0, 10), 0.1)
+    assert q.inflight == 8
     for task in blocked:
         task.cancel()
     await asyncio.gather(*blocked, return_exceptions=True)
+    second.release(10)
+    third.release(10)
 
 
 async def test_batch_reserve_is_work_conserving_once_the_other_tenant_is_gone(monkeypatch):
@@ -368,10 +368,10 @@ async def test_batch_reserve_is_work_conserving_once_the_other_tenant_is_gone(mo
     assert len(await _fill_with(q, "heavy", 12)) == 12  # alone: every slot, headroom included
     q = FairQueue(12, batch_slots=8, reserve_slots=1)
     (await q.acquire("light", 1.0, 0, 10)).release(10)
-    await _fill_with(q, "heavy", 7)
-    more = [asyncio.create_task(q.acquire("heavy", 1.0, 0, 10)) for _ in range(5)]
+    await _fill_with(q, "heavy", 6)
+    more = [asyncio.create_task(q.acquire("heavy", 1.0, 0, 10)) for _ in range(6)]
     await asyncio.sleep(0.01)
-    assert q.inflight == 7  # light ended a moment ago
+    assert q.inflight == 6  # light ended a moment ago: its slot and the reserve are kept
     await asyncio.wait_for(asyncio.gather(*more), 1.0)  # its hold ran out: heavy gets them all
     assert q.inflight == 12
 

@@ -42,13 +42,17 @@ request of better priority, so with the batch full a light tenant's request, fir
 engine's queue, still waits for one of the running requests to end (up to an engine step).
 ``reserve_slots`` of this gateway's share of the batch (``batch_slots``) are therefore kept for
 tenants below their weighted share of the batch: while another tenant is present (active here or
-at another gateway, or within ``RESERVE_HOLD_S`` of its last request), a tenant holding at least
+at another gateway, or within ``RESERVE_HOLD_S`` of a request's end), a tenant holding at least
 its share (``batch_slots`` x its weight / the present tenants' weights) is dispatched only while
-fewer than ``batch_slots - reserve_slots`` requests run here, headroom included (requests
-dispatched beyond the batch wait inside the engine and would take the reserved slots as soon as
-they free). A tenant below its share may use every dispatch slot. Alone, a tenant gets every slot
-(work conserving). The cost: while another tenant is present but not using them, up to
-``reserve_slots`` batch slots stay idle, and the tenants over their share get no headroom.
+the requests running here, plus the slots the other tenants freed in the last
+``RESERVE_HOLD_S`` and have not taken again, stay below ``batch_slots - reserve_slots``. So the
+reserve counts headroom too (requests dispatched beyond the batch wait inside the engine and
+would take the reserved slots as soon as they free), and a tenant over its share cannot take the
+slot a closed-loop client just freed in the moment before its next request arrives (it would
+ratchet into the reserve, one such moment at a time). A tenant below its share may use every
+dispatch slot. Alone, a tenant gets every slot (work conserving). The cost: while another tenant
+is present but not using them, up to ``reserve_slots`` batch slots (plus the freed slots held
+for at most ``RESERVE_HOLD_S``) stay idle, and the tenants over their share get no headroom.
 
 Shared counters. With several gateway replicas the counters are merged through a shared board
 (``moestack.serve.fair_board``): :meth:`FairQueue.sync_out` hands over what changed in the
@@ -74,9 +78,8 @@ SHARE_WINDOW_S = 60.0
 """Tokens served over this window give each tenant's share."""
 
 RESERVE_HOLD_S = 1.0
-"""A tenant counts as present for the batch reserve this long after its last request ended (a
-closed-loop client comes back within a round trip; its next request must still find the
-reserve)."""
+"""For the batch reserve, a tenant holds a slot it freed this long or until it dispatches again
+(a closed-loop client comes back within a round trip; its next request must find its slot)."""
 
 MEAN_ALPHA = 0.2
 """Weight of the newest request in a tenant's moving average of real tokens per request."""
@@ -107,8 +110,9 @@ class _TenantState:
     """Settled value this tenant was lifted to since the last sync."""
     mean_tokens: float | None = None
     """Moving average of the real tokens of this tenant's released requests."""
-    last_release_s: float = float("-inf")
-    """When this tenant's last request here ended (monotonic)."""
+    holds: deque[float] = field(default_factory=deque)
+    """When this tenant's requests here ended (monotonic), for slots it holds for the reserve:
+    each is dropped after ``RESERVE_HOLD_S`` or when the tenant dispatches."""
 
     @property
     def active(self) -> bool:
@@ -260,12 +264,16 @@ class FairQueue:
         share or alone (see the module docstring)."""
         if self.inflight >= self.max_inflight:
             return False
-        if self.reserve_slots <= 0 or self.inflight < self.batch_slots - self.reserve_slots:
+        if self.reserve_slots <= 0:
             return True
-        now = time.monotonic()
-        present = [s.weight for t, s in self._tenants.items() if s is not state and (
-            s.active or t in self._elsewhere or now - s.last_release_s < RESERVE_HOLD_S)]
-        if not present:
+        now, held, present = time.monotonic(), 0, []
+        for tenant, s in self._tenants.items():
+            while s.holds and now - s.holds[0] >= RESERVE_HOLD_S:
+                s.holds.popleft()
+            if s is not state and (s.active or s.holds or tenant in self._elsewhere):
+                held += len(s.holds)
+                present.append(s.weight)
+        if not present or self.inflight + held < self.batch_slots - self.reserve_slots:
             return True
         return state.inflight < self.batch_slots * state.weight / (state.weight + sum(present))
 
@@ -317,6 +325,8 @@ class FairQueue:
         priority = self.engine_priority(state)
         self.inflight += 1
         state.inflight += 1
+        if state.holds:
+            state.holds.popleft()
         state.reserved_tokens += cost_tokens
         return Slot(self, tenant, cost_tokens, priority)
 
@@ -325,9 +335,9 @@ class FairQueue:
         state = self._tenants[slot.tenant]
         state.inflight -= 1
         state.reserved_tokens -= slot.charged_tokens
-        state.last_release_s = time.monotonic()
         if self.reserve_slots > 0:
-            try:  # the tenant's hold on the reserve ends: let the others take it then
+            state.holds.append(time.monotonic())
+            try:  # the tenant's hold ends: let the others take the slot then
                 asyncio.get_running_loop().call_later(RESERVE_HOLD_S, self._fill)
             except RuntimeError:
                 pass  # no event loop: nobody can be waiting
