@@ -39,7 +39,9 @@ phase 3b (a full batch, nothing queued anywhere) already multiplies it by 5 to 7
 step (heavy ITL) stays near 13 ms, as the gateways, Serve's proxy and vLLM share the two cores
 with the other streams; the fake engine isolates the scheduling effect. The rest of the ratio is
 the wait for a running request to end: vLLM preempts only when KV blocks run out, never for a
-waiting request of better priority.
+waiting request of better priority. ``prio+reserve`` removes that wait without preemption: the
+heavy tenant, over its share, leaves the reserved batch slots free, so the light request starts
+at the next engine step; the heavy tenant's tokens per second show what the idle slots cost.
 """
 
 from __future__ import annotations
