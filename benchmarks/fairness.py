@@ -8,7 +8,10 @@ tiny vLLM model on CPU with ``scheduling_policy: priority``):
   own VTC counters, slots = replicas x max_ongoing_requests / gateways (so the engine queues the
   rest first come, first served), one static priority per tier;
 * ``shared+prio``: counters shared by the gateways through the per-model board, slots = the
-  replicas' batch capacity plus headroom, dynamic engine priority from the tenant's counter.
+  replicas' batch capacity plus headroom, dynamic engine priority from the tenant's counter;
+* ``prio+reserve``: the same, with one batch slot per replica kept for tenants below their share
+  (``reserve_batch_slots_per_replica``): a tenant over its share fills the batch only up to the
+  reserve while another is present, so a light request finds a free batch slot at the next step.
 
 Scenarios (closed-loop workers; tokens = prompt + completion from the usage ledger):
 1. weights 1:3, both backlogged: share of tokens / weight share, Jain's index;
@@ -36,7 +39,9 @@ phase 3b (a full batch, nothing queued anywhere) already multiplies it by 5 to 7
 step (heavy ITL) stays near 13 ms, as the gateways, Serve's proxy and vLLM share the two cores
 with the other streams; the fake engine isolates the scheduling effect. The rest of the ratio is
 the wait for a running request to end: vLLM preempts only when KV blocks run out, never for a
-waiting request of better priority.
+waiting request of better priority. ``prio+reserve`` removes that wait without preemption: the
+heavy tenant, over its share, leaves the reserved batch slots free, so the light request starts
+at the next engine step; the heavy tenant's tokens per second show what the idle slots cost.
 """
 
 from __future__ import annotations
@@ -55,8 +60,10 @@ from moestack.testing.fair_load import closed_loop, deploy, serve_cluster
 
 MODEL = "fair-moe"
 MODES = {
-    "gateway-only": {"priority_step_tokens": None, "shared_counters": False},
-    "shared+prio": {"shared_counters": True},
+    "gateway-only": {"priority_step_tokens": None, "shared_counters": False,
+                     "reserve_batch_slots_per_replica": 0},
+    "shared+prio": {"shared_counters": True, "reserve_batch_slots_per_replica": 0},
+    "prio+reserve": {"shared_counters": True, "reserve_batch_slots_per_replica": 1},
 }
 TENANTS = {"a1": 1.0, "a3": 3.0, "w1": 1.0, "w2": 2.0, "w4": 4.0, "light": 1.0, "heavy": 1.0,
            "early1": 1.0, "early2": 1.0, "late": 1.0}
@@ -129,6 +136,7 @@ async def run_mode(args, port: int, mode: str, tmp: Path) -> dict:
         both_rows, heavy_rows = stack.rows("light", *w), stack.rows("heavy", *w)
         out["light"] = tuple([r.ttft_s for r in rows]
                              for rows in (alone_rows, both_rows, heavy_rows))
+        out["heavy_tok_s"] = stack.tokens("heavy", *w) / (w[1] - w[0]).total_seconds()
         # The same batch size without a queue anywhere: heavy fills the replica's batch up to
         # its slots and no more, so the light tenant never waits for a slot or behind anyone;
         # what its TTFT gains here is the engine's step time with a full batch.
@@ -163,13 +171,13 @@ def report(results: dict, args) -> None:
                   f"{jain_index([s / w for s, w in res[scen].values()]):.4f}")
     print(f"\n{'mode':13} {'light alone p50':>15} {'alone p95':>10} {'contended p50':>14} "
           f"{'contended p95':>14} {'p95 ratio':>9} {'heavy p50':>10} {'light n':>8} "
-          f"{'heavy n':>8}")
+          f"{'heavy n':>8} {'heavy tok/s':>11}")
     for mode, res in results.items():
         alone, both, heavy = res["light"]
         print(f"{mode:13} {pct(alone, .5) * 1e3:>13.1f}ms {pct(alone, .95) * 1e3:>8.1f}ms "
               f"{pct(both, .5) * 1e3:>12.1f}ms {pct(both, .95) * 1e3:>12.1f}ms "
               f"{pct(both, .95) / pct(alone, .95):>9.2f} {pct(heavy, .5) * 1e3:>8.1f}ms "
-              f"{len(both):>8} {len(heavy):>8}")
+              f"{len(both):>8} {len(heavy):>8} {res['heavy_tok_s']:>11.1f}")
     print(f"\n{'mode':13} {'batch full, no queue: light p50':>31} {'p95':>9} {'p95 ratio':>9}"
           f"   light ITL: {'alone':>8} {'full':>8} {'10x heavy':>10}; heavy ITL")
     for mode, res in results.items():
@@ -211,7 +219,7 @@ async def main(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fair-"))
     results = {}
     with serve_cluster() as port:
-        for mode in MODES:
+        for mode in args.modes:
             print(f"deploying {mode} ({args.engine} engine)", flush=True)
             results[mode] = await run_mode(args, port, mode, tmp)
     report(results, args)
@@ -234,5 +242,6 @@ if __name__ == "__main__":
                    "request (each asks for 1/2x to 3/2x of it)")
     p.add_argument("--ttft-s", type=float, default=0.4, help="fake engine time to first token")
     p.add_argument("--itl-s", type=float, default=0.2, help="fake engine inter-token time")
+    p.add_argument("--modes", nargs="+", choices=tuple(MODES), default=tuple(MODES))
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "moestack-bench")
     asyncio.run(main(p.parse_args()))

@@ -77,3 +77,15 @@ def test_router_counts_expected_prefix_hits():
     c = router.counts
     assert (c.requests, c.prefix_hits) == (3, 1)  # only the second went where the prefix was
     assert (c.prompt_blocks, c.matched_blocks) == (3 * len(blocks), len(blocks))
+
+
+def test_batch_reserve_is_shared_by_the_gateways_and_follows_replicas(tmp_path):
+    gate = _gate(tmp_path, gateways=2, fair_queue={"headroom_ratio": 0.5,
+                                                    "batch_slots_per_replica": 32,
+                                                    "reserve_batch_slots_per_replica": 2})
+    queue = gate.queue("m")
+    assert (queue.max_inflight, queue.batch_slots, queue.reserve_slots) == (24, 16, 1)
+    gate.follow_replicas("m", 3)
+    assert (queue.max_inflight, queue.batch_slots, queue.reserve_slots) == (72, 48, 3)
+    off = _gate(tmp_path, fair_queue={"reserve_batch_slots_per_replica": 0}).queue("m")
+    assert off.reserve_slots == 0

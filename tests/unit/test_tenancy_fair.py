@@ -330,3 +330,64 @@ async def test_fairness_gauges_are_exported(tmp_path):
     assert counter and float(counter.group(1)) > 0
     assert 'moestack_fair_token_share_ratio{model="fake-moe",tenant="acme"} 1.0' in text
     assert "moestack_fair_shared_counters_up{" not in text  # no shared board in-process
+
+
+async def _fill_with(q, tenant, n):
+    """``n`` slots held by ``tenant``, taken while nobody else is around."""
+    return [await asyncio.wait_for(q.acquire(tenant, 1.0, 0, 10), 0.1) for _ in range(n)]
+
+
+async def test_batch_reserve_lets_a_tenant_below_its_share_start_at_once():
+    # 8 batch slots + 4 headroom, 1 reserved. The light tenant holds one slot; the heavy one
+    # fills the batch up to the reserve and no further (no headroom either) while light is
+    # present, so light's next request finds a free batch slot instead of queueing behind heavy.
+    q = FairQueue(12, batch_slots=8, reserve_slots=1)
+    light = await q.acquire("light", 1.0, 0, 10)
+    await _fill_with(q, "heavy", 6)
+    blocked = [asyncio.create_task(q.acquire("heavy", 1.0, 0, 10)) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    assert q.inflight == 7 and q.waiting() == 5  # the 8th batch slot and the headroom kept
+    second = await asyncio.wait_for(q.acquire("light", 1.0, 0, 10), 0.1)
+    assert q.inflight == 8 and q.waiting() == 5
+    light.release(10)
+    await asyncio.sleep(0.01)
+    # Light just freed a slot: it holds it for its next request, heavy does not ratchet into it.
+    assert q.inflight == 7 and q.waiting() == 5
+    third = await asyncio.wait_for(q.acquire("light", 1.0, 0, 10), 0.1)
+    assert q.inflight == 8
+    for task in blocked:
+        task.cancel()
+    await asyncio.gather(*blocked, return_exceptions=True)
+    second.release(10)
+    third.release(10)
+
+
+async def test_batch_reserve_is_work_conserving_once_the_other_tenant_is_gone(monkeypatch):
+    monkeypatch.setattr("moestack.tenancy.fair.RESERVE_HOLD_S", 0.05)
+    q = FairQueue(12, batch_slots=8, reserve_slots=1)
+    assert len(await _fill_with(q, "heavy", 12)) == 12  # alone: every slot, headroom included
+    q = FairQueue(12, batch_slots=8, reserve_slots=1)
+    (await q.acquire("light", 1.0, 0, 10)).release(10)
+    await _fill_with(q, "heavy", 6)
+    more = [asyncio.create_task(q.acquire("heavy", 1.0, 0, 10)) for _ in range(6)]
+    await asyncio.sleep(0.01)
+    assert q.inflight == 6  # light ended a moment ago: its slot and the reserve are kept
+    await asyncio.wait_for(asyncio.gather(*more), 1.0)  # its hold ran out: heavy gets them all
+    assert q.inflight == 12
+
+
+async def test_batch_reserve_goes_to_the_tenant_below_its_weighted_share():
+    q = FairQueue(8, batch_slots=8, reserve_slots=2)
+    small = [await q.acquire("w1", 1.0, 0, 10)]  # w1's share: 8 x 1/4 = 2 slots
+    big = [await q.acquire("w3", 3.0, 0, 10) for _ in range(5)]  # w3's share: 6 slots
+    assert q.inflight == 6  # at the reserve now
+    big.append(await asyncio.wait_for(q.acquire("w3", 3.0, 0, 10), 0.1))  # 5 < 6: below
+    small.append(await asyncio.wait_for(q.acquire("w1", 1.0, 0, 10), 0.1))  # 1 < 2: below
+    assert q.inflight == 8
+    extra = asyncio.create_task(q.acquire("w3", 3.0, 0, 10))
+    await asyncio.sleep(0.01)
+    assert not extra.done()  # every slot taken
+    extra.cancel()
+    await asyncio.gather(extra, return_exceptions=True)
+    for slot in small + big:
+        slot.release(10)

@@ -334,6 +334,14 @@ class FairQueueConfig(_Strict):
                                   "the batch slots, as a fraction of them: requests waiting "
                                   "inside the engine keep its batch full between two "
                                   "dispatches and are ordered there by their priority.")
+    reserve_batch_slots_per_replica: int = Field(
+        1, ge=0, description="Batch slots of each model replica kept for tenants below their "
+        "weighted share of the batch, so that their requests start at the next engine step "
+        "instead of waiting for a running request to end (vLLM does not preempt for priority). "
+        "While another tenant is present, a tenant holding at least its share is dispatched only "
+        "below the batch less this reserve (no headroom); alone it gets every slot. Shared by "
+        "the gateway replicas, rounded up to one per gateway. Costs up to this many idle batch "
+        "slots per replica while the tenants below their share leave them unused. 0: off.")
     priority_step_tokens: float | None = Field(
         8.0, gt=0, description="Dynamic engine priority: a request is sent with priority "
         "`tier x 10^12 + start`, start = its tenant's virtual token counter when it is "

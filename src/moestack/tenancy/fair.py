@@ -37,6 +37,23 @@ version, is not comparable across time: an old request ranked a few steps ahead 
 every later request ranked 0, while its tenant's counter already held it as served.)
 ``priority_step_tokens=None`` sends the tier alone (static).
 
+Batch reserve. vLLM preempts a running request only when KV blocks run out, never for a waiting
+request of better priority, so with the batch full a light tenant's request, first in the
+engine's queue, still waits for one of the running requests to end (up to an engine step).
+``reserve_slots`` of this gateway's share of the batch (``batch_slots``) are therefore kept for
+tenants below their weighted share of the batch: while another tenant is present (active here or
+at another gateway, or within ``RESERVE_HOLD_S`` of a request's end), a tenant holding at least
+its share (``batch_slots`` x its weight / the present tenants' weights) is dispatched only while
+the requests running here, plus the slots the other tenants freed in the last
+``RESERVE_HOLD_S`` and have not taken again, stay below ``batch_slots - reserve_slots``. So the
+reserve counts headroom too (requests dispatched beyond the batch wait inside the engine and
+would take the reserved slots as soon as they free), and a tenant over its share cannot take the
+slot a closed-loop client just freed in the moment before its next request arrives (it would
+ratchet into the reserve, one such moment at a time). A tenant below its share may use every
+dispatch slot. Alone, a tenant gets every slot (work conserving). The cost: while another tenant
+is present but not using them, up to ``reserve_slots`` batch slots (plus the freed slots held
+for at most ``RESERVE_HOLD_S``) stay idle, and the tenants over their share get no headroom.
+
 Shared counters. With several gateway replicas the counters are merged through a shared board
 (``moestack.serve.fair_board``): :meth:`FairQueue.sync_out` hands over what changed in the
 settled counters since the last sync (real tokens, lifts) and this gateway's running estimate per
@@ -59,6 +76,10 @@ TIER_SPAN = 10**12
 
 SHARE_WINDOW_S = 60.0
 """Tokens served over this window give each tenant's share."""
+
+RESERVE_HOLD_S = 1.0
+"""For the batch reserve, a tenant holds a slot it freed this long or until it dispatches again
+(a closed-loop client comes back within a round trip; its next request must find its slot)."""
 
 MEAN_ALPHA = 0.2
 """Weight of the newest request in a tenant's moving average of real tokens per request."""
@@ -89,6 +110,9 @@ class _TenantState:
     """Settled value this tenant was lifted to since the last sync."""
     mean_tokens: float | None = None
     """Moving average of the real tokens of this tenant's released requests."""
+    holds: deque[float] = field(default_factory=deque)
+    """When this tenant's requests here ended (monotonic), for slots it holds for the reserve:
+    each is dropped after ``RESERVE_HOLD_S`` or when the tenant dispatches."""
 
     @property
     def active(self) -> bool:
@@ -166,9 +190,14 @@ class Slot:
 class FairQueue:
     """VTC over one model's dispatch slots; single event loop, no locks needed."""
 
-    def __init__(self, max_inflight: int, priority_step_tokens: float | None = None):
+    def __init__(self, max_inflight: int, priority_step_tokens: float | None = None,
+                 batch_slots: int | None = None, reserve_slots: int = 0):
         self.max_inflight = max_inflight
         self.priority_step_tokens = priority_step_tokens
+        self.batch_slots = max_inflight if batch_slots is None else batch_slots
+        """This gateway's share of the replicas' batch slots (``max_inflight`` less headroom)."""
+        self.reserve_slots = reserve_slots
+        """Batch slots kept for tenants below their share (see the module docstring)."""
         self.inflight = 0
         self._tenants: dict[str, _TenantState] = {}
         self._mean_tokens: float | None = None  # all tenants': the estimate for newcomers
@@ -221,10 +250,32 @@ class FairQueue:
         active = {t: s.weight for t, s in self._tenants.items() if s.active}
         return share_of(tokens), share_of(active)
 
-    def set_capacity(self, max_inflight: int) -> None:
-        """Change the slot count (the model's replicas changed); more slots dispatch waiters."""
+    def set_capacity(self, max_inflight: int, batch_slots: int | None = None,
+                     reserve_slots: int | None = None) -> None:
+        """Change the slot counts (the model's replicas changed); more slots dispatch waiters."""
         self.max_inflight = max(1, max_inflight)
+        self.batch_slots = self.max_inflight if batch_slots is None else batch_slots
+        if reserve_slots is not None:
+            self.reserve_slots = reserve_slots
         self._fill()
+
+    def may_dispatch(self, state: _TenantState) -> bool:
+        """A free dispatch slot, and not one of the batch reserve unless ``state`` is below its
+        share or alone (see the module docstring)."""
+        if self.inflight >= self.max_inflight:
+            return False
+        if self.reserve_slots <= 0:
+            return True
+        now, held, present = time.monotonic(), 0, []
+        for tenant, s in self._tenants.items():
+            while s.holds and now - s.holds[0] >= RESERVE_HOLD_S:
+                s.holds.popleft()
+            if s is not state and (s.active or s.holds or tenant in self._elsewhere):
+                held += len(s.holds)
+                present.append(s.weight)
+        if not present or self.inflight + held < self.batch_slots - self.reserve_slots:
+            return True
+        return state.inflight < self.batch_slots * state.weight / (state.weight + sum(present))
 
     # -- the request path -----------------------------------------------------------------------
 
@@ -233,10 +284,11 @@ class FairQueue:
         state.weight, state.priority = weight, priority
         if not state.active and tenant not in self._elsewhere:
             self._lift(state)
-        if self.inflight < self.max_inflight and not self.waiting():
+        if not self.waiting() and self.may_dispatch(state):
             return self._dispatch(state, tenant, cost_tokens)
         waiter = _Waiter(tenant, cost_tokens, asyncio.get_running_loop().create_future())
         state.queue.append(waiter)
+        self._fill()  # others may wait for the reserve that this tenant may take
         try:
             return await waiter.future
         except asyncio.CancelledError:
@@ -273,6 +325,8 @@ class FairQueue:
         priority = self.engine_priority(state)
         self.inflight += 1
         state.inflight += 1
+        if state.holds:
+            state.holds.popleft()
         state.reserved_tokens += cost_tokens
         return Slot(self, tenant, cost_tokens, priority)
 
@@ -281,6 +335,12 @@ class FairQueue:
         state = self._tenants[slot.tenant]
         state.inflight -= 1
         state.reserved_tokens -= slot.charged_tokens
+        if self.reserve_slots > 0:
+            state.holds.append(time.monotonic())
+            try:  # the tenant's hold ends: let the others take the slot then
+                asyncio.get_running_loop().call_later(RESERVE_HOLD_S, self._fill)
+            except RuntimeError:
+                pass  # no event loop: nobody can be waiting
         state.settled += actual_tokens / state.weight
         state.pending += actual_tokens / state.weight
         if actual_tokens:
@@ -293,7 +353,7 @@ class FairQueue:
 
     def _fill(self) -> None:
         while self.inflight < self.max_inflight:
-            best = min((s for s in self._tenants.values() if s.queue),
+            best = min((s for s in self._tenants.values() if s.queue and self.may_dispatch(s)),
                        key=lambda s: (s.priority, self.counter(s)), default=None)
             if best is None:
                 return

@@ -162,7 +162,8 @@ class TenancyGate:
     def queue(self, model: str) -> FairQueue:
         if model not in self._queues:
             self._queues[model] = FairQueue(self.dispatch_slots(model),
-                                            self.settings.fair_queue.priority_step_tokens)
+                                            self.settings.fair_queue.priority_step_tokens,
+                                            *self.reserve(model))
         return self._queues[model]
 
     def batch_slots(self, model: str) -> int:
@@ -184,6 +185,22 @@ class TenancyGate:
         replicas = max(1, m.initial_replicas if live_replicas is None else live_replicas)
         total = math.ceil(replicas * self.batch_slots(model) * (1 + fair.headroom_ratio))
         return max(1, -(-total // self.config.gateway.num_replicas))
+
+    def reserve(self, model: str, live_replicas: int | None = None) -> tuple[int, int]:
+        """(batch slots, reserved batch slots) of this gateway replica for ``model``: the
+        replicas' batch and ``reserve_batch_slots_per_replica`` of each, shared by the gateway
+        replicas (rounded up: each gateway keeps at least one when there is a reserve). With a
+        fixed ``max_inflight_requests_per_model`` the batch is that number."""
+        fair = self.settings.fair_queue
+        replicas = max(1, self.config.model(model).initial_replicas
+                       if live_replicas is None else live_replicas)
+        gateways = self.config.gateway.num_replicas
+        if fair.max_inflight_requests_per_model is not None:
+            batch = fair.max_inflight_requests_per_model
+        else:
+            batch = max(1, -(-replicas * self.batch_slots(model) // gateways))
+        reserve = -(-replicas * fair.reserve_batch_slots_per_replica // gateways)
+        return batch, min(reserve, batch - 1)
 
     def share_fairness(self, boards: dict[str, FairBoardLink]) -> None:
         """Merge each model's virtual token counters with the other gateway replicas through
@@ -210,7 +227,8 @@ class TenancyGate:
 
     def follow_replicas(self, model: str, live_replicas: int) -> None:
         """The model now has ``live_replicas``: resize its fair queue's slots to match."""
-        self.queue(model).set_capacity(self.dispatch_slots(model, live_replicas))
+        self.queue(model).set_capacity(self.dispatch_slots(model, live_replicas),
+                                       *self.reserve(model, live_replicas))
 
     def waiting(self) -> dict[str, int]:
         """Requests waiting in the fair queue, per model."""
