@@ -190,15 +190,20 @@ def test_client_disconnect_mid_stream_is_recorded_as_499(stack, key):
         for n, _ in enumerate(r.iter_lines()):
             if n > 3:
                 break
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def closed() -> list[str]:
         metrics = httpx.get(f"{stack.operator_url}/metrics", timeout=30).text
-        if 'status="499"' in metrics:
-            break
+        return [line for line in metrics.splitlines()
+                if line.startswith("moestack_requests_total") and 'status="499"' in line]
+
+    # A scrape (the operator listener's thread) may see the series created at 0.0 just before
+    # it is incremented: wait for the count, then check it stays one.
+    deadline, lines = time.monotonic() + 30, []
+    while time.monotonic() < deadline and not any(line.endswith(" 1.0") for line in lines):
         time.sleep(0.5)
-    assert 'status="499"' in metrics
-    assert any(line.startswith("moestack_requests_total") and 'status="499"' in line
-               and line.endswith(" 1.0") for line in metrics.splitlines())
+        lines = closed()
+    time.sleep(1.0)
+    assert len(lines) == 1 and lines[0].endswith(" 1.0") and closed() == lines, lines
 
 
 def test_every_request_has_one_settled_ledger_row(stack):
