@@ -6,11 +6,11 @@ app over its own AsyncLLM and calls it here, without a socket. What this adds:
 * **Batching that spares the first token.** The first body pieces are yielded as soon as the
   app sends them, with whatever it sent in the same step (chat sends its role chunk and the first
   token together), so time to first token is untouched: a fixed flush timer would add its length
-  to every first token. After that, each chunk gathers what the app sends within ``batch_interval_s`` of
-  the piece that opens it, plus whatever piled up while the consumer was busy, and goes out the
-  moment the answer ends. Every chunk costs a crossing of Ray Serve's object transport (replica
-  to gateway, gateway to proxy), so fewer, larger chunks are what keeps the relay's CPU near the
-  engine's own server.
+  to every first token. After that, each chunk gathers what the app sends within
+  ``batch_interval_s`` of the piece that opens it, plus whatever piled up while the consumer was
+  busy, and goes out the moment the answer ends. Every chunk costs a crossing of Ray Serve's
+  transport (replica to gateway, gateway to proxy), so fewer, larger chunks are what keeps the
+  relay's CPU near the engine's own server.
 * **Usage from the engine.** :class:`UsageMeter` is put in a context variable that the app's
   tasks inherit; the engine client's ``generate``/``encode`` add what the engine reports
   (prompt tokens, prefix-cached tokens, generated tokens of every choice), so every chunk carries
@@ -97,24 +97,29 @@ async def serve_asgi(app: ASGIApp, request: EngineRequest,
         status = start["status"]
         content_type = next((v.decode("latin-1") for k, v in start.get("headers", ())
                              if k.lower() == b"content-type"), "application/json")
-        first, more = await _body(messages)
-        parts = [first]  # and what the app sent with it: chat's role chunk comes with the
-        more = await _gather(messages, parts, more, 0.0)  # first token, in one engine step
-        first = b"".join(parts)
+        # With what the app sent in the same step (chat's role chunk comes with the first token).
+        first, more = await _chunk(messages, 0.0)
         if status >= 500:
             raise EngineUnavailableError(f"the engine failed ({status}): "
                                          f"{first[:300].decode('utf-8', 'replace')}")
         yield EngineChunk(first, meter.usage(), status, content_type)
         while more:
-            data, more = await _body(messages)
-            parts = [data]
-            more = await _gather(messages, parts, more, batch_interval_s)
-            yield EngineChunk(b"".join(parts), meter.usage())
+            data, more = await _chunk(messages, batch_interval_s)
+            yield EngineChunk(data, meter.usage())
     finally:
         if not task.done():
             gone.set()
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def _chunk(messages: asyncio.Queue, interval_s: float) -> tuple[bytes, bool]:
+    """The next body piece with what arrives within ``interval_s`` of it (and what is queued
+    already), and whether more body follows."""
+    data, more = await _body(messages)
+    parts = [data]
+    more = await _gather(messages, parts, more, interval_s)
+    return b"".join(parts), more
 
 
 async def _body(messages: asyncio.Queue) -> tuple[bytes, bool]:

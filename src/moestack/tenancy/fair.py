@@ -209,10 +209,11 @@ class FairQueue:
 
     # -- views --------------------------------------------------------------------------------
 
-    def counter(self, state: _TenantState) -> float:
+    def counter(self, state: _TenantState, cold_start: bool = True) -> float:
         """Settled tokens plus the running requests (here and elsewhere) at the best estimate
-        of their size, all divided by the weight (see the module docstring)."""
-        return state.settled + self._running(state) + state.running_elsewhere
+        of their size, all divided by the weight (see the module docstring); ``cold_start``:
+        as :meth:`_running`."""
+        return state.settled + self._running(state, cold_start) + state.running_elsewhere
 
     def _running(self, state: _TenantState, cold_start: bool = True) -> float:
         """The running requests at the moving average of real tokens per request (at most
@@ -228,7 +229,7 @@ class FairQueue:
         requests count only at a known average: lifting a newcomer to reservations charged
         ahead at a cold start (upper bounds that deflate when the requests end) would put it
         behind work that never existed."""
-        return state.settled + self._running(state, cold_start=False) + state.running_elsewhere
+        return self.counter(state, cold_start=False)
 
     def counters(self) -> dict[str, float]:
         return {t: self.counter(s) for t, s in self._tenants.items()}

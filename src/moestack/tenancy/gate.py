@@ -181,10 +181,15 @@ class TenancyGate:
         fair = self.settings.fair_queue
         if fair.max_inflight_requests_per_model is not None:
             return fair.max_inflight_requests_per_model
-        m = self.config.model(model)
-        replicas = max(1, m.initial_replicas if live_replicas is None else live_replicas)
+        replicas = self._replicas(model, live_replicas)
         total = math.ceil(replicas * self.batch_slots(model) * (1 + fair.headroom_ratio))
         return max(1, -(-total // self.config.gateway.num_replicas))
+
+    def _replicas(self, model: str, live_replicas: int | None) -> int:
+        """The model's live replicas, or its initial ones; at least one (scaled to zero, the
+        first requests must reach Ray Serve to start one)."""
+        return max(1, self.config.model(model).initial_replicas if live_replicas is None
+                   else live_replicas)
 
     def reserve(self, model: str, live_replicas: int | None = None) -> tuple[int, int]:
         """(batch slots, reserved batch slots) of this gateway replica for ``model``: the
@@ -192,8 +197,7 @@ class TenancyGate:
         replicas (rounded up: each gateway keeps at least one when there is a reserve). With a
         fixed ``max_inflight_requests_per_model`` the batch is that number."""
         fair = self.settings.fair_queue
-        replicas = max(1, self.config.model(model).initial_replicas
-                       if live_replicas is None else live_replicas)
+        replicas = self._replicas(model, live_replicas)
         gateways = self.config.gateway.num_replicas
         if fair.max_inflight_requests_per_model is not None:
             batch = fair.max_inflight_requests_per_model
