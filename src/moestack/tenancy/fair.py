@@ -94,6 +94,7 @@ class _Waiter:
 
 @dataclass
 class _TenantState:
+    name: str
     weight: float = 1.0
     priority: int = 0
     settled: float = 0.0
@@ -231,6 +232,12 @@ class FairQueue:
         behind work that never existed."""
         return self.counter(state, cold_start=False)
 
+    def _state(self, tenant: str) -> _TenantState:
+        state = self._tenants.get(tenant)
+        if state is None:
+            state = self._tenants[tenant] = _TenantState(tenant)
+        return state
+
     def counters(self) -> dict[str, float]:
         return {t: self.counter(s) for t, s in self._tenants.items()}
 
@@ -260,28 +267,40 @@ class FairQueue:
             self.reserve_slots = reserve_slots
         self._fill()
 
-    def may_dispatch(self, state: _TenantState) -> bool:
+    def may_dispatch(self, state: _TenantState, census: tuple[int, float] | None = None) -> bool:
         """A free dispatch slot, and not one of the batch reserve unless ``state`` is below its
-        share or alone (see the module docstring)."""
+        share or alone (see the module docstring). ``census``: :meth:`_census`, taken once for
+        all the candidates of one fill step."""
         if self.inflight >= self.max_inflight:
             return False
         if self.reserve_slots <= 0:
             return True
-        now, held, present = time.monotonic(), 0, []
-        for tenant, s in self._tenants.items():
+        held, weight = self._census() if census is None else census
+        if self._present(state):  # the others': take this tenant's own part out
+            held, weight = held - len(state.holds), weight - state.weight
+        if weight <= 0 or self.inflight + held < self.batch_slots - self.reserve_slots:
+            return True
+        return state.inflight < self.batch_slots * state.weight / (state.weight + weight)
+
+    def _present(self, state: _TenantState) -> bool:
+        return state.active or bool(state.holds) or state.name in self._elsewhere
+
+    def _census(self) -> tuple[int, float]:
+        """(Slots held, weight) of the tenants present: active here or at another gateway, or
+        holding a slot they just freed. One pass over the tenants, dropping expired holds."""
+        now, held, weight = time.monotonic(), 0, 0.0
+        for s in self._tenants.values():
             while s.holds and now - s.holds[0] >= RESERVE_HOLD_S:
                 s.holds.popleft()
-            if s is not state and (s.active or s.holds or tenant in self._elsewhere):
+            if self._present(s):
                 held += len(s.holds)
-                present.append(s.weight)
-        if not present or self.inflight + held < self.batch_slots - self.reserve_slots:
-            return True
-        return state.inflight < self.batch_slots * state.weight / (state.weight + sum(present))
+                weight += s.weight
+        return held, weight
 
     # -- the request path -----------------------------------------------------------------------
 
     async def acquire(self, tenant: str, weight: float, priority: int, cost_tokens: int) -> Slot:
-        state = self._tenants.setdefault(tenant, _TenantState())
+        state = self._state(tenant)
         state.weight, state.priority = weight, priority
         if not state.active and tenant not in self._elsewhere:
             self._lift(state)
@@ -354,7 +373,9 @@ class FairQueue:
 
     def _fill(self) -> None:
         while self.inflight < self.max_inflight:
-            best = min((s for s in self._tenants.values() if s.queue and self.may_dispatch(s)),
+            census = self._census() if self.reserve_slots > 0 else None
+            best = min((s for s in self._tenants.values()
+                        if s.queue and self.may_dispatch(s, census)),
                        key=lambda s: (s.priority, self.counter(s)), default=None)
             if best is None:
                 return
@@ -389,11 +410,11 @@ class FairQueue:
                 state.running_elsewhere = 0.0
             return
         for tenant, settled in merged.counters.items():
-            state = self._tenants.setdefault(tenant, _TenantState())
+            state = self._state(tenant)
             base = settled if state.lift is None else max(settled, state.lift)
             state.settled = base + state.pending
         for tenant in merged.running_elsewhere:
-            self._tenants.setdefault(tenant, _TenantState())
+            self._state(tenant)
         for tenant, state in self._tenants.items():
             state.running_elsewhere = merged.running_elsewhere.get(tenant, 0.0)
         self._elsewhere = dict(merged.active_elsewhere)
