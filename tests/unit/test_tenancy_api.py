@@ -1,6 +1,7 @@
 """Tenancy through the OpenAI API (fake engine, SQLite): keys, ACLs, limits, budgets, ledger."""
 
 import asyncio
+import contextlib
 
 import openai
 import pytest
@@ -31,10 +32,11 @@ async def stack(tmp_path):
         yield s
 
 
-@pytest.fixture
-async def slow_stack(tmp_path):
-    """A slow model behind a real HTTP server on a free port (real streaming and disconnects)."""
-    async with local_stack(tenancy_config(tmp_path, token_interval_s=0.02)) as s:
+@contextlib.asynccontextmanager
+async def served(config):
+    """The local stack behind a real HTTP server on a free port (real streaming and
+    disconnects)."""
+    async with local_stack(config) as s:
         server = uvicorn.Server(uvicorn.Config(s.app, host="127.0.0.1", port=0,
                                                log_level="warning", lifespan="off"))
         task = asyncio.create_task(server.serve())
@@ -50,6 +52,13 @@ async def slow_stack(tmp_path):
                 await client.close()
             server.should_exit = True
             await task
+
+
+@pytest.fixture
+async def slow_stack(tmp_path):
+    """A slow model, served over HTTP."""
+    async with served(tenancy_config(tmp_path, token_interval_s=0.02)) as s:
+        yield s
 
 
 def tcp_client(stack, key):
@@ -233,6 +242,18 @@ async def test_client_disconnect_mid_stream_settles_partial_usage_once(slow_stac
     assert 3 <= row.completion_tokens < 50
     assert row.charged_tokens == row.prompt_tokens + row.completion_tokens
     assert slow_stack.engines[MODEL].aborted == [row.request_id]
+
+
+async def test_client_closing_after_the_last_event_is_a_complete_answer(tmp_path):
+    # The openai client closes on `[DONE]`; the engine's end of body comes 0.3 s later.
+    async with served(tenancy_config(tmp_path, token_interval_s=0.01,
+                                     end_of_body_delay_s=0.3)) as s:
+        stream = await chat(tcp_client(s, tenant(s)), max_tokens=5, stream=True)
+        chunks = [c async for c in stream]
+        await until(lambda: rows(s) and rows(s)[0].state == "settled")
+        [row] = rows(s)
+        assert len(chunks) == 5
+        assert (row.status_code, row.error_code, row.completion_tokens) == (200, None, 5)
 
 
 async def test_engine_failure_mid_stream_is_settled_with_tokens_made(slow_stack):

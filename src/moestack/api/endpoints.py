@@ -76,6 +76,17 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 )
 
 
+STREAM_END_EVENTS = (b"data: [DONE]", b"event: message_stop", b"event: response.completed",
+                     b"event: response.incomplete", b"event: response.failed")
+"""How the last event of a streamed answer starts: OpenAI chat and completions, Anthropic
+messages, Responses."""
+
+
+def ends_stream(data: bytes) -> bool:
+    """Whether ``data`` (the tail of an SSE answer) ends with the answer's last event."""
+    return data.rstrip(b"\n").rpartition(b"\n\n")[2].startswith(STREAM_END_EVENTS)
+
+
 @dataclass(frozen=True)
 class RequestFacts:
     """What the gateway read of one request body."""

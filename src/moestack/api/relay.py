@@ -34,6 +34,7 @@ from moestack.api.endpoints import (
     Endpoint,
     RequestFacts,
     check_fields,
+    ends_stream,
     estimated_tokens,
     read_body,
     with_priority,
@@ -191,17 +192,24 @@ class _Call:
         """The answer's bytes as they come; records the request once they end, however they
         end (a failure is recorded and re-raised). Close it, finished or not."""
         status, code = CLIENT_CLOSED, "client_closed"
+        last = first.data
         try:
             yield first.data
             async for chunk in chunks:
                 self.usage = chunk.usage
-                yield chunk.data
+                if chunk.data:
+                    last = chunk.data
+                    yield chunk.data
             status = first.status
             code = _engine_error_code(first) if status >= 400 else None
         except MoestackError as exc:
             status, code = exc.status_code, exc.code
             raise
         finally:
+            if status == CLIENT_CLOSED and self.facts.stream and ends_stream(last):
+                # The client had the answer's last event and closed before the engine's end of
+                # body reached us (the openai client closes on `[DONE]`): a complete answer.
+                status, code = first.status, None
             # Shielded: the client may have gone and the surrounding scope be cancelled, but the
             # engine request must still be aborted and the usage recorded exactly once.
             with anyio.CancelScope(shield=True):

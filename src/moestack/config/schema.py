@@ -54,6 +54,9 @@ class FakeEngineSettings(_Strict):
                                                         "between output tokens per request "
                                                         "running on the engine, in seconds "
                                                         "(larger batches decode slower).")
+    end_of_body_delay_s: float = Field(0.0, ge=0, description="Delay between a stream's last "
+                                       "event and its end of body, in seconds (vLLM's app may "
+                                       "end its body a step after the last event).")
     prefill_s_per_token: float = Field(0.0, ge=0, description="Simulated prefill time per prompt "
                                        "token not found in the prefix cache, in seconds; "
                                        "prefills of one replica run one at a time.")
@@ -353,8 +356,9 @@ class FairQueueConfig(_Strict):
                                   "gateway replicas through a per-model Ray actor (Ray Serve "
                                   "only), so that weights hold across the replicas whichever "
                                   "replica each tenant's requests reach; if it is lost each "
-                                  "gateway falls back to its own counters until it is back. "
-                                  "Off: each replica is fair over the traffic it sees.")
+                                  "gateway falls back to its own counters until it is back "
+                                  "(with one gateway replica there is nothing to merge: no "
+                                  "actor). Off: each replica is fair over the traffic it sees.")
     sync_interval_s: float = Field(0.2, gt=0, description="How often a gateway merges its "
                                    "counters with the shared ones, in seconds.")
 

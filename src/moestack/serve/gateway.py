@@ -31,7 +31,8 @@ class Gateway:
             else None
         context = serve.get_replica_context()
         self.app_name, self.replica_id = context.app_name, context.replica_id.unique_id
-        if self.tenancy is not None:  # fair-queue counters shared by the gateway replicas
+        if self.tenancy is not None and self.config.gateway.num_replicas > 1:
+            # Fair-queue counters shared by the gateway replicas (one replica: its own are all)
             self.tenancy.share_fairness({m.name: FairBoardClient(self.app_name, m.name)
                                          for m in self.config.models})
         self._follow = asyncio.get_running_loop().create_task(self._follow_models())

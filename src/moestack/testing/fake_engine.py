@@ -231,6 +231,9 @@ class FakeEngine(Engine):
                                                               if first else (None, None)))
                     first = False
                 if done:
+                    if stream and timing.end_of_body_delay_s:
+                        await asyncio.sleep(timing.end_of_body_delay_s)
+                        yield EngineChunk(b"", usage)
                     break
             if not stream:
                 out = {**head, "choices": [_choice(chat, i, t, f) for i, (t, f)
