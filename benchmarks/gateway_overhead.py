@@ -35,6 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from moestack.config import load_config
 from moestack.engine.tiny import TinySpec, ensure_tiny_model
 from moestack.loadtest import load_scenario
 from moestack.loadtest.compare import (
@@ -51,7 +52,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "loadtest" / "scenarios" / "gateway-overhead.yaml"
 MODEL = "tiny-deepseek-v3"
 MAX_MODEL_LEN = 1024
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+ENGINE_ENV = dict(load_config().models[0].env)
+"""Both targets' engine environment: the embedded default's (KV cache size, OpenMP binding and
+spin count), so moestack is measured as it ships and vLLM with the same engine settings."""
 
 
 def start_vllm(checkpoint: Path, tmp: Path) -> tuple[subprocess.Popen, int]:
