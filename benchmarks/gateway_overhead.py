@@ -17,7 +17,8 @@ alternating order over several rounds, so the drift of a shared machine's backgr
 on both alike; each target's rounds are merged. Each round has two phases per target: the
 scenario's open-loop Poisson load (latency: the TTFT moestack adds at p50 and p99, in
 milliseconds) and a saturating closed loop (every request queued at once, ``max_concurrency`` in
-flight: throughput ratio moestack / vLLM). On a 2-core machine the engines, the gateway and the
+flight: throughput ratio moestack / vLLM). Printed: the merged figures, then each round's ratios and
+their medians (one disturbed round moves the merged figures, not the medians). On a 2-core machine the engines, the gateway and the
 load generator share the cores, so added latency includes CPU contention, not only extra hops.
 Run it with a short TMPDIR (Ray's socket paths must stay under 108 bytes).
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -153,8 +155,29 @@ def main() -> int:
               f"{thr(mo_sat) / thr(vl_sat):.3f}; server CPU per request (saturated) "
               f"{cpu(mo_sat) * 1000:.1f} ms vs {cpu(vl_sat) * 1000:.1f} ms = "
               f"{cpu(mo_sat) / cpu(vl_sat):.2f}x")
+        print(per_round(rounds, mode))
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def per_round(rounds: dict[str, list[TargetRun]], mode: str) -> str:
+    """Each round's moestack / vLLM ratios and their medians: one disturbed round moves the
+    merged figures, not the medians."""
+    vl_sat, mo_sat = rounds["vLLM, saturated"], rounds[f"moestack {mode}, saturated"]
+    vl, mo = rounds["vLLM, Poisson"], rounds[f"moestack {mode}, Poisson"]
+    thr = [m.requests_per_s / v.requests_per_s for m, v in zip(mo_sat, vl_sat)]
+    cpu = [m.cpu_ms_per_request / v.cpu_ms_per_request for m, v in zip(mo_sat, vl_sat)
+           if m.cpu_ms_per_request and v.cpu_ms_per_request]
+    ttft = {q: [(m.latency("ttft", q) - v.latency("ttft", q)) * 1000 for m, v in zip(mo, vl)]
+            for q in ("p50", "p99")}
+    rows = [f"  per round ({mode}): throughput {' '.join(f'{x:.2f}x' for x in thr)}; CPU "
+            f"{' '.join(f'{x:.2f}x' for x in cpu)}; added TTFT p50 "
+            f"{' '.join(f'{x:+.1f}' for x in ttft['p50'])} ms, p99 "
+            f"{' '.join(f'{x:+.0f}' for x in ttft['p99'])} ms",
+            f"  median of rounds ({mode}): throughput {statistics.median(thr):.3f}x, CPU "
+            f"{statistics.median(cpu):.2f}x, added TTFT p50 {statistics.median(ttft['p50']):+.1f}"
+            f" ms, p99 {statistics.median(ttft['p99']):+.1f} ms"]
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
