@@ -207,6 +207,8 @@ class FairQueue:
         self._unsynced_served: dict[str, int] = {}
         self.shared_shares: tuple[dict[str, float], dict[str, float]] | None = None
         """Shares from the board's last answer; None while running on local state."""
+        self._hold_timer: asyncio.TimerHandle | None = None
+        """Armed for when the oldest slot hold ends (pending while any tenant holds a slot)."""
 
     # -- views --------------------------------------------------------------------------------
 
@@ -290,8 +292,7 @@ class FairQueue:
         holding a slot they just freed. One pass over the tenants, dropping expired holds."""
         now, held, weight = time.monotonic(), 0, 0.0
         for s in self._tenants.values():
-            while s.holds and now - s.holds[0] >= RESERVE_HOLD_S:
-                s.holds.popleft()
+            _drop_ended_holds(s, now)
             if self._present(s):
                 held += len(s.holds)
                 weight += s.weight
@@ -305,7 +306,7 @@ class FairQueue:
         if not state.active and tenant not in self._elsewhere:
             self._lift(state)
         if not self.waiting() and self.may_dispatch(state):
-            return self._dispatch(state, tenant, cost_tokens)
+            return self._dispatch(state, cost_tokens)
         waiter = _Waiter(tenant, cost_tokens, asyncio.get_running_loop().create_future())
         state.queue.append(waiter)
         self._fill()  # others may wait for the reserve that this tenant may take
@@ -341,14 +342,14 @@ class FairQueue:
         start = int(max(0.0, self.counter(state)) / self.priority_step_tokens)
         return state.priority * TIER_SPAN + min(TIER_SPAN - 1, start)
 
-    def _dispatch(self, state: _TenantState, tenant: str, cost_tokens: int) -> Slot:
+    def _dispatch(self, state: _TenantState, cost_tokens: int) -> Slot:
         priority = self.engine_priority(state)
         self.inflight += 1
         state.inflight += 1
         if state.holds:
             state.holds.popleft()
         state.reserved_tokens += cost_tokens
-        return Slot(self, tenant, cost_tokens, priority)
+        return Slot(self, state.name, cost_tokens, priority)
 
     def _release(self, slot: Slot, actual_tokens: int) -> None:
         self.inflight -= 1
@@ -357,10 +358,8 @@ class FairQueue:
         state.reserved_tokens -= slot.charged_tokens
         if self.reserve_slots > 0:
             state.holds.append(time.monotonic())
-            try:  # the tenant's hold ends: let the others take the slot then
-                asyncio.get_running_loop().call_later(RESERVE_HOLD_S, self._fill)
-            except RuntimeError:
-                pass  # no event loop: nobody can be waiting
+            if self._hold_timer is None:  # else armed for an older hold, which re-arms it
+                self._arm_hold_timer(RESERVE_HOLD_S)
         state.settled += actual_tokens / state.weight
         state.pending += actual_tokens / state.weight
         if actual_tokens:
@@ -382,7 +381,25 @@ class FairQueue:
             waiter = best.queue.popleft()
             if waiter.future.done():  # cancelled while waiting
                 continue
-            waiter.future.set_result(self._dispatch(best, waiter.tenant, waiter.cost_tokens))
+            waiter.future.set_result(self._dispatch(best, waiter.cost_tokens))
+
+    def _arm_hold_timer(self, delay_s: float) -> None:
+        try:
+            self._hold_timer = asyncio.get_running_loop().call_later(delay_s, self._holds_ended)
+        except RuntimeError:
+            pass  # no event loop: nobody can be waiting
+
+    def _holds_ended(self) -> None:
+        """The oldest slot hold ended: let the others take the slot, then wait for the next
+        hold to end (holds taken up again by their tenants' next requests need no wake-up)."""
+        self._hold_timer = None
+        self._fill()
+        now = time.monotonic()
+        for s in self._tenants.values():
+            _drop_ended_holds(s, now)
+        oldest = min((s.holds[0] for s in self._tenants.values() if s.holds), default=None)
+        if oldest is not None:
+            self._arm_hold_timer(oldest + RESERVE_HOLD_S - now)
 
     # -- shared counters ----------------------------------------------------------------------
 
@@ -420,6 +437,11 @@ class FairQueue:
         self._elsewhere = dict(merged.active_elsewhere)
         self.shared_shares = (dict(merged.shares), dict(merged.weight_shares))
         self._fill()
+
+
+def _drop_ended_holds(state: _TenantState, now: float) -> None:
+    while state.holds and now - state.holds[0] >= RESERVE_HOLD_S:
+        state.holds.popleft()
 
 
 def moving_mean(mean: float | None, value: float) -> float:
