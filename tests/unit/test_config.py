@@ -89,3 +89,9 @@ def test_world_size_multiplies_parallel_degrees():
     config = parse_config({"models": [{"name": "m", "engine": "fake", "parallelism": {
         "tensor_parallel_size": 4, "pipeline_parallel_size": 2, "data_parallel_size": 2}}]})
     assert config.models[0].parallelism.world_size == 16
+
+
+def test_rejects_a_stream_batch_ceiling_below_its_floor():
+    serving = {"stream_batch_interval_ms": 50, "stream_batch_max_interval_ms": 20}
+    with pytest.raises(ConfigError, match="stream_batch_max_interval_ms must be at least"):
+        parse_config({"models": [{"name": "m", "engine": "fake", "serving": serving}]})

@@ -179,7 +179,23 @@ class ServingConfig(_Strict):
     stream_batch_interval_ms: float = Field(30.0, ge=0, le=1000, description="After a stream's "
                                             "first chunk (always sent at once), how long the "
                                             "replica gathers events into one chunk for the "
-                                            "gateway; 0 sends what is ready without waiting.")
+                                            "gateway while it has few streams; 0 sends what is "
+                                            "ready without waiting.")
+    stream_batch_max_interval_ms: float = Field(150.0, ge=0, le=1000, description="The "
+                                                "longest a busy replica gathers a stream's "
+                                                "events into one chunk.")
+    stream_chunks_per_s: float = Field(150.0, gt=0, description="Chunks a second the replica "
+                                       "aims to send over all its streams: with more streams "
+                                       "than this times stream_batch_interval_ms, each gathers "
+                                       "longer (up to stream_batch_max_interval_ms), so the "
+                                       "relay's CPU stays flat as the batch grows.")
+
+    @model_validator(mode="after")
+    def _batch_bounds(self) -> ServingConfig:
+        if self.stream_batch_max_interval_ms < self.stream_batch_interval_ms:
+            raise ValueError("stream_batch_max_interval_ms must be at least "
+                             "stream_batch_interval_ms")
+        return self
 
 
 class ModelConfig(_Strict):

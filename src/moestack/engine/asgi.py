@@ -5,12 +5,16 @@ app over its own AsyncLLM and calls it here, without a socket. What this adds:
 
 * **Batching that spares the first token.** The first body pieces are yielded as soon as the
   app sends them, with whatever it sent in the same step (chat sends its role chunk and the first
-  token together), so time to first token is untouched: a fixed flush timer would add its length
-  to every first token. After that, each chunk gathers what the app sends within
-  ``batch_interval_s`` of the piece that opens it, plus whatever piled up while the consumer was
-  busy, and goes out the moment the answer ends. Every chunk costs a crossing of Ray Serve's
-  transport (replica to gateway, gateway to proxy), so fewer, larger chunks are what keeps the
-  relay's CPU near the engine's own server.
+  token together), and so is every later piece of a stream until one carries output text
+  (:func:`carries_output`: the first token's text can come a step after the role chunk, when the
+  detokenizer holds back an incomplete character), so time to first token is untouched: a fixed
+  flush timer would add its length to every first token. After that, each chunk gathers what the app sends within the batch
+  interval of the piece that opens it, plus whatever piled up while the consumer was busy, and
+  goes out the moment the answer ends. Every chunk costs a crossing of Ray Serve's transport
+  (replica to gateway, gateway to client), so fewer, larger chunks are what keeps the relay's CPU
+  near the engine's own server. The interval is asked for each chunk: a replica lengthens it as
+  its streams grow (:func:`batch_interval_s`), so its chunk rate, not its batch, sets the
+  relay's CPU; with few streams chunks stay short.
 * **Usage from the engine.** :class:`UsageMeter` is put in a context variable that the app's
   tasks inherit; the engine client's ``generate``/``encode`` add what the engine reports
   (prompt tokens, prefix-cached tokens, generated tokens of every choice), so every chunk carries
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -65,9 +70,50 @@ def _scope(request: EngineRequest) -> dict[str, Any]:
     }
 
 
+_TEXT_FIELDS = frozenset({"content", "text", "delta", "reasoning_content", "reasoning",
+                          "arguments", "partial_json", "thinking"})
+"""Where the streamed events of vLLM's routes put output: chat's ``delta.content`` (and its
+reasoning and tool-call ``arguments``), completions' ``text``, the Responses API's ``delta``,
+Anthropic's ``text``/``partial_json``/``thinking`` deltas."""
+
+
+def carries_output(data: bytes) -> bool:
+    """Whether a piece of an event stream carries generated output: a non-empty string in an
+    output field (:data:`_TEXT_FIELDS`) or a tool call, not only a role or an envelope."""
+    for line in data.split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if payload and payload != b"[DONE]":
+            try:
+                if _has_output(json.loads(payload)):
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
+def _has_output(node: Any) -> bool:
+    if isinstance(node, dict):
+        return any((k in _TEXT_FIELDS and isinstance(v, str) and v != "")
+                   or (k == "tool_calls" and bool(v)) or _has_output(v)
+                   for k, v in node.items())
+    if isinstance(node, list):
+        return any(_has_output(v) for v in node)
+    return False
+
+
+def batch_interval_s(streams: int, min_s: float, max_s: float, chunks_per_s: float) -> float:
+    """How long a stream's chunk gathers when the replica has ``streams`` open: enough that
+    they send about ``chunks_per_s`` chunks a second together, within ``[min_s, max_s]``."""
+    return min(max(streams / chunks_per_s, min_s), max_s)
+
+
 async def serve_asgi(app: ASGIApp, request: EngineRequest,
-                     batch_interval_s: float = 0.0) -> AsyncIterator[EngineChunk]:
-    """Run ``request`` through ``app``; see the module docstring."""
+                     batch_interval_s: Callable[[], float] = lambda: 0.0
+                     ) -> AsyncIterator[EngineChunk]:
+    """Run ``request`` through ``app``; ``batch_interval_s()`` gives each chunk's gathering
+    time (see the module docstring)."""
     meter = UsageMeter()
     messages: asyncio.Queue = asyncio.Queue()
     gone = asyncio.Event()
@@ -103,8 +149,10 @@ async def serve_asgi(app: ASGIApp, request: EngineRequest,
             raise EngineUnavailableError(f"the engine failed ({status}): "
                                          f"{first[:300].decode('utf-8', 'replace')}")
         yield EngineChunk(first, meter.usage(), status, content_type)
+        eager = content_type.startswith("text/event-stream") and not carries_output(first)
         while more:
-            data, more = await _chunk(messages, batch_interval_s)
+            data, more = await _chunk(messages, 0.0 if eager else batch_interval_s())
+            eager = eager and not carries_output(data)
             yield EngineChunk(data, meter.usage())
     finally:
         if not task.done():

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from moestack.config.schema import ModelConfig
-from moestack.engine.asgi import metered, serve_asgi
+from moestack.engine.asgi import batch_interval_s, metered, serve_asgi
 from moestack.engine.protocol import (
     Engine,
     EngineChunk,
@@ -197,11 +197,15 @@ class VLLMEngine(Engine):
             raise EngineUnavailableError("engine not started")
         self._in_flight += 1
         try:
-            async for chunk in serve_asgi(self._app, request,
-                                          self._config.serving.stream_batch_interval_ms / 1000):
+            async for chunk in serve_asgi(self._app, request, self._batch_interval_s):
                 yield chunk
         finally:
             self._in_flight -= 1
+
+    def _batch_interval_s(self) -> float:
+        s = self._config.serving
+        return batch_interval_s(self._in_flight, s.stream_batch_interval_ms / 1000,
+                                s.stream_batch_max_interval_ms / 1000, s.stream_chunks_per_s)
 
     async def check_health(self) -> None:
         if self._llm is None:
