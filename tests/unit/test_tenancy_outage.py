@@ -1,6 +1,7 @@
 """A locked or read-only SQLite store answers 503 within the bounded wait; it recovers by itself;
 cached authentication follows revocations within its TTL; bad input is a 4xx, never a 500."""
 
+import asyncio
 import json
 import os
 import shutil
@@ -145,6 +146,22 @@ async def test_revocation_and_limit_changes_reach_a_cached_gateway_within_the_tt
                 model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
         store.revoke_key(made.key_id)
         time.sleep(0.6)
+        with pytest.raises(openai.AuthenticationError):
+            await client.models.list()
+
+
+async def test_the_auth_cache_follows_a_revocation_off_the_request_path(tmp_path):
+    async with local_stack(config(tmp_path, auth_cache_ttl_s=0.4)) as stack:
+        store, auth = stack.tenancy.store, stack.tenancy.auth
+        _, made = store.create_tenant("acme")
+        client = stack.openai(made.plaintext)
+        await client.chat.completions.create(  # a request starts the gateway's background work
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        assert made.key_id in auth._entries
+        store.revoke_key(made.key_id)
+        await asyncio.sleep(0.5)  # no request: only the background check can have seen it
+        assert made.key_id not in auth._entries
+        assert time.monotonic() - auth._checked_at < auth.ttl_s  # requests need not read it
         with pytest.raises(openai.AuthenticationError):
             await client.models.list()
 

@@ -6,20 +6,24 @@ tenant or key change bumps in its own transaction; see :meth:`TenancyStore.versi
 the whole cache is trusted for another ``ttl_s``; changed, it is dropped and keys are read again.
 So a revocation, a new key or a limit change made through the admin API or the CLI reaches every
 gateway, on every replica and process, within ``ttl_s`` (plus one store round trip), and the
-version check costs one read per ``ttl_s`` per process, not one per request. Unknown key ids are
-cached too (so random keys cannot make every request read the store), bounded by ``max_entries``.
+version check costs one read per ``ttl_s`` per process, not one per request. That read is not on
+a request's path: :meth:`AuthCache.keep_fresh` (started with the gateway's background work)
+repeats it every half ``ttl_s``, so a request finds the cache checked less than ``ttl_s`` ago and
+reads nothing; only when that check is late (a slow or failing store) does a request read the
+version itself, as before. Unknown key ids are cached too (so random keys cannot make every request read the store), bounded by ``max_entries``.
 The secret is still compared with the stored hash in constant time on every request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 import time
 
 import anyio
 
-from moestack.errors import AuthenticationError
+from moestack.errors import AuthenticationError, StoreUnavailableError
 from moestack.tenancy.admission import Principal, check_key
 from moestack.tenancy.keys import parse_key
 from moestack.tenancy.models import ApiKey, Tenant
@@ -60,6 +64,16 @@ class AuthCache:
         if not hit:
             found = await anyio.to_thread.run_sync(self._load, key_id)
         return check_key(api_key, found)
+
+    async def keep_fresh(self) -> None:
+        """Re-read the change version every half ``ttl_s`` (until cancelled), so requests do
+        not wait for it; a failed read is left to the next request's own check."""
+        while True:
+            await asyncio.sleep(self.ttl_s / 2)
+            try:
+                await anyio.to_thread.run_sync(self._revalidate)
+            except StoreUnavailableError:
+                pass  # the next request past ttl_s reads the version itself (503 if it fails)
 
     def invalidate(self) -> None:
         """Forget everything (the next request reads the store)."""

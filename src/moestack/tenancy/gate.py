@@ -83,6 +83,7 @@ class TenancyGate:
         self.auth = AuthCache(store, self.settings.auth_cache_ttl_s)
         self._fair_boards: dict[str, FairBoardLink] = {}
         self._fair_sync: asyncio.Task | None = None
+        self._auth_refresh: asyncio.Task | None = None
         self.fair_shared: dict[str, bool] = {}
         """Per model: whether the last sync with the shared counters succeeded."""
         self.on_budget_remaining: Callable[[str, float], None] | None = None
@@ -98,22 +99,26 @@ class TenancyGate:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the store writer and the beat: renew this gateway's leases, close rows of dead
-        gateways, drop expired rate buckets and raw rows past retention (idempotent)."""
+        """Start the store writer, the beat (renew this gateway's leases, close rows of dead
+        gateways, drop expired rate buckets and raw rows past retention) and the auth cache's
+        freshness check (idempotent)."""
         self.writer.start()
         if self._heartbeat is None or self._heartbeat.done():
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
         if self._fair_boards and (self._fair_sync is None or self._fair_sync.done()):
             self._fair_sync = asyncio.get_running_loop().create_task(self._sync_fairness())
+        if self.auth.ttl_s > 0 and (self._auth_refresh is None or self._auth_refresh.done()):
+            self._auth_refresh = asyncio.get_running_loop().create_task(self.auth.keep_fresh())
 
     async def stop(self) -> None:
-        """Stop the beat and the fairness sync, and flush queued settlements (those the store
-        cannot take now stay pending in the ledger and are closed as lost, keeping their
-        reservation)."""
-        if self._fair_sync is not None:
-            self._fair_sync.cancel()
-            await asyncio.gather(self._fair_sync, return_exceptions=True)
-            self._fair_sync = None
+        """Stop the beat, the fairness sync and the auth check, and flush queued settlements
+        (those the store cannot take now stay pending in the ledger and are closed as lost,
+        keeping their reservation)."""
+        for task in (self._fair_sync, self._auth_refresh):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._fair_sync = self._auth_refresh = None
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             try:
