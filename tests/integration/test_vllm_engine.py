@@ -12,6 +12,7 @@ import pytest_asyncio
 
 from moestack.config.schema import ModelConfig
 from moestack.engine import build_engine
+from moestack.engine.asgi import carries_output
 from moestack.errors import ConfigError
 from moestack.testing.requests import engine_request
 
@@ -112,6 +113,37 @@ async def test_closing_a_stream_aborts_the_request_in_the_engine(engine, path, b
     assert processor.get_num_unfinished_requests() == 0
     assert 3 <= chunk.usage.completion_tokens < 400
     assert engine.stats().running_requests == 0
+
+
+def events(data: bytes) -> list[bytes]:
+    return [e + b"\n\n" for e in data.split(b"\n\n") if e.strip()]
+
+
+def has_text(event: bytes) -> bool:
+    """Output text by each route's own shape (chat, completions, Responses, Anthropic)."""
+    e = sse_json(event)[0] if sse_json(event) else {}
+    choice = (e.get("choices") or [{}])[0]
+    return bool((choice.get("delta") or {}).get("content") or choice.get("text")
+                or (e.get("type") == "response.output_text.delta" and e.get("delta"))
+                or (e.get("type") == "content_block_delta" and (e.get("delta") or {}).get("text")))
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", CHAT),
+    ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 6}),
+    ("/v1/responses", {"input": "Once upon a time", "max_output_tokens": 6}),
+    ("/v1/messages", CHAT),
+])
+@pytest.mark.asyncio(loop_scope="module")
+async def test_stream_batching_tells_vllms_output_events_from_the_rest(engine, path, body):
+    # Pieces go at once until one carries output, then batch: the check must see vLLM's first
+    # output event as output, and its role chunk and the envelopes before it as not.
+    extra = {} if path == "/v1/responses" else {"ignore_eos": True}
+    _, data = await answer(engine, path, {**body, **extra, "stream": True})
+    evs = events(data)
+    first = next(i for i, e in enumerate(evs) if has_text(e))
+    assert carries_output(evs[first]), evs[first]
+    assert not any(carries_output(e) for e in evs[:first]), evs[:first]
 
 
 @pytest.mark.asyncio(loop_scope="module")
