@@ -8,11 +8,11 @@ app over its own AsyncLLM and calls it here, without a socket. What this adds:
   token together), and so is every later piece of a stream until one carries output text
   (:func:`carries_output`: the first token's text can come a step after the role chunk, when the
   detokenizer holds back an incomplete character), so time to first token is untouched: a fixed
-  flush timer would add its length to every first token. After that, each chunk gathers what the app sends within the batch
-  interval of the piece that opens it, plus whatever piled up while the consumer was busy, and
-  goes out the moment the answer ends. Every chunk costs a crossing of Ray Serve's transport
-  (replica to gateway, gateway to client), so fewer, larger chunks are what keeps the relay's CPU
-  near the engine's own server. The interval is asked for each chunk: a replica lengthens it as
+  flush timer would add its length to every first token. After that, each chunk gathers what
+  the app sends within the batch interval of the piece that opens it, plus whatever piled up
+  while the consumer was busy, and goes out the moment the answer ends. Every chunk costs a
+  crossing of Ray Serve's transport (replica to gateway, gateway to client), so fewer, larger
+  chunks are what keeps the relay's CPU near the engine's own server. The interval is asked for each chunk: a replica lengthens it as
   its streams grow (:func:`batch_interval_s`), so its chunk rate, not its batch, sets the
   relay's CPU; with few streams chunks stay short.
 * **Usage from the engine.** :class:`UsageMeter` is put in a context variable that the app's
@@ -110,10 +110,10 @@ def batch_interval_s(streams: int, min_s: float, max_s: float, chunks_per_s: flo
 
 
 async def serve_asgi(app: ASGIApp, request: EngineRequest,
-                     batch_interval_s: Callable[[], float] = lambda: 0.0
+                     interval_s: Callable[[], float] = lambda: 0.0
                      ) -> AsyncIterator[EngineChunk]:
-    """Run ``request`` through ``app``; ``batch_interval_s()`` gives each chunk's gathering
-    time (see the module docstring)."""
+    """Run ``request`` through ``app``; ``interval_s()`` gives each chunk's gathering time, in
+    seconds (see the module docstring)."""
     meter = UsageMeter()
     messages: asyncio.Queue = asyncio.Queue()
     gone = asyncio.Event()
@@ -151,7 +151,7 @@ async def serve_asgi(app: ASGIApp, request: EngineRequest,
         yield EngineChunk(first, meter.usage(), status, content_type)
         eager = content_type.startswith("text/event-stream") and not carries_output(first)
         while more:
-            data, more = await _chunk(messages, 0.0 if eager else batch_interval_s())
+            data, more = await _chunk(messages, 0.0 if eager else interval_s())
             eager = eager and not carries_output(data)
             yield EngineChunk(data, meter.usage())
     finally:

@@ -1,16 +1,16 @@
 """Cached authentication: key id -> (stored hash, revoked, principal with limits), bounded staleness.
 
 A gateway keeps what it read of a key for at most ``ttl_s`` (``tenancy.auth_cache_ttl_s``, 2 s by
-default). After that, the next request reads the store's change version (one tiny row that every
-tenant or key change bumps in its own transaction; see :meth:`TenancyStore.version`): unchanged,
-the whole cache is trusted for another ``ttl_s``; changed, it is dropped and keys are read again.
-So a revocation, a new key or a limit change made through the admin API or the CLI reaches every
-gateway, on every replica and process, within ``ttl_s`` (plus one store round trip), and the
-version check costs one read per ``ttl_s`` per process, not one per request. That read is not on
-a request's path: :meth:`AuthCache.keep_fresh` (started with the gateway's background work)
-repeats it every half ``ttl_s``, so a request finds the cache checked less than ``ttl_s`` ago and
-reads nothing; only when that check is late (a slow or failing store) does a request read the
-version itself, as before. Unknown key ids are cached too (so random keys cannot make every request read the store), bounded by ``max_entries``.
+default). Every half ``ttl_s``, :meth:`AuthCache.keep_fresh` (started with the gateway's
+background work) reads the store's change version (one tiny row that every tenant or key change
+bumps in its own transaction; see :meth:`TenancyStore.version`): unchanged, the whole cache is
+trusted for another ``ttl_s``; changed, it is dropped and keys are read again. A request reads
+the version itself only when that check is late (a slow or failing store), so no request waits
+for it. So a revocation, a new key or a limit change made through the admin API or the CLI
+reaches every gateway, on every replica and process, within ``ttl_s`` (plus one store round
+trip), and the check costs two reads per ``ttl_s`` per process, not one per request. Unknown key
+ids are cached too (so random keys cannot make every request read the store), bounded by
+``max_entries``.
 The secret is still compared with the stored hash in constant time on every request.
 """
 
