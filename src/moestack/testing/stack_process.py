@@ -49,9 +49,10 @@ class StackProcess:
             self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+            exc.add_note("the stack's last output:\n" + "".join(self.output[-40:]))
             raise
 
     def leftover_processes(self) -> list[str]:
