@@ -18,6 +18,9 @@ Say = Callable[[str], None]
 
 DEPLOY_TIMEOUT_S = 900.0
 POLL_INTERVAL_S = 2.0
+STOP_TIMEOUT_S = 90.0
+"""Longest a stop may take: Serve's shutdown waits up to 30 s for replicas to drain, then Ray's
+takes seconds; past this the process exits anyway, saying so (a stop must never hang)."""
 
 THROUGHPUT_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
@@ -125,6 +128,20 @@ def deploy(config: MoestackConfig, say: Say, timeout_s: float = DEPLOY_TIMEOUT_S
     raise StackFailed(f"deployment failed: {errors[0]}")
 
 
+def exit_if_stuck(timeout_s: float, say: Say) -> threading.Timer:
+    """End the process ``timeout_s`` from now, exit code 1, unless it has ended by then: covers
+    Ray's shutdown and the interpreter's exit (a thread left behind that never ends)."""
+
+    def exit_now() -> None:
+        say(f"the stack did not stop within {timeout_s:g} s; exiting anyway")
+        os._exit(1)
+
+    timer = threading.Timer(timeout_s, exit_now)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def shutdown() -> None:
     import ray
     from ray import serve
@@ -224,6 +241,7 @@ def up(config: MoestackConfig, say: Say = print, verbose: bool = False) -> int:
         # A second Ctrl-C must not leave Ray half stopped.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
+        exit_if_stuck(STOP_TIMEOUT_S, say)
         try:
             shutdown()
         finally:

@@ -1,0 +1,30 @@
+"""`moestack up` always ends after Ctrl-C: a stop that hangs (Ray's shutdown, or a thread left
+behind at interpreter exit) ends the process anyway, with exit code 1 and a message."""
+
+import subprocess
+import sys
+
+HANGS_AT_EXIT = """
+import threading
+from moestack.serve.local import exit_if_stuck
+threading.Thread(target=threading.Event().wait).start()  # never ends: the exit waits for it
+exit_if_stuck(0.3, lambda m: print(m, flush=True))
+"""
+
+ENDS = """
+from moestack.serve.local import exit_if_stuck
+exit_if_stuck(30, print)
+print("done")
+"""
+
+
+def test_a_stop_that_hangs_ends_the_process_with_a_message():
+    out = subprocess.run([sys.executable, "-c", HANGS_AT_EXIT], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1
+    assert "did not stop within 0.3 s; exiting anyway" in out.stdout
+
+
+def test_a_stop_that_ends_is_not_cut_short():
+    out = subprocess.run([sys.executable, "-c", ENDS], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout) == (0, "done\n")
