@@ -128,6 +128,20 @@ def deploy(config: MoestackConfig, say: Say, timeout_s: float = DEPLOY_TIMEOUT_S
     raise StackFailed(f"deployment failed: {errors[0]}")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+def take_stop_signals() -> dict[int, object]:
+    """Make SIGINT and SIGTERM stop the stack (KeyboardInterrupt in the main thread); returns
+    the handlers they had. Set explicitly: Python keeps SIGINT ignored when the process started
+    with it ignored, as a shell does for background jobs, and a stop must work there too."""
+    return {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
+
+
 def exit_if_stuck(timeout_s: float, say: Say) -> threading.Timer:
     """End the process ``timeout_s`` from now, exit code 1, unless it has ended by then: covers
     Ray's shutdown and the interpreter's exit (a thread left behind that never ends)."""
@@ -212,10 +226,7 @@ def banner(config: MoestackConfig, api_key: str | None = None) -> str:
 def up(config: MoestackConfig, say: Say = print, verbose: bool = False) -> int:
     """Start everything, serve until SIGINT/SIGTERM, then stop everything. Returns an exit code."""
 
-    def interrupt(_signum, _frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = take_stop_signals()
     try:
         if config.tenancy.enabled:
             check_admin_key(config.tenancy.admin_key_env)  # before minutes of model loading
@@ -223,8 +234,8 @@ def up(config: MoestackConfig, say: Say = print, verbose: bool = False) -> int:
         say(f"starting Ray ({config.ray.address or f'local, {config.ray.num_cpus} CPUs'})")
         start_ray(config, verbose)
         # ray.init installs Ray's own SIGTERM handler (it dumps a stack and aborts): take the
-        # signal back so `kill` / `docker stop` stop the stack as cleanly as Ctrl-C.
-        signal.signal(signal.SIGTERM, interrupt)
+        # signals back so `kill` / `docker stop` stop the stack as cleanly as Ctrl-C.
+        take_stop_signals()
         api_key = ensure_bootstrap_key(config)
         say("deploying the Serve app (loading models) ...")
         deploy(config, say)
@@ -239,12 +250,12 @@ def up(config: MoestackConfig, say: Say = print, verbose: bool = False) -> int:
         return 1
     finally:
         # A second Ctrl-C must not leave Ray half stopped.
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         exit_if_stuck(STOP_TIMEOUT_S, say)
         try:
             shutdown()
         finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         say("stopped.")
