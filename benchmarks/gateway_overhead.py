@@ -20,8 +20,9 @@ milliseconds) and a saturating closed loop (every request queued at once, ``max_
 flight: throughput ratio moestack / vLLM). Printed: the merged figures, then each round's ratios and
 their medians (one disturbed round moves the merged figures, not the medians). The per-token
 figure compared is TPOT (time per output token after the first): moestack relays a busy stream's
-events in batches, so its ITL (the gap between events) is near zero inside a batch. On a 2-core machine the engines, the gateway and the
-load generator share the cores, so added latency includes CPU contention, not only extra hops.
+events in batches, so its ITL (the gap between events) is near zero inside a batch. On a 2-core
+machine the engines, the gateway and the load generator share the cores, so added latency
+includes CPU contention, not only extra hops.
 Run it with a short TMPDIR (Ray's socket paths must stay under 108 bytes).
 
     .venv/bin/python benchmarks/gateway_overhead.py [--rounds 3] [--requests 60] [--rate 4]

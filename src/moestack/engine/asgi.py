@@ -12,9 +12,9 @@ app over its own AsyncLLM and calls it here, without a socket. What this adds:
   the app sends within the batch interval of the piece that opens it, plus whatever piled up
   while the consumer was busy, and goes out the moment the answer ends. Every chunk costs a
   crossing of Ray Serve's transport (replica to gateway, gateway to client), so fewer, larger
-  chunks are what keeps the relay's CPU near the engine's own server. The interval is asked for each chunk: a replica lengthens it as
-  its streams grow (:func:`batch_interval_s`), so its chunk rate, not its batch, sets the
-  relay's CPU; with few streams chunks stay short.
+  chunks are what keeps the relay's CPU near the engine's own server. The interval is asked for
+  each chunk: a replica lengthens it as its streams grow (:func:`batch_interval_s`), so its chunk
+  rate, not its batch, sets the relay's CPU; with few streams chunks stay short.
 * **Usage from the engine.** :class:`UsageMeter` is put in a context variable that the app's
   tasks inherit; the engine client's ``generate``/``encode`` add what the engine reports
   (prompt tokens, prefix-cached tokens, generated tokens of every choice), so every chunk carries
