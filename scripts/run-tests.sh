@@ -11,6 +11,8 @@ export VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-0-1}"
 export MOESTACK_CACHE_DIR="${MOESTACK_CACHE_DIR:-$here/.cache/moestack}"
 export PYTHONUNBUFFERED=1
 cd "$here"
+# The host first: machines of one kind differ in CPU, and vLLM's CPU kernels with them.
+.venv/bin/python -m moestack.engine.cpu_kernels
 set +e
 .venv/bin/python -m pytest "${@:-tests}" -p no:cacheprovider
 rc=$?

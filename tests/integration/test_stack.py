@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from moestack.engine.cpu_kernels import unsupported_reason
 from moestack.testing.stack_process import free_port, short_temp_dir, start_stack
 
 pytestmark = pytest.mark.integration
@@ -29,6 +30,8 @@ MODEL = f"tiny-{ARCH}"
 
 @pytest.fixture(scope="module")
 def stack():
+    if reason := unsupported_reason(ARCH.replace("-", "_")):
+        pytest.skip(reason)
     shm_before = set(os.listdir("/dev/shm"))
     tmp = short_temp_dir()
     config = {

@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from moestack.engine.cpu_kernels import unsupported_reason
 from moestack.engine.tiny import TinySpec, ensure_tiny_model
 from moestack.testing.stack_process import free_port
 
@@ -32,6 +33,8 @@ WEATHER = {"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    if reason := unsupported_reason("deepseek_v4"):
+        pytest.skip(reason)
     model = ensure_tiny_model(TinySpec("deepseek-v4"), tmp_path_factory.mktemp("cache"))
     port = free_port()
     log = (tmp_path_factory.mktemp("log") / "server.log").open("w+")

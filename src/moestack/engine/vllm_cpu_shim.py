@@ -114,7 +114,12 @@ def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group (called by vLLM in every process).
 
     Checks the version and platform now, and patches once the V4 CPU model's modules load.
+    Also applies ``MOESTACK_VLLM_CPU_KERNELS`` (see :mod:`moestack.engine.cpu_kernels`) for
+    processes where vLLM skipped platform plugins.
     """
+    from moestack.engine.cpu_kernels import apply_switch
+
+    apply_switch()
     if reason := not_applicable_reason():
         # A CPU build of another version is worth a warning (V4 may fail there); a GPU build
         # is the normal case.

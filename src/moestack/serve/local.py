@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 from moestack.config.schema import MoestackConfig
+from moestack.engine.cpu_kernels import checkpoint_unsupported_reason
 from moestack.engine.source import resolve_checkpoint
 from moestack.errors import ConfigError
 from moestack.net import free_port
@@ -41,12 +42,22 @@ class StackFailed(RuntimeError):
 
 
 def prepare_models(config: MoestackConfig, say: Say) -> None:
-    """Build missing tiny checkpoints here, with progress, before replicas look for them."""
+    """Build missing tiny checkpoints here, with progress, before replicas look for them; and
+    refuse at once a model this host's vLLM CPU kernels cannot run (engines on a local Ray
+    run on this CPU), instead of an engine traceback minutes later."""
     for model in config.models:
-        if model.engine == "vllm" and model.tiny is not None:
+        if model.engine != "vllm":
+            continue
+        if model.tiny is not None:
             say(f"model {model.name}: tiny {model.tiny.arch} checkpoint (seed {model.tiny.seed})")
             path = resolve_checkpoint(model, config.cache_dir, progress=lambda m: say("  " + m))
             say(f"  ready at {path}")
+        elif model.path is not None and not config.ray.address:
+            path = model.path
+        else:
+            continue
+        if reason := checkpoint_unsupported_reason(path):
+            raise StackFailed(f"model {model.name}: {reason}")
 
 
 def start_ray(config: MoestackConfig, verbose: bool) -> None:
