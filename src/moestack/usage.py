@@ -1,11 +1,14 @@
-"""What a request used, as plain data shared by the layers that meter it.
+"""What requests used and how they were routed, as plain data shared by the layers that meter it.
 
-It lives below the API layer: the gateway's relay emits :class:`RequestRecord`; tenancy settles
-the ledger with it and metering prices and exports it.
+It lives below the API layer: the gateway's relay emits :class:`RequestRecord`; metering prices
+it once (:class:`RequestCost`) and exports both; tenancy settles the ledger with both. Routers
+count in :class:`RoutingCounts`, which metering exports. Money that is summed (ledger counters,
+rollups, reports) is integer nano-USD (:data:`NUSD_PER_USD`, :func:`to_nusd`), so sums are exact.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -47,3 +50,43 @@ class RequestRecord:
     tenant: str | None = None
     """Tenant the request was authenticated as; None when tenancy is off."""
     key_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RequestCost:
+    """What one request cost, priced once when it ends
+    (:meth:`moestack.metering.cost.CostModel.price`)."""
+
+    engine_s: float
+    """Replica-seconds of engine work the request's tokens took (saturated engine)."""
+    self_hosted_usd: float
+    """``engine_s`` at the replica's USD per second."""
+    baseline_usd: Mapping[str, float]
+    """Baseline API name -> USD the same tokens cost there."""
+    charged_usd: float = 0.0
+    """What the tenant is charged against its budget (``tenancy.prices``)."""
+
+
+NUSD_PER_USD = 1_000_000_000
+"""Nano-USD (1e-9 USD) per USD: the unit of every summed money figure."""
+
+
+def to_nusd(usd: float | None) -> int:
+    """USD as integer nano-USD (nearest); None counts as 0."""
+    return int(round((usd or 0.0) * NUSD_PER_USD))
+
+
+@dataclass
+class RoutingCounts:
+    """What a router did since it started (monotonic counts), for the gateway's metrics."""
+
+    requests: int = 0
+    """Requests routed (a failover retry is routed again)."""
+    prefix_hits: int = 0
+    """Requests sent to a replica that, as far as this router knows, caches part of the prompt."""
+    prompt_blocks: int = 0
+    """Prefix blocks of the routed prompts."""
+    matched_blocks: int = 0
+    """Leading prefix blocks the chosen replica already held."""
+    live_replicas: int | None = None
+    """Replicas the router can send to (None: not told yet)."""

@@ -5,8 +5,9 @@ import os
 
 import pytest
 
+from moestack.config.schema import Layout
 from moestack.engine.tiny import TinySpec, ensure_tiny_model
-from moestack.parallel import Layout, PlanRequest, get_gpu, plan, shape_from_hf_config
+from moestack.parallel import PlanRequest, get_gpu, plan, shape_from_hf_config
 
 
 def _gpu_name() -> str:
@@ -45,7 +46,8 @@ def test_tiny_deepseek_runs_on_one_gpu_as_planned(tmp_path):
 def test_tiny_deepseek_runs_with_expert_parallel_across_two_gpus(tmp_path):
     ckpt = ensure_tiny_model(TinySpec("deepseek-v3"), tmp_path)
     p = plan(PlanRequest(shape_from_hf_config(ckpt), get_gpu(_gpu_name()), 2,
-                         context_tokens=1024, layout=Layout(2, 1, 1, expert_parallel=True)))
+                         context_tokens=1024,
+                         layout=Layout(tensor_parallel_size=2, expert_parallel=True)))
     assert p.fits, p.problems
     args = {k: v for k, v in p.engine_args().items()
             if k in ("tensor_parallel_size", "enable_expert_parallel")}

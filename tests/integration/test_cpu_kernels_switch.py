@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from moestack.engine import cpu_kernels
+from moestack.vllm_cpu import libraries as cpu_kernels
 from moestack.testing.stack_process import short_temp_dir
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,9 @@ import pytest
 
 from moestack.config import parse_config
 from moestack.loadtest import jain_index
-from moestack.tenancy.models import utcnow
+from moestack.scheduling.actor_client import NAMESPACE
+from moestack.scheduling.shared_counters import shared_counters_name
+from moestack.tenancy.tables import utcnow
 from moestack.testing.fair_load import closed_loop, deploy, serve_cluster
 
 pytestmark = pytest.mark.integration
@@ -26,7 +28,7 @@ TENANTS = {"w1": 1.0, "w2": 2.0, "w4": 4.0, "light": 1.0, "heavy": 1.0, "early1"
 
 @pytest.fixture(scope="module", params=[True, False], ids=["shared-counters", "local-counters"])
 def stack(request, tmp_path_factory):
-    """Two gateway replicas merging their counters through the shared board (the default), or
+    """Two gateway replicas merging their virtual token counters (the default), or
     each with its own counters."""
     config = parse_config({
         "models": [{"name": MODEL, "engine": "fake", "max_model_len": 256,
@@ -91,9 +93,9 @@ def test_gateways_survive_losing_the_shared_counters_and_resync(stack):
     import ray
 
     if not stack.shared_counters:
-        pytest.skip("needs the shared counter board (fair_queue.shared_counters)")
+        pytest.skip("needs the shared counters (fair_queue.shared_counters)")
 
-    name, namespace = f"fair-board:{APP}:{MODEL}", "moestack"
+    name, namespace = shared_counters_name(APP, MODEL), NAMESPACE
 
     async def scenario():
         load = asyncio.create_task(
@@ -105,8 +107,8 @@ def test_gateways_survive_losing_the_shared_counters_and_resync(stack):
     begin = utcnow()
     run(scenario())
     assert len(stack.rows("steady", begin)) >= 10
-    board = ray.get_actor(name, namespace=namespace)  # created again by the gateways' syncs
-    assert ray.get(board.snapshot.remote()).get("steady", 0) > 0  # re-seeded with counters
+    shared = ray.get_actor(name, namespace=namespace)  # created again by the gateways' syncs
+    assert ray.get(shared.snapshot.remote()).get("steady", 0) > 0  # re-seeded with counters
     ups = []
     with httpx.Client() as client:
         for url in stack.operator_urls:  # each gateway replica's own metrics

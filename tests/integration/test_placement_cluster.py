@@ -6,12 +6,12 @@ import time
 
 import pytest
 
-from moestack.parallel import GPUS, SHAPES, Layout, PlanRequest, plan
+from moestack.config.schema import Layout
+from moestack.parallel import GPUS, SHAPES, PlanRequest, plan
+from moestack.parallel.placement import PlacementError, check_bundle_nodes
 from moestack.serve.placement import (
-    PlacementError,
     bundle_nodes,
     check_app_fits_cluster,
-    check_bundle_nodes,
     cluster_nodes,
     model_server_options,
     reserve,
@@ -46,7 +46,8 @@ def cluster(tmp_path_factory):
 
 def _two_node_plan():
     return plan(PlanRequest(SHAPES["mixtral-8x7b"], H100_X4, 8, context_tokens=8192,
-                            layout=Layout(4, 1, 2, expert_parallel=True)))
+                            layout=Layout(tensor_parallel_size=4, data_parallel_size=2,
+                                          expert_parallel=True)))
 
 
 def test_two_node_plan_bundles_land_four_per_gpu_node(cluster):

@@ -55,7 +55,7 @@ def _tenancy_app():
     client = TestClient(app, raise_server_exceptions=False)
     operator = build_operator_api(app.state.config, app.state.metrics, app.state.tenancy)
     operator_client = TestClient(operator, raise_server_exceptions=False)
-    resp = operator_client.post("/admin/v1/tenants", json={"name": "fuzz"},
+    resp = operator_client.post("/admin/v1/tenants", json={"name": "fuzz", "allowed_models": ["*"]},
                                 headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert resp.status_code == 201, resp.text
     return app, client, operator, operator_client, resp.json()["api_key"]

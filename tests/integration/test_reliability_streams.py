@@ -21,8 +21,8 @@ from moestack.loadtest.abuse import (
     leave_mid_stream,
     slow_clients,
 )
-from moestack.loadtest.local_server import serve_gateway
 from moestack.testing import fake_config, fake_model
+from moestack.testing.gateway_server import serve_gateway
 
 pytestmark = pytest.mark.integration
 

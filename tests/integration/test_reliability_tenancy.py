@@ -22,10 +22,11 @@ from moestack.api.relay import REQUEST_ID_HEADER
 from moestack.loadtest import parse_scenario, run_scenario
 from moestack.loadtest.abuse import leave_before_first_token, leave_mid_stream
 from moestack.loadtest.compare import wait_http_ok
-from moestack.loadtest.local_server import free_port, serve_gateway
+from moestack.net import free_port
 from moestack.tenancy import ledger
 from moestack.tenancy.store import TenancyStore
 from moestack.testing import fake_config
+from moestack.testing.gateway_server import serve_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +47,9 @@ AUTH_TTL_S = 0.5
 
 def tenancy(lease_s=60.0):
     return {"enabled": True, "bootstrap_tenant": None, "admin_key_env": ADMIN_ENV,
-            "lease_s": lease_s, "auth_cache_ttl_s": AUTH_TTL_S}
+            "lease_s": lease_s, "auth_cache_ttl_s": AUTH_TTL_S,
+            # every wrong key here comes from 127.0.0.1: no throttling (tested on its own)
+            "auth_max_failures": 10_000}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,7 +78,10 @@ def admin(base_root: str):
 
 def new_tenant(root: str, name: str, **limits) -> tuple[str, str]:
     with admin(root) as http:
-        resp = http.post("tenants", json={"name": name, **limits})
+        # every model and no limit unless the test names them (not tenancy.new_tenant_defaults)
+        resp = http.post("tenants", json={"name": name, "allowed_models": ["*"],
+                                          "requests_per_min": None,
+                                          "max_concurrent_requests": None, **limits})
         assert resp.status_code == 201, resp.text
         body = resp.json()
         return body["key_id"], body["api_key"]
@@ -184,7 +190,7 @@ async def test_multi_tenant_load_with_disconnects_bills_each_request_exactly_onc
 
 def _gateway_process(config_path, port, env, operator_port=None):
     return subprocess.Popen(
-        [sys.executable, "-m", "moestack.loadtest.local_server", "--config", str(config_path),
+        [sys.executable, "-m", "moestack.testing.gateway_server", "--config", str(config_path),
          "--port", str(port), "--operator-port", str(operator_port or free_port())], env=env,
         start_new_session=True)
 

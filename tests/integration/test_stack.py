@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from moestack.engine.cpu_kernels import unsupported_reason
+from moestack.vllm_cpu.libraries import unsupported_reason
 from moestack.testing.stack_process import free_port, short_temp_dir, start_stack
 
 pytestmark = pytest.mark.integration

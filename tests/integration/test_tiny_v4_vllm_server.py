@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from moestack.engine.cpu_kernels import unsupported_reason
+from moestack.vllm_cpu.libraries import unsupported_reason
 from moestack.engine.tiny import TinySpec, ensure_tiny_model
 from moestack.testing.stack_process import free_port
 

@@ -51,6 +51,22 @@ def test_rejects_model_with_both_or_neither_source():
         parse_config({"models": [{"name": "m", "path": "/x", "tiny": {"arch": "mixtral"}}]})
 
 
+def test_rejects_an_unknown_engine_naming_the_registered_ones():
+    with pytest.raises(ConfigError, match=r"models\[0\]\.engine: .*unknown engine 'nope'; "
+                                          r"installed engines: fake, vllm"):
+        parse_config({"models": [{"name": "m", "engine": "nope"}]})
+
+
+def test_engine_names_come_from_the_entry_point_group_and_build_that_class():
+    from moestack.config.schema import ModelConfig, engine_names
+    from moestack.engine import build_engine
+    from moestack.testing import FakeEngine
+
+    assert engine_names() == ("fake", "vllm")
+    model = ModelConfig.model_validate({"name": "m", "engine": "fake"})
+    assert type(build_engine(model)) is FakeEngine
+
+
 def test_rejects_duplicate_model_names():
     with pytest.raises(ConfigError, match="repeated: m"):
         parse_config({"models": [{"name": "m", "engine": "fake"}] * 2})

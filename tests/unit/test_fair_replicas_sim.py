@@ -1,5 +1,6 @@
 """Weighted shares across two gateway replicas, simulated in virtual time: the real fair queues
-(:mod:`moestack.tenancy.fair`), the real shared board (:mod:`moestack.serve.fair_board`) and the
+(:mod:`moestack.scheduling.fair_queue`), the real shared counters
+(:mod:`moestack.scheduling.shared_counters`) and the
 fake engine's real batch scheduler (32 slots, vLLM's priority order), with closed-loop tenants
 sized like tests/integration/test_fairness_replicas.py but without Ray, HTTP or wall-clock time.
 The reservations are upper bounds several times the real size of a request, as on the real stack
@@ -13,8 +14,8 @@ import selectors
 import pytest
 
 from moestack.loadtest import jain_index
-from moestack.serve.fair_board import FairBoard
-from moestack.tenancy.fair import FairQueue
+from moestack.scheduling.fair_queue import FairQueue
+from moestack.scheduling.shared_counters import SharedCounters
 from moestack.testing.fake_scheduler import BatchScheduler
 
 
@@ -44,12 +45,12 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 def simulate(weights, shared, seed, workers=48, gateways=2, engine_slots=32, headroom=0.5,
              step_tokens=8.0, sync_s=0.2, ramp_s=10.0, window_s=6.0):
     """Tokens served per tenant (finished inside the window after the ramp-up)."""
-    slots = -(-int(engine_slots * (1 + headroom)) // gateways)  # as TenancyGate.dispatch_slots
+    slots = -(-int(engine_slots * (1 + headroom)) // gateways)  # as capacity.dispatch_slots
     rng = random.Random(seed)
     loop = VirtualTimeLoop()
 
     async def main():
-        board, epochs, stop = FairBoard(), {}, asyncio.Event()
+        board, epochs, stop = SharedCounters(), {}, asyncio.Event()
         queues = [FairQueue(slots, step_tokens) for _ in range(gateways)]
         engine, ids, done = BatchScheduler(engine_slots), itertools.count(), []
 
@@ -111,6 +112,6 @@ def test_three_tenants_get_tokens_by_weights_1_2_4_across_two_gateways(shared):
         total = sum(tokens.values())
         shares = {t: n / total for t, n in tokens.items()}
         # A cold start charged the reservations in the counters and ranked the engine priority
-        # against the moving floor: one tenant starved here (Jain 0.70 with the shared board).
+        # against the moving floor: one tenant starved here (Jain 0.70 with shared counters).
         assert shares["w1"] < shares["w2"] < shares["w4"], (seed, shares)
         assert jain_index([shares[t] / (weights[t] / 7) for t in shares]) >= 0.95, (seed, shares)

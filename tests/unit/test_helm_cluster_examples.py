@@ -15,6 +15,7 @@ from moestack.config import parse_config
 from tests.unit.test_helm_chart import KUBE_VERSION, crd_validator
 
 CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
+CHART_VALUES = CLUSTER.parent / "helm" / "moestack" / "values.yaml"
 
 
 def dev_cluster_docs() -> list[dict]:
@@ -53,3 +54,16 @@ def test_vm_launcher_validation_rejects_a_misspelled_field():
     config["available_node_types"]["h100"]["min_worker"] = 2
     with pytest.raises(jsonschema.ValidationError, match="min_worker"):
         validate_config(fillout_defaults(config))
+
+
+def test_image_runs_as_the_non_root_user_the_chart_expects():
+    text = (CLUSTER / "docker" / "Dockerfile").read_text(encoding="utf-8")
+    users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
+    uid, gid = (int(x) for x in users[-1].split(":"))  # numeric: runAsNonRoot can check it
+    assert uid != 0
+    values = yaml.safe_load(CHART_VALUES.read_text(encoding="utf-8"))
+    pod = values["podSecurityContext"]
+    assert (pod["runAsUser"], pod["runAsGroup"], pod["fsGroup"]) == (uid, gid, gid)
+    assert pod["runAsNonRoot"] is True
+    # The base image's passwordless sudo for `ray` is taken away before the last USER.
+    assert text.index("/etc/sudoers") < text.rindex("USER ")

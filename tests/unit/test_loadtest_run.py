@@ -8,9 +8,9 @@ import pytest
 
 from moestack.cli import main
 from moestack.loadtest import parse_scenario, run_scenario
-from moestack.loadtest.local_server import serve_gateway
 from moestack.metering.pricing import load_pricing
 from moestack.testing import fake_config, fake_model
+from moestack.testing.gateway_server import serve_gateway
 
 TTFT_S, INTERVAL_S = 0.05, 0.01
 

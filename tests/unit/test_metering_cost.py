@@ -7,7 +7,6 @@ import random
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from moestack.usage import RequestRecord
 from moestack.config import parse_config
 from moestack.errors import ConfigError
 from moestack.metering.cost import (
@@ -18,6 +17,7 @@ from moestack.metering.cost import (
 )
 from moestack.metering.metrics import GatewayMetrics
 from moestack.metering.pricing import load_pricing
+from moestack.usage import RequestRecord
 
 CATALOG = load_pricing()
 
@@ -91,7 +91,7 @@ def test_work_below_cluster_cost_is_paid_in_full_and_the_rest_is_idle():
     acc = CostAccountant()
     acc.add_work("a", "m", 1.0)
     acc.add_work("b", "m", 2.0)
-    done = acc.settle(10.0)
+    done = acc.split(10.0)
     assert done.tenant_usd == {("a", "m"): 1.0, ("b", "m"): 2.0}
     assert done.idle_usd == 7.0
 
@@ -100,7 +100,7 @@ def test_work_above_cluster_cost_shares_it_in_proportion_with_no_idle():
     acc = CostAccountant()
     acc.add_work("a", "m", 3.0)
     acc.add_work("b", "m", 9.0)
-    done = acc.settle(6.0)
+    done = acc.split(6.0)
     assert done.tenant_usd == {("a", "m"): 1.5, ("b", "m"): 4.5}
     assert done.idle_usd == 0.0
 
@@ -112,12 +112,17 @@ def test_tenant_costs_plus_idle_equal_cluster_cost_over_random_periods():
     for _ in range(500):
         for _ in range(rng.randrange(0, 20)):
             acc.add_work(rng.choice("abcde"), rng.choice(["m", "g"]), rng.expovariate(10))
-        done = acc.settle(rng.uniform(0, 2))
+        done = acc.split(rng.uniform(0, 2))
         assert sum(done.tenant_usd.values()) + done.idle_usd == pytest.approx(done.cluster_usd)
         tenant_usd += sum(done.tenant_usd.values())
         idle_usd += done.idle_usd
         cluster_usd += done.cluster_usd
     assert tenant_usd + idle_usd == pytest.approx(cluster_usd, rel=1e-12)
+
+
+def _count(metrics: GatewayMetrics, rec: RequestRecord) -> None:
+    """Record ``rec`` priced once, as the metering hook does."""
+    metrics.record(rec, metrics.cost_model.price(rec))
 
 
 def _samples(metrics: GatewayMetrics) -> dict[tuple, float]:
@@ -133,8 +138,8 @@ def test_metrics_conserve_cluster_cost_across_scrapes():
     config = _config(tenancy={"prices": {"g": {"usd_per_1m_prompt_tokens": 1.0,
                                                 "usd_per_1m_completion_tokens": 2.0}}})
     metrics = GatewayMetrics(config=config, clock=lambda: now[0])
-    metrics.record(_rec(tenant="acme"))
-    metrics.record(_rec(tenant="beta", completion=300))
+    _count(metrics, _rec(tenant="acme"))
+    _count(metrics, _rec(tenant="beta", completion=300))
     now[0] = 3600.0
     s = _samples(metrics)
     cluster = s[("moestack_cluster_cost_usd_total", ())]
@@ -153,7 +158,7 @@ def test_metrics_conserve_cluster_cost_across_scrapes():
 
 def test_itl_is_the_mean_gap_after_the_first_token():
     metrics = GatewayMetrics(config=_config())
-    metrics.record(_rec(completion=100))  # (2.48 - 0.5) / 99 = 0.02 s
+    _count(metrics, _rec(completion=100))  # (2.48 - 0.5) / 99 = 0.02 s
     s = _samples(metrics)
     assert s[("moestack_inter_token_latency_seconds_sum", (("model", "g"),))] == pytest.approx(0.02)
     bucket = "moestack_inter_token_latency_seconds_bucket"
@@ -172,7 +177,7 @@ def test_queue_depth_is_read_at_scrape_time():
 
 
 def test_routing_counts_and_live_replicas_are_read_from_the_router_at_scrape_time():
-    from moestack.routing.policy import RoutingCounts
+    from moestack.usage import RoutingCounts
 
     metrics = GatewayMetrics(config=_config())
     counts: list[RoutingCounts | None] = [None]

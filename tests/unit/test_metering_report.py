@@ -12,9 +12,9 @@ from moestack.cli import main
 from moestack.metering.pricing import load_pricing
 from moestack.metering.report import TOTAL, build_report, format_table
 from moestack.tenancy import query_usage, rollups
-from moestack.tenancy.models import to_nusd
 from moestack.testing import fake_config, fake_model
 from moestack.testing.local_api import local_stack
+from moestack.usage import to_nusd
 
 CATALOG = load_pricing()
 MODEL = "fake-moe"

@@ -17,10 +17,10 @@ import pytest
 
 from moestack.api.operator import build_operator_api
 from moestack.errors import ConfigError
-from moestack.loadtest.local_server import serve_gateway
 from moestack.serve.operator_listener import OperatorListener
-from moestack.tenancy.admin_throttle import AdminAuthThrottle
+from moestack.tenancy.throttle import FailedAuthThrottle
 from moestack.testing import fake_config, fake_model
+from moestack.testing.gateway_server import serve_gateway
 from moestack.testing.stack_process import free_port
 
 ADMIN_KEY = "operator-listener-test-admin-key-0123456789"
@@ -38,7 +38,7 @@ def test_public_port_serves_no_admin_or_metrics_and_the_operator_port_does(tmp_p
         for path in ("/admin/v1/tenants", "/metrics", "/docs", "/openapi.json"):
             assert httpx.get(srv.root_url + path, headers=admin).status_code == 404, path
         r = httpx.post(srv.operator_url + "/admin/v1/tenants", headers=admin,
-                       json={"name": "acme"})
+                       json={"name": "acme", "allowed_models": ["*"]})
         assert r.status_code == 201
         key = r.json()["api_key"]
         r = httpx.post(srv.base_url + "/completions", headers={"Authorization": f"Bearer {key}"},
@@ -79,8 +79,8 @@ def test_throttles_repeated_failed_admin_auth_with_429_and_retry_after(tmp_path,
 
 def test_throttle_forgets_old_failures_and_keeps_bounded_memory():
     now = [0.0]
-    throttle = AdminAuthThrottle(max_failures=2, window_s=10, max_clients=100,
-                                 clock=lambda: now[0])
+    throttle = FailedAuthThrottle(max_failures=2, window_s=10, max_clients=100,
+                                  clock=lambda: now[0])
     throttle.failed("a")
     throttle.failed("a")
     assert throttle.retry_after_s("a") == 10
@@ -202,7 +202,7 @@ def test_a_64_mib_authorization_header_is_not_read_whole(tmp_path):
 def test_moestack_up_refuses_a_short_admin_key_before_starting_ray(tmp_path, monkeypatch):
     import ray
 
-    from moestack.serve.local import up
+    from moestack.serve.runner import up
 
     monkeypatch.setenv("MOESTACK_ADMIN_KEY", "short-key")
     said: list[str] = []
@@ -221,7 +221,7 @@ def test_admin_key_and_tenant_keys_never_reach_the_logs(tmp_path, monkeypatch, c
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     with serve_gateway(tenancy_config(tmp_path, admin_auth_max_failures=2)) as srv:
         key = httpx.post(srv.operator_url + "/admin/v1/tenants", headers=admin,
-                         json={"name": "acme"}).json()["api_key"]
+                         json={"name": "acme", "allowed_models": ["*"]}).json()["api_key"]
         httpx.get(srv.base_url + "/models", headers={"Authorization": f"Bearer {key}"})
         for _ in range(3):  # failures, then throttled
             httpx.get(srv.operator_url + "/admin/v1/tenants",
@@ -231,19 +231,20 @@ def test_admin_key_and_tenant_keys_never_reach_the_logs(tmp_path, monkeypatch, c
     assert key not in caplog.text
 
 
-def test_serve_env_puts_direct_ingress_on_the_gateway_ports_and_skips_the_balancer_drain():
+def test_serve_env_keeps_rays_direct_ingress_off_in_both_ingress_modes():
+    """With `ingress: direct` the Gateway replicas bind the public port themselves
+    (moestack.serve.public_listener): Ray's per-replica port pool is never used."""
     from moestack.config.schema import MoestackConfig
-    from moestack.serve.local import THROUGHPUT_ENV, serve_env
+    from moestack.serve.runner import THROUGHPUT_ENV, serve_env
 
     base = {"models": [{"name": "m", "engine": "fake"}]}
     direct = serve_env(MoestackConfig.model_validate(
         {**base, "gateway": {"ingress": "direct", "port": 9000, "num_replicas": 2,
-                             "operator_port": 9100}}))
-    assert direct["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
-    assert (direct["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"],
-            direct["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("9000", "9002")
-    assert direct["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"
+                             "operator_port": 9001}}))
+    assert direct["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+    assert not [k for k in direct if k.startswith("RAY_SERVE_DIRECT_INGRESS_")]
     assert THROUGHPUT_ENV.items() <= direct.items()
     proxy = serve_env(MoestackConfig.model_validate(
         {**base, "ray": {"serve_throughput_optimized": False}}))
-    assert proxy == {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    assert proxy["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+    assert not THROUGHPUT_ENV.keys() & proxy.keys()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from moestack.cli import main
-from moestack.cli.plan import parse_tokens
+from moestack.cli.plan import parse_tokens, plan_configured
 from moestack.config import load_config
 from moestack.errors import ConfigError
 from moestack.metering.pricing import load_pricing
@@ -27,7 +27,7 @@ GPU_LAYOUTS = {
 def test_deploy_gpu_layout_passes_plan(name):
     config = load_config(DEPLOY / name)
     (model,) = config.models
-    p = plan_model(model, config)
+    p = plan_configured(model, config)
     gpus, nodes, ep = GPU_LAYOUTS[name]
     assert p.fits, p.problems
     assert (p.layout.world_size, p.nodes, p.layout.expert_parallel) == (gpus, nodes, ep)
@@ -47,7 +47,7 @@ def test_plan_of_config_prices_gpus_with_the_config_override(tmp_path):
     cfg.write_text((DEPLOY / "qwen3-30b-a3b-1xh100.yaml").read_text()
                    + "cost: {usd_per_gpu_hour: {H100: 1.25}}\n")
     config = load_config(cfg)
-    p = plan_model(config.models[0], config)
+    p = plan_configured(config.models[0], config)
     assert p.usd_per_gpu_hour == 1.25 and p.usd_per_hour == 1.25
 
 
@@ -149,7 +149,7 @@ def test_plan_of_v4_pro_on_one_h100_node_says_it_does_not_fit_and_exits_one(caps
 def test_v4_deploy_configs_are_planned_beside_their_api_price(name, baseline):
     config = load_config(DEPLOY / name)
     (model,) = config.models
-    p = plan_model(model, config)
+    p = plan_configured(model, config)
     assert p.baseline is not None and p.baseline.name == baseline
     assert p.usd_per_1m_output_tokens < p.baseline.usd_per_1m_output_tokens
     assert {c.context_tokens for c in p.at_contexts} == {131072, 1048576}

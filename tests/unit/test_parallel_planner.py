@@ -2,7 +2,8 @@
 
 import pytest
 
-from moestack.parallel import GPUS, SHAPES, Layout, PlanRequest, plan
+from moestack.config.schema import Layout
+from moestack.parallel import GPUS, SHAPES, PlanRequest, plan
 from moestack.parallel.layout import candidate_layouts
 
 
@@ -10,6 +11,11 @@ def _plan(model, gpu, gpus, **kw):
     kw.setdefault("context_tokens", 32768)
     kw.setdefault("usd_per_gpu_hour", 3.0)
     return plan(PlanRequest(SHAPES[model], GPUS[gpu], gpus, **kw))
+
+
+def _layout(tp: int = 1, pp: int = 1, dp: int = 1, ep: bool = False) -> Layout:
+    return Layout(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
+                  expert_parallel=ep)
 
 
 def test_deepseek_v3_fp8_does_not_fit_one_8xh100_node_and_says_why():
@@ -46,34 +52,34 @@ def test_qwen3_30b_a3b_fits_one_80gb_gpu_but_not_one_l40s():
 
 
 def test_tensor_parallel_must_divide_attention_heads():
-    p = _plan("mixtral-8x22b", "h100", 8, layout=Layout(tensor_parallel_size=5))
+    p = _plan("mixtral-8x22b", "h100", 8, layout=_layout(5))
     assert any("does not divide the 48 attention heads" in m for m in p.problems)
 
 
 def test_expert_parallel_must_divide_experts():
-    p = _plan("mixtral-8x7b", "h100", 16, layout=Layout(8, 1, 2, expert_parallel=True))
+    p = _plan("mixtral-8x7b", "h100", 16, layout=_layout(8, dp=2, ep=True))
     assert any("does not divide the 8 routed experts" in m for m in p.problems)
 
 
 def test_tensor_parallel_group_never_straddles_nodes():
-    p = _plan("deepseek-v3", "h100", 16, layout=Layout(tensor_parallel_size=16))
+    p = _plan("deepseek-v3", "h100", 16, layout=_layout(16))
     assert not p.fits
     assert any("straddle nodes" in m for m in p.problems)
     # The same GPUs split as TP inside nodes and PP across them is fine.
-    assert _plan("deepseek-v3", "h100", 16, layout=Layout(8, 2)).fits
+    assert _plan("deepseek-v3", "h100", 16, layout=_layout(8, pp=2)).fits
 
 
 def test_layout_needing_more_gpus_than_given_is_refused():
-    p = _plan("qwen3-30b-a3b", "h100", 1, layout=Layout(tensor_parallel_size=2))
+    p = _plan("qwen3-30b-a3b", "h100", 1, layout=_layout(2))
     assert any("needs 2 GPUs" in m for m in p.problems)
 
 
 def test_fp8_experts_split_below_the_128_wide_blocks_need_expert_parallelism():
     # 2048-wide experts split 32 ways are 64 wide: not a whole FP8 block.
-    p = _plan("deepseek-v3", "h100", 32, layout=Layout(8, 1, 4, expert_parallel=False))
+    p = _plan("deepseek-v3", "h100", 32, layout=_layout(8, dp=4))
     assert any("FP8 weight blocks" in m for m in p.problems)
     assert not any("FP8" in m for m in _plan("deepseek-v3", "h100", 32,
-                                             layout=Layout(8, 1, 4, True)).problems)
+                                             layout=_layout(8, dp=4, ep=True)).problems)
 
 
 def test_context_that_leaves_no_room_for_one_sequence_is_explained():
@@ -82,15 +88,15 @@ def test_context_that_leaves_no_room_for_one_sequence_is_explained():
 
 
 def test_mla_kv_capacity_grows_with_data_parallel_ranks_not_with_tensor_parallel():
-    tp = _plan("deepseek-v3", "h200", 8, layout=Layout(8, 1, 1, True))
-    dp = _plan("deepseek-v3", "h200", 8, layout=Layout(1, 1, 8, True))
+    tp = _plan("deepseek-v3", "h200", 8, layout=_layout(8, ep=True))
+    dp = _plan("deepseek-v3", "h200", 8, layout=_layout(dp=8, ep=True))
     assert tp.kv_bytes_per_token_per_gpu == dp.kv_bytes_per_token_per_gpu == 576 * 61 * 2
     assert dp.kv_capacity_tokens > 3 * tp.kv_capacity_tokens
 
 
 def test_fp8_kv_cache_doubles_token_capacity_of_the_same_memory():
-    a = _plan("mixtral-8x7b", "h100", 2, layout=Layout(2))
-    b = _plan("mixtral-8x7b", "h100", 2, layout=Layout(2), kv_cache_dtype="fp8")
+    a = _plan("mixtral-8x7b", "h100", 2, layout=_layout(2))
+    b = _plan("mixtral-8x7b", "h100", 2, layout=_layout(2), kv_cache_dtype="fp8")
     assert b.kv_capacity_tokens == pytest.approx(2 * a.kv_capacity_tokens, rel=1e-4)
 
 
@@ -104,8 +110,8 @@ def test_decode_ceiling_is_below_the_hbm_roofline_of_active_weights():
 
 
 def test_faster_memory_raises_the_decode_ceiling():
-    h100 = _plan("deepseek-v3", "h200", 8, layout=Layout(8, 1, 1, True))
-    b200 = _plan("deepseek-v3", "b200", 8, layout=Layout(8, 1, 1, True))
+    h100 = _plan("deepseek-v3", "h200", 8, layout=_layout(8, ep=True))
+    b200 = _plan("deepseek-v3", "b200", 8, layout=_layout(8, ep=True))
     assert b200.single_stream_tokens_per_s > 1.5 * h100.single_stream_tokens_per_s
 
 
@@ -127,7 +133,7 @@ def test_chosen_layout_is_valid_and_uses_every_gpu():
 
 
 def test_emits_vllm_engine_args_for_a_two_node_tp_ep_layout():
-    p = _plan("deepseek-v3", "h100", 16, layout=Layout(8, 1, 2, expert_parallel=True))
+    p = _plan("deepseek-v3", "h100", 16, layout=_layout(8, dp=2, ep=True))
     args = p.engine_args()
     assert args["tensor_parallel_size"] == 8 and args["data_parallel_size"] == 2
     assert args["pipeline_parallel_size"] == 1

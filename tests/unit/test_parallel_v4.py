@@ -6,10 +6,15 @@ from dataclasses import replace
 
 import pytest
 
-from moestack.parallel import GPUS, SHAPES, Layout, PlanRequest, plan, shape_from_hf_config
-from moestack.parallel import hybrid as v4
+from moestack.config.schema import Layout
+from moestack.parallel import GPUS, SHAPES, PlanRequest, deepseek_v4, plan, shape_from_hf_config
 
 GIB = 1024**3
+
+
+def _layout(tp: int = 1, pp: int = 1, dp: int = 1, ep: bool = False) -> Layout:
+    return Layout(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
+                  expert_parallel=ep)
 
 # The published DeepSeek-V4-Flash config.json (huggingface.co/deepseek-ai/DeepSeek-V4-Flash),
 # the fields the planner reads; compress_ratios carries the MTP layer's 0 last.
@@ -61,14 +66,15 @@ def test_flash_layers_are_two_window_only_then_alternating_ratio_4_and_128():
 
 def test_flash_checkpoint_bytes_match_the_published_safetensors():
     s = SHAPES["deepseek-v4-flash"]
-    assert v4.checkpoint_bytes(s) == pytest.approx(FLASH_SAFETENSORS_BYTES, rel=0.02)
+    assert deepseek_v4.checkpoint_bytes(s) == pytest.approx(FLASH_SAFETENSORS_BYTES, rel=0.02)
 
 
 def test_pro_checkpoint_elements_match_hugging_face_and_its_bytes_are_about_865_gb():
     s = SHAPES["deepseek-v4-pro"]
-    assert v4.safetensors_elements(s) == pytest.approx(PRO_SAFETENSORS_ELEMENTS, rel=0.02)
+    assert deepseek_v4.safetensors_elements(s) == pytest.approx(PRO_SAFETENSORS_ELEMENTS,
+                                                                rel=0.02)
     # fp8/int8 elements are one byte; bf16 embeddings and fp32 hyper-connections a few GB more.
-    assert 0 < v4.checkpoint_bytes(s) - v4.safetensors_elements(s) < 10e9
+    assert 0 < deepseek_v4.checkpoint_bytes(s) - deepseek_v4.safetensors_elements(s) < 10e9
 
 
 def test_fp4_experts_take_about_half_the_bytes_of_fp8_experts():
@@ -81,7 +87,8 @@ def test_fp4_experts_take_about_half_the_bytes_of_fp8_experts():
 def test_mtp_layer_is_in_the_checkpoint_but_not_in_the_loaded_weights():
     s = SHAPES["deepseek-v4-flash"]
     loaded = sum(s.weight_bytes("fp8").values())
-    assert v4.checkpoint_bytes(s) - loaded == pytest.approx(v4.mtp_params(s) * 0.6, rel=0.3)
+    assert deepseek_v4.checkpoint_bytes(s) - loaded == pytest.approx(
+        deepseek_v4.mtp_params(s) * 0.6, rel=0.3)
 
 
 @pytest.mark.parametrize("name,ratio4,ratio128", [("deepseek-v4-flash", 21, 20),
@@ -102,18 +109,19 @@ def test_kv_cache_at_1m_is_about_a_tenth_of_deepseek_v3_2s():
     # layers x (656 B fp8_ds_mla latent + 132 B indexer key) per token.
     s = SHAPES["deepseek-v4-pro"]
     v = s.hybrid
-    v4_bytes = (v4.kv_bytes_per_token(v, v.compress_ratios) * 2**20
-                + v4.kv_bytes_per_sequence(v, v.compress_ratios, s.head_dim))
+    v4_bytes = (deepseek_v4.kv_bytes_per_token(v, v.compress_ratios) * 2**20
+                + deepseek_v4.kv_bytes_per_sequence(v, v.compress_ratios, s.head_dim))
     v32_bytes = 61 * (656 + 132) * 2**20
     assert 0.08 < v4_bytes / v32_bytes < 0.13
 
 
 def test_every_sequence_holds_its_sliding_windows_and_compressor_state():
     v = SHAPES["deepseek-v4-flash"].hybrid
-    fixed = v4.kv_bytes_per_sequence(v, v.compress_ratios, 512)
+    fixed = deepseek_v4.kv_bytes_per_sequence(v, v.compress_ratios, 512)
     windows = 43 * 3 * 37440                  # (128 / 64 + 1) blocks of 64 entries per layer
     assert fixed > windows
-    assert fixed < 128 * v4.kv_bytes_per_token(v, v.compress_ratios) * 64  # small beside 8K
+    # small beside 8K tokens
+    assert fixed < 128 * deepseek_v4.kv_bytes_per_token(v, v.compress_ratios) * 64
 
 
 def test_flash_fits_one_8xh100_node_at_128k_and_1m():
@@ -143,7 +151,7 @@ def test_pro_fits_one_8_gpu_h200_or_b200_node_at_128k(gpu):
 
 def test_v4_engine_args_carry_the_kv_layout_block_size_and_tokenizer():
     p = plan(PlanRequest(SHAPES["deepseek-v4-flash"], GPUS["h100"], 8,
-                         layout=Layout(1, 1, 8, True), context_tokens=131072))
+                         layout=_layout(dp=8, ep=True), context_tokens=131072))
     args = p.engine_args()
     assert args["kv_cache_dtype"] == "fp8_ds_mla" and args["block_size"] == 256
     assert args["tokenizer_mode"] == "deepseek_v4" and args["max_model_len"] == 131072
@@ -153,8 +161,8 @@ def test_v4_engine_args_carry_the_kv_layout_block_size_and_tokenizer():
 
 def test_kv_cache_is_whole_on_every_tensor_parallel_rank():
     s = SHAPES["deepseek-v4-flash"]
-    tp8 = plan(PlanRequest(s, GPUS["h200"], 8, layout=Layout(8, 1, 1, True)))
-    dp8 = plan(PlanRequest(s, GPUS["h200"], 8, layout=Layout(1, 1, 8, True)))
+    tp8 = plan(PlanRequest(s, GPUS["h200"], 8, layout=_layout(8, ep=True)))
+    dp8 = plan(PlanRequest(s, GPUS["h200"], 8, layout=_layout(dp=8, ep=True)))
     assert tp8.kv_bytes_per_token_per_gpu == dp8.kv_bytes_per_token_per_gpu
     assert dp8.kv_capacity_tokens > 4 * tp8.kv_capacity_tokens
 
@@ -163,15 +171,16 @@ def test_pipeline_stage_with_more_ratio_4_layers_sizes_the_cache():
     v = SHAPES["deepseek-v4-flash"].hybrid
     # Stages of 22 + 21 layers: the first holds the two window-only layers, so the second
     # (11 ratio-4 layers against 10) has the larger cache.
-    stage = v4.stage_ratios(v, 2)
+    stage = deepseek_v4.stage_ratios(v, 2)
     assert stage == v.compress_ratios[22:]
-    assert v4.kv_bytes_per_token(v, stage) > v4.kv_bytes_per_token(v, v.compress_ratios[:22])
+    assert (deepseek_v4.kv_bytes_per_token(v, stage)
+            > deepseek_v4.kv_bytes_per_token(v, v.compress_ratios[:22]))
 
 
 def test_decode_reads_grow_with_context_but_far_slower_than_dense_mla():
     v = SHAPES["deepseek-v4-pro"].hybrid
-    short = v4.kv_read_bytes(v, v.compress_ratios, 8192)
-    long = v4.kv_read_bytes(v, v.compress_ratios, 1048576)
+    short = deepseek_v4.kv_read_bytes(v, v.compress_ratios, 8192)
+    long = deepseek_v4.kv_read_bytes(v, v.compress_ratios, 1048576)
     assert long > short
     assert long < 61 * 656 * 1048576 / 20    # V3.2-style dense latent reads, 20x less
 
@@ -202,7 +211,7 @@ def _numel(dims):
 def test_tensor_parallel_must_divide_the_output_groups():
     s = SHAPES["deepseek-v4-flash"]                     # 8 output groups, 64 heads
     gpu = replace(GPUS["h200"], gpus_per_node=16)
-    p = plan(PlanRequest(s, gpu, 16, layout=Layout(16, 1, 1, True)))
+    p = plan(PlanRequest(s, gpu, 16, layout=_layout(16, ep=True)))
     assert any("o_groups" in m for m in p.problems)
     assert not any("o_groups" in m for m in plan(PlanRequest(
-        s, GPUS["h200"], 8, layout=Layout(8, 1, 1, True))).problems)
+        s, GPUS["h200"], 8, layout=_layout(8, ep=True))).problems)

@@ -1,16 +1,17 @@
-"""Placement of ModelServer replicas: bundles, strategy, feasibility against cluster nodes."""
+"""Placement of ModelServer replicas: bundles, strategy, feasibility against cluster nodes
+(:mod:`moestack.parallel.placement`) and the Serve deployment options built from them."""
 
 import pytest
 
-from moestack.serve.placement import (
+from moestack.parallel.placement import (
     PlacementError,
     check_bundle_nodes,
     check_config_fits_cluster,
     check_feasible,
-    model_server_options,
     placement_strategy,
     worker_bundles,
 )
+from moestack.serve.placement import model_server_options
 from moestack.testing.configs import fake_config, fake_model
 
 NODE = {"CPU": 32.0, "GPU": 8.0}

@@ -9,7 +9,7 @@ import pytest
 from moestack.config.schema import ModelConfig, RoutingConfig
 from moestack.engine import build_engine
 from moestack.routing import POLICIES, ReplicaState, Router, RoutingRequest
-from moestack.routing.local import ReplicaSet
+from moestack.routing.replica_set import ReplicaSet
 from moestack.routing.prefix import PrefixIndex, block_hashes
 from moestack.testing import fake_model
 from moestack.testing.requests import answer_text, completion
@@ -170,7 +170,7 @@ def test_prefix_index_evicts_least_recently_used_blocks():
 
 
 def test_reservation_counts_at_once_moves_when_routed_elsewhere_and_expires(monkeypatch):
-    from moestack.routing import policy
+    from moestack.routing import router as router_module
 
     router = Router(RoutingConfig())
     request = RoutingRequest("x", estimated_tokens=10)
@@ -180,8 +180,9 @@ def test_reservation_counts_at_once_moves_when_routed_elsewhere_and_expires(monk
     assert (router.outstanding_tokens("r1"), router.outstanding_tokens("r2")) == (0, 10)
     assert router.reserved("k") is None  # routed: no longer only reserved
     router.reserve(request, "r3", key="never-routed")
-    now = policy.time.monotonic()
-    monkeypatch.setattr(policy.time, "monotonic", lambda: now + policy.RESERVATION_TTL_S + 1)
+    now = router_module.time.monotonic()
+    monkeypatch.setattr(router_module.time, "monotonic",
+                        lambda: now + router_module.RESERVATION_TTL_S + 1)
     router.reserve(request, "r1", key="fresh")  # reserved after the clock moved: kept
     router.rank(request, [ReplicaState("r3")])
     assert router.outstanding_tokens("r3") == 0 and router.outstanding_tokens("r2") == 10
@@ -189,7 +190,7 @@ def test_reservation_counts_at_once_moves_when_routed_elsewhere_and_expires(monk
 
 
 async def test_replica_set_backend_serves_the_gateway_path_and_reports_health():
-    from moestack.routing.local import ReplicaSetBackend
+    from moestack.routing.replica_set import ReplicaSetBackend
 
     replicas = await replica_set("least_outstanding_tokens", n=2)
     backend = ReplicaSetBackend({"fake-moe": replicas})

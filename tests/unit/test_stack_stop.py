@@ -8,13 +8,13 @@ import sys
 
 HANGS_AT_EXIT = """
 import threading
-from moestack.serve.local import exit_if_stuck
+from moestack.serve.runner import exit_if_stuck
 threading.Thread(target=threading.Event().wait).start()  # never ends: the exit waits for it
 exit_if_stuck(0.3, lambda m: print(m, flush=True))
 """
 
 ENDS = """
-from moestack.serve.local import exit_if_stuck
+from moestack.serve.runner import exit_if_stuck
 exit_if_stuck(30, print)
 print("done")
 """
@@ -34,7 +34,7 @@ def test_a_stop_that_ends_is_not_cut_short():
 
 WAITS_FOR_A_STOP = """
 import time
-from moestack.serve.local import take_stop_signals
+from moestack.serve.runner import take_stop_signals
 take_stop_signals()
 print("ready", flush=True)
 try:

@@ -8,8 +8,8 @@ import pytest
 import uvicorn
 
 from moestack.metering.pricing import load_pricing
+from moestack.scheduling.fair_queue import TIER_SPAN
 from moestack.tenancy import query_usage
-from moestack.tenancy.fair import TIER_SPAN
 from moestack.testing import FakeFault, fake_config, fake_model
 from moestack.testing.local_api import local_stack
 
@@ -309,7 +309,8 @@ async def test_admin_api_manages_tenants_with_admin_key_only(stack, monkeypatch)
     assert (await stack.operator.get("/admin/v1/tenants",
                                  headers={"Authorization": "Bearer wrong"})).status_code == 401
     r = await stack.operator.post("/admin/v1/tenants", headers=admin,
-                              json={"name": "team-x", "requests_per_min": 1, "weight": 2})
+                              json={"name": "team-x", "requests_per_min": 1, "weight": 2,
+                                    "allowed_models": ["*"]})
     assert r.status_code == 201
     key = r.json()["api_key"]
     assert key not in (await stack.operator.get("/admin/v1/tenants", headers=admin)).text
@@ -332,8 +333,9 @@ async def test_admin_api_manages_tenants_with_admin_key_only(stack, monkeypatch)
     assert hour["requests"] == 2 and "cost_usd" in hour and "baseline_costs_usd" in hour
     r = await stack.operator.get("/admin/v1/usage?since=99999999999d", headers=admin)
     assert r.status_code == 400
-    dup = await stack.operator.post("/admin/v1/tenants", headers=admin, json={"name": "team-x"})
-    assert dup.status_code == 400
+    dup = await stack.operator.post("/admin/v1/tenants", headers=admin,
+                                    json={"name": "team-x", "allowed_models": ["*"]})
+    assert dup.status_code == 400 and dup.json()["error"]["code"] == "tenant_exists"
 
 
 async def test_admin_api_and_metrics_are_not_on_the_public_app(stack, monkeypatch):
@@ -360,9 +362,9 @@ async def test_client_gone_while_queued_releases_its_reservation(tmp_path):
     async with local_stack(config) as stack:
         key = tenant(stack)
         running = asyncio.create_task(chat(stack.openai(key), max_tokens=20))
-        await until(lambda: stack.tenancy.queue(MODEL).inflight == 1)
+        await until(lambda: stack.scheduler.queue(MODEL).inflight == 1)
         queued = asyncio.create_task(chat(stack.openai(key), max_tokens=20))
-        await until(lambda: stack.tenancy.queue(MODEL).waiting() == 1)
+        await until(lambda: stack.scheduler.queue(MODEL).waiting() == 1)
         queued.cancel()
         await asyncio.gather(queued, return_exceptions=True)
         await running

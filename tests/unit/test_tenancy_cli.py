@@ -33,7 +33,7 @@ def test_tenant_lifecycle_from_the_command_line(tmp_path, capsys):
     assert rc == 0
     rc, out, _ = run(capsys, "tenants", "list", "--db", db)
     assert "keys=-" in out
-    rc, _, err = run(capsys, "tenants", "create", "acme", "--db", db)
+    rc, _, err = run(capsys, "tenants", "create", "acme", "--db", db, "--models", "*")
     assert rc == 1 and "already exists" in err
     rc, _, err = run(capsys, "tenants", "set-limits", "nobody", "--db", db, "--rpm", "1")
     assert rc == 1 and "no tenant" in err

@@ -8,13 +8,13 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
 
-from moestack.usage import RequestRecord
 from moestack.errors import RateLimitError
 from moestack.tenancy import ledger, rollups
 from moestack.tenancy.admission import Reservation, admit, authenticate
 from moestack.tenancy.counters import epoch_second
-from moestack.tenancy.models import to_nusd, utcnow
 from moestack.tenancy.store import TenancyStore, period_start
+from moestack.tenancy.tables import utcnow
+from moestack.usage import RequestRecord, to_nusd
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 from moestack.errors import AuthenticationError
 from moestack.tenancy.admission import authenticate
 from moestack.tenancy.keys import generate_key, parse_key, secret_matches
-from moestack.tenancy.models import ApiKey
+from moestack.tenancy.tables import ApiKey
 from moestack.tenancy.store import TenancyStore
 
 

@@ -121,3 +121,15 @@ def test_tool_and_reasoning_markers_are_single_tokens_kept_in_decoded_text(tmp_p
         ids = tok.encode(f"a{marker}b", add_special_tokens=False)
         assert tok.convert_ids_to_tokens(ids).count(marker) == 1
         assert marker in tok.decode(ids, skip_special_tokens=True)
+
+
+def test_llama_is_dense_and_takes_an_adapter_built_for_it(tmp_path):
+    from moestack.adapters import AdapterSpec, build_adapter, inspect_adapter
+
+    out = build_tiny_model(TinySpec("llama"), tmp_path / "m")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["dtype"] == "bfloat16"
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"]) == (2, 128)
+    assert not {"num_local_experts", "num_experts", "n_routed_experts"} & set(cfg)
+    adapter = build_adapter(out, tmp_path / "a", AdapterSpec(targets=("q_proj", "down_proj")))
+    assert inspect_adapter(adapter, cfg, 8).target_modules == ("down_proj", "q_proj")

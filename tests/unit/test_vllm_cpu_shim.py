@@ -1,16 +1,24 @@
 """The DeepSeek-V4 shim for vllm-cpu: when it patches, and that its torch kernels match vLLM's.
 
+Its torch versions of the V4 model's ``torch.ops._C`` kernels are compared with the native ones
+in ``test_vllm_cpu_v4_ops.py``; here, that patching registers them exactly where the loaded
+kernel library lacks them.
+
 The reference functions below transcribe the Triton kernels they replace
 (``vllm/v1/attention/ops/metadata.py``, ``v1/attention/backends/mla/compressor_utils.py``,
 ``v1/attention/backends/mla/indexer.py``) as plain loops, one program id at a time.
 """
 
 import importlib.metadata
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from moestack.engine import vllm_cpu_shim as shim
+from moestack.vllm_cpu import libraries as cpu_kernels
+from moestack.vllm_cpu import shim as shim
 
 pytest.importorskip("vllm")
 
@@ -58,12 +66,16 @@ def test_patches_the_installed_pinned_cpu_build():
     plan = cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler(None, 3)
     assert set(plan) == {"swaonly", "c1a", "c2a", "c4a", "c128a"}
     assert set(plan.values()) == {None}
+    # V4's attention layer asks for the torch kernels its library lacks before it builds
+    from vllm.models.deepseek_v4.attention import DeepseekV4Attention
+
+    assert DeepseekV4Attention.__init__.__name__ == "build_with_kernels"
 
 
 def test_is_a_vllm_general_plugin():
     plugins = {e.name: e.value for e in importlib.metadata.entry_points(
         group="vllm.general_plugins")}
-    assert plugins.get("moestack_deepseek_v4_cpu") == "moestack.engine.vllm_cpu_shim:register"
+    assert plugins.get("moestack_deepseek_v4_cpu") == "moestack.vllm_cpu.shim:register"
 
 
 # Three requests with query lengths 3, 0 and 5 (a zero-length one in the middle), contexts
@@ -150,3 +162,38 @@ def test_uniform_decode_matches_the_triton_kernel():
     assert dec_seq[:6].tolist() == want and dec_seq[6:].eq(-1).all()
     assert expanded[:6].tolist() == [block_table[i // 2].tolist() for i in range(6)]
     assert dec_lens[:6].eq(1).all()
+
+
+APPLY = """
+import torch
+from moestack.vllm_cpu import shim as vllm_cpu_shim, v4_ops
+assert vllm_cpu_shim.apply() is None  # resolves vLLM's platform, which loads its kernels
+print("BEFORE", ",".join(v4_ops.registered()))
+from vllm.models.deepseek_v4.cpu.cpu_sparse import DeepseekV4CPUAttention
+try:  # without a vLLM config the layer cannot build, but it asks for its kernels first
+    DeepseekV4CPUAttention()
+except (AttributeError, AssertionError, TypeError, ValueError) as e:
+    print("BUILD", type(e).__name__)
+x = torch.randn(2, 4, 64).to(torch.bfloat16)
+y = torch.ops._C.hc_head_fused_cpu(x, torch.randn(4, 256), torch.ones(1), torch.zeros(4),
+                                   1e-6, 1e-6)
+print("TORCH", ",".join(v4_ops.registered()), tuple(y.shape))
+print("WEIGHT_PACKED_LINEAR", hasattr(torch.ops._C, "weight_packed_linear"))
+"""
+
+
+def _apply_with_kernels(switch: str) -> str:
+    env = {**os.environ, cpu_kernels.SWITCH_ENV: switch}
+    out = subprocess.run([sys.executable, "-c", APPLY], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_building_v4_attention_supplies_the_kernels_the_avx2_library_lacks():
+    if importlib.metadata.version("vllm-cpu") != shim.PINNED_VLLM_CPU_VERSION:
+        pytest.skip("the installed vllm-cpu is not the pinned version")
+    stdout = _apply_with_kernels("avx2")
+    assert "BEFORE \n" in stdout  # patching alone registers nothing: other models import it too
+    assert f"TORCH {','.join(shim.TORCH_KERNELS)} (2, 64)" in stdout
+    assert "WEIGHT_PACKED_LINEAR False" in stdout  # vLLM loaded _C_AVX2

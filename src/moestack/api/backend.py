@@ -34,7 +34,7 @@ class LocalBackend:
         try:
             return self.engines[model]
         except KeyError:
-            raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model") from None
+            raise ModelNotFoundError.of(model) from None
 
     def serve(self, model: str, request: EngineRequest) -> AsyncIterator[EngineChunk]:
         return self._engine(model).serve(request)

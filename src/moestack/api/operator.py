@@ -1,7 +1,7 @@
 """The operator app: the admin API (``/admin/v1/*``) and ``GET /metrics``, never public.
 
 It shares the gateway replica's :class:`~moestack.metering.metrics.GatewayMetrics` and
-:class:`~moestack.tenancy.gate.TenancyGate` with the public app of the same replica, but is
+:class:`~moestack.tenancy.Tenancy` with the public app of the same replica, but is
 served on its own listener (:mod:`moestack.serve.operator_listener`), so the public port, the
 Ingress in front of it and anyone holding a tenant key never reach it. Per-tenant metrics
 (spend, budget remaining, tokens and rejections by tenant name) are therefore only here.
@@ -13,18 +13,19 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from moestack.api.admin.key import check_admin_key
+from moestack.api.admin.routes import admin_router
 from moestack.api.body_limit import BodyLimitMiddleware
 from moestack.api.errors import install_error_handlers
-from moestack.api.header_limit import CredentialHeaderLimitMiddleware
+from moestack.api.header_limit import HeaderLimitMiddleware
 from moestack.config.schema import MoestackConfig
 from moestack.metering.metrics import GatewayMetrics
-from moestack.tenancy.admin_routes import admin_router
-from moestack.tenancy.admin_throttle import AdminAuthThrottle, check_admin_key
-from moestack.tenancy.gate import TenancyGate
+from moestack.tenancy import Tenancy
+from moestack.tenancy.throttle import FailedAuthThrottle
 
 
 def build_operator_api(config: MoestackConfig, metrics: GatewayMetrics | None,
-                       tenancy: TenancyGate | None) -> FastAPI:
+                       tenancy: Tenancy | None) -> FastAPI:
     """The operator app over the replica's ``metrics`` and ``tenancy`` (either may be None:
     then /metrics, or the admin API, is absent). Raises ConfigError for an admin key under 32
     characters, so a replica with a weak key fails to start."""
@@ -36,8 +37,8 @@ def build_operator_api(config: MoestackConfig, metrics: GatewayMetrics | None,
     install_error_handlers(app)
     if tenancy is not None:
         check_admin_key(config.tenancy.admin_key_env)
-        app.state.admin_throttle = AdminAuthThrottle(config.tenancy.admin_auth_max_failures,
-                                                     config.tenancy.admin_auth_window_s)
+        app.state.admin_throttle = FailedAuthThrottle(config.tenancy.admin_auth_max_failures,
+                                                      config.tenancy.admin_auth_window_s)
         app.include_router(admin_router)
 
     @app.get("/health")
@@ -51,5 +52,5 @@ def build_operator_api(config: MoestackConfig, metrics: GatewayMetrics | None,
             return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.gateway.max_body_bytes)
-    app.add_middleware(CredentialHeaderLimitMiddleware)
+    app.add_middleware(HeaderLimitMiddleware)
     return app

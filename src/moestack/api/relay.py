@@ -1,42 +1,47 @@
-"""The gateway's data path: admit a request, relay it to an engine, relay the answer, meter it.
+"""The gateway's data path: take a request through the hooks to an engine, relay the answer.
 
-The body goes to the engine as the client sent it, plus the ``priority`` that tenancy decides;
-the answer's bytes come back as the engine's serving layer produced them. What this module adds:
+The body goes to the engine as the client sent it, plus the ``priority`` and the tenant's
+``cache_salt`` that the hooks put on the request context (overriding the client's); the answer's
+bytes come back as the engine's serving layer produced them. The request's
+:class:`~moestack.hooks.RequestContext` comes authenticated from the route
+(:func:`moestack.api.context.request_context`); what this module adds:
 
-* before the engine: body checks the engine cannot do for us (the fields it would ignore, invalid
-  Unicode), model access, admission (limits, budget reservation, fair queue);
+* before the engine, in this order: body checks that need no model (JSON, types, bounds, invalid
+  Unicode), the model resolved for the caller (a model outside the principal's list is the same
+  404 as a missing one), the model's request limits, the fields its engine would ignore (see
+  :mod:`moestack.api.endpoints`), then the hooks' ``before_inference`` (admission, fair queue);
 * the wait for the first chunk, raced against the client leaving and bounded by
   ``gateway.first_token_timeout_s``, so every failure before the first byte is a proper status;
 * after it: bytes relayed as they come; a failure mid-stream becomes the stream's error event;
-* exactly one :class:`~moestack.usage.RequestRecord` per admitted request, with the engine's own
-  usage (the cumulative figure on the last chunk received), whatever happens: finish, engine
-  error, client gone (499), settled with the admission ticket in a shielded ``finally``.
+* exactly one :class:`~moestack.usage.RequestRecord` per request that entered the hooks, with
+  the engine's own usage (the cumulative figure on the last chunk received), whatever happens:
+  finish, engine error, client gone (499), handed to the hooks' ``on_complete`` (metering
+  prices it, the fair queue frees the slot, tenancy settles the ledger) in a shielded
+  ``finally``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Protocol
 
 import anyio
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from moestack.api.backend import ModelBackend
+from moestack.api.chain import HookChain
 from moestack.api.disconnect import until_disconnected
 from moestack.api.endpoints import (
     Endpoint,
-    RequestFacts,
     check_fields,
+    check_limits,
     ends_stream,
-    estimated_tokens,
     read_body,
+    with_member,
     with_priority,
 )
 from moestack.api.errors import sse_error_event
@@ -48,47 +53,22 @@ from moestack.errors import (
     MoestackError,
     NotFoundError,
 )
+from moestack.hooks import RequestContext
+from moestack.routing.prefix import salted
 from moestack.usage import CLIENT_CLOSED, NO_USAGE, RequestRecord, Usage
-
-log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-moestack-request-id"
 """Response header naming the request's id in the usage ledger (Ray Serve's proxy sets its own
 ``x-request-id``)."""
 
 
-class UsageSink(Protocol):
-    def record(self, record: RequestRecord) -> None: ...
-
-
-class AdmissionTicket(Protocol):
-    priority: int
-    """Engine priority of the request (lower runs first, as in vLLM's priority scheduler)."""
-
-    async def settle(self, record: RequestRecord) -> RequestRecord:
-        """Settle what admission reserved with the real usage; returns the record to emit."""
-
-
-class Admission(Protocol):
-    """Runs before the backend is called (model access, limits, budget reservation, fair queue).
-
-    Raises the error to answer (403/404/429/503) or returns a ticket the relay settles exactly
-    once, in the same shielded path that emits the usage record.
-    """
-
-    async def admit(self, model: str, facts: RequestFacts, request_id: str, endpoint: str,
-                    generates: bool = True) -> AdmissionTicket: ...
-
-
 class Relay:
-    """Relays API calls to engines through a :class:`ModelBackend` and reports them to sinks."""
+    """Relays API calls to engines through a :class:`ModelBackend`, through ``hooks``."""
 
-    def __init__(self, config: MoestackConfig, backend: ModelBackend,
-                 sinks: Sequence[UsageSink] = (), admission: Admission | None = None):
+    def __init__(self, config: MoestackConfig, backend: ModelBackend, hooks: HookChain):
         self.config = config
         self.backend = backend
-        self.sinks = list(sinks)
-        self.admission = admission
+        self.hooks = hooks
         self._infos: dict[str, EngineInfo] = {}
 
     async def engine_info(self, model: str) -> EngineInfo:
@@ -98,15 +78,20 @@ class Relay:
             info = self._infos[model] = await self.backend.info(model)
         return info
 
-    async def handle(self, request: Request, endpoint: Endpoint) -> Response:
-        """Answer one API call (the route function of every relayed endpoint)."""
+    async def handle(self, request: Request, endpoint: Endpoint,
+                     ctx: RequestContext) -> Response:
+        """Answer one API call (the route function of every relayed endpoint) for ``ctx``, the
+        request's authenticated context."""
         started = time.monotonic()
         raw = await request.body()
         facts, fields = read_body(endpoint, raw)
         model = self.config.model(facts.model)
-        if model is None:
-            raise ModelNotFoundError.of(facts.model)
-        call = _Call(self, endpoint, facts, uuid.uuid4().hex, started)
+        if model is None or (ctx.principal is not None and not ctx.principal.allows(facts.model)):
+            raise ModelNotFoundError.of(facts.model)  # missing or not the caller's: one 404
+        check_limits(endpoint, facts, model.request_limits)
+        ctx.endpoint, ctx.facts = endpoint.name, facts
+        ctx.tokens = facts.token_bound(model.max_model_len, endpoint.generates)
+        call = _Call(self, endpoint, ctx, started)
         opening = asyncio.ensure_future(call.open(raw, fields))
         left = asyncio.ensure_future(until_disconnected(request))
         try:
@@ -121,7 +106,7 @@ class Relay:
             if not left.cancelled() and left.done():
                 return Response(status_code=CLIENT_CLOSED)
             raise
-        headers = {REQUEST_ID_HEADER: call.request_id}
+        headers = {REQUEST_ID_HEADER: ctx.request_id}
         if first.content_type and first.content_type.startswith("text/event-stream") \
                 and first.status < 400:
             return StreamingResponse(call.stream(first, chunks), status_code=first.status,
@@ -132,42 +117,37 @@ class Relay:
 
 
 class _Call:
-    """One relayed request from admission to its usage record."""
+    """One relayed request from the hooks' ``before_inference`` to its usage record."""
 
-    def __init__(self, relay: Relay, endpoint: Endpoint, facts: RequestFacts, request_id: str,
-                 started: float):
-        self.relay, self.endpoint, self.facts = relay, endpoint, facts
-        self.request_id, self.started = request_id, started
-        self.ticket: AdmissionTicket | None = None
+    def __init__(self, relay: Relay, endpoint: Endpoint, ctx: RequestContext, started: float):
+        self.relay, self.endpoint, self.ctx, self.facts = relay, endpoint, ctx, ctx.facts
+        self.started = started
         self.usage: Usage = NO_USAGE
         self.ttft_s: float | None = None
         self._emitted = False
 
     async def open(self, raw: bytes, fields: frozenset[str]
                    ) -> tuple[EngineChunk, AsyncIterator[EngineChunk]]:
-        """Admit, send, and wait for the first chunk; raises (after recording) if it fails."""
-        relay, facts = self.relay, self.facts
+        """Run the hooks, send, and wait for the first chunk; raises (after recording) if it
+        fails."""
+        relay, facts, ctx = self.relay, self.facts, self.ctx
         info = await relay.engine_info(facts.model)
         if self.endpoint.path not in info.request_fields:
             raise NotFoundError(f"The model `{facts.model}` does not serve "
                                 f"{self.endpoint.path}.", code="unsupported_endpoint")
         accepted = info.request_fields[self.endpoint.path]
         check_fields(self.endpoint, fields, accepted)
-        if relay.admission is not None:
-            self.ticket = await relay.admission.admit(facts.model, facts, self.request_id,
-                                                      self.endpoint.name,
-                                                      self.endpoint.generates)
         chunks = None
         try:
+            await relay.hooks.before_inference(ctx)
             if "priority" in accepted:
-                priority = self.ticket.priority if (
-                    self.ticket is not None and info.priority_scheduling) else 0
-                raw = with_priority(raw, priority)
+                raw = with_priority(raw, ctx.priority if info.priority_scheduling else 0)
+            if ctx.cache_salt and "cache_salt" in accepted:  # the tenant's, whatever was sent
+                raw = with_member(raw, "cache_salt", ctx.cache_salt)
             chunks = relay.backend.serve(facts.model, EngineRequest(
-                request_id=self.request_id, path=self.endpoint.path, body=raw,
-                tenant=getattr(getattr(self.ticket, "principal", None), "tenant", None),
-                prompt_text=facts.prompt_text, estimated_tokens=estimated_tokens(
-                    self.endpoint, facts, relay.config.model(facts.model).max_model_len)))
+                request_id=ctx.request_id, path=self.endpoint.path, body=raw,
+                tenant=ctx.tenant, prompt_text=salted(facts.prompt_text, ctx.cache_salt),
+                estimated_tokens=ctx.tokens.total))
             timeout_s = relay.config.gateway.first_token_timeout_s
             try:
                 first = await asyncio.wait_for(anext(chunks), timeout=timeout_s)
@@ -232,23 +212,18 @@ class _Call:
             return b"".join([piece async for piece in data])
 
     async def finish(self, status: int, code: str | None) -> None:
-        """Emit the request's record (once) to the ticket and the sinks."""
+        """Hand the request's record (once) to the hooks that let it through."""
         if self._emitted:
             return
         self._emitted = True
-        u = self.usage
-        rec = RequestRecord(
-            request_id=self.request_id, model=self.facts.model, endpoint=self.endpoint.name,
+        u, ctx = self.usage, self.ctx
+        ctx.record = RequestRecord(
+            request_id=ctx.request_id, model=self.facts.model, endpoint=self.endpoint.name,
             stream=self.facts.stream, status_code=status, prompt_tokens=u.prompt_tokens,
             completion_tokens=u.completion_tokens, cached_prompt_tokens=u.cached_prompt_tokens,
-            ttft_s=self.ttft_s, e2e_s=time.monotonic() - self.started, error_code=code)
-        if self.ticket is not None:
-            rec = await self.ticket.settle(rec)
-        for sink in self.relay.sinks:
-            try:
-                sink.record(rec)
-            except Exception:  # fail open on purpose: a broken sink must not fail the request
-                log.exception("usage sink %r failed for request %s", sink, rec.request_id)
+            ttft_s=self.ttft_s, e2e_s=time.monotonic() - self.started, error_code=code,
+            tenant=ctx.tenant, key_id=ctx.principal.key_id if ctx.principal else None)
+        await self.relay.hooks.on_complete(ctx)
 
 
 def _engine_error_code(first: EngineChunk) -> str:

@@ -42,7 +42,7 @@ def run_report(args) -> int:
     from moestack.metering.pricing import load_pricing
     from moestack.metering.report import build_report, format_table, write_html
     from moestack.tenancy import rollups
-    from moestack.tenancy.models import utcnow
+    from moestack.tenancy.tables import utcnow
 
     since, until = args.since, args.until
     config = load_config(args.config)

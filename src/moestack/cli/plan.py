@@ -3,13 +3,24 @@
 Either a model and GPUs (``--model deepseek-v3 --gpu h100 --nodes 2``) or a stack config
 (``--config deploy/deepseek-v3-2x8xh100.yaml``), whose models are checked as configured.
 Exit status 0 when everything fits, 1 when something does not (the reasons are printed).
+
+The planner (:mod:`moestack.parallel`) only computes: this command prices its plans from the
+pricing catalog (:mod:`moestack.metering.pricing`) and hands it a tiny model's built checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moestack.errors import ConfigError
+
+if TYPE_CHECKING:
+    from moestack.config.schema import ModelConfig, MoestackConfig
+    from moestack.parallel import ModelShape, Plan
+    from moestack.parallel.planner import BaselineQuote
 
 
 def parse_tokens(text: str) -> int:
@@ -64,11 +75,56 @@ def run(args) -> int:
     return 0 if all(p.fits for p in plans) else 1
 
 
-def _cli_plan(args):
-    from dataclasses import replace
+def gpu_price(accelerator: str, pricing_file: Path | None = None,
+              override: float | None = None,
+              catalog_overrides: dict[str, float] | None = None) -> float:
+    """USD per GPU-hour: ``override`` if given, else the pricing catalog's price (with the
+    stack config's ``cost.usd_per_gpu_hour`` overrides applied)."""
+    if override is not None:
+        return override
+    from moestack.metering.pricing import load_pricing
 
-    from moestack.parallel import Layout, PlanRequest, get_gpu, get_shape, plan
-    from moestack.parallel.from_config import baseline_quote, gpu_price
+    return load_pricing(pricing_file, catalog_overrides).usd_per_gpu_hour(accelerator)
+
+
+def baseline_quote(shape: ModelShape, pricing_file: Path | None = None) -> BaselineQuote | None:
+    """The pricing catalog's prices for the API that serves ``shape`` itself (the DeepSeek API
+    for DeepSeek-V4), or None when the catalog has none."""
+    if shape.api_baseline is None:
+        return None
+    from moestack.metering.pricing import load_pricing
+    from moestack.parallel.planner import BaselineQuote
+
+    b = load_pricing(pricing_file).baselines.get(shape.api_baseline)
+    if b is None:
+        return None
+    return BaselineQuote(shape.api_baseline, b.provider, b.usd_per_1m_input_tokens,
+                         b.usd_per_1m_cached_input_tokens, b.usd_per_1m_output_tokens,
+                         b.as_of.isoformat())
+
+
+def plan_configured(model: ModelConfig, config: MoestackConfig | None = None, *,
+                    usd_per_gpu_hour: float | None = None) -> Plan:
+    """Plan ``model`` as configured, priced from the config's pricing catalog (with its
+    ``cost.usd_per_gpu_hour`` overrides) unless ``usd_per_gpu_hour`` is given; a tiny model
+    without `shape` is built to read its shape."""
+    from moestack.parallel.from_config import gpu_of, plan_model
+
+    pricing = config.pricing_file if config else None
+    price = gpu_price(gpu_of(model).accelerator_type, pricing, usd_per_gpu_hour,
+                      dict(config.cost.usd_per_gpu_hour) if config else None)
+    checkpoint = None
+    if model.tiny is not None and not model.shape:
+        from moestack.engine.source import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(model, config.cache_dir if config else None)
+    p = plan_model(model, usd_per_gpu_hour=price, checkpoint=checkpoint)
+    return replace(p, baseline=baseline_quote(p.shape, pricing))
+
+
+def _cli_plan(args):
+    from moestack.config.schema import Layout
+    from moestack.parallel import PlanRequest, get_gpu, get_shape, plan
 
     if not args.model:
         raise ConfigError("plan: give --model (or --config)")
@@ -76,7 +132,8 @@ def _cli_plan(args):
     gpus = args.gpus or args.nodes * gpu.gpus_per_node
     layout = None
     if args.tp or args.pp or args.dp or args.ep:
-        layout = Layout(args.tp or 1, args.pp or 1, args.dp or 1, args.ep)
+        layout = Layout(tensor_parallel_size=args.tp or 1, pipeline_parallel_size=args.pp or 1,
+                        data_parallel_size=args.dp or 1, expert_parallel=args.ep)
     shape = get_shape(args.model)
     result = plan(PlanRequest(
         shape=shape, gpu=gpu, gpus=gpus, weight_dtype=args.dtype,
@@ -88,10 +145,9 @@ def _cli_plan(args):
 
 def _config_plans(args):
     from moestack.config import load_config
-    from moestack.parallel.from_config import plan_model
 
     config = load_config(args.config)
     models = [m for m in config.models if args.model in (None, m.name)]
     if not models:
         raise ConfigError(f"{args.config}: no model named `{args.model}`")
-    return [plan_model(m, config, usd_per_gpu_hour=args.usd_per_gpu_hour) for m in models]
+    return [plan_configured(m, config, usd_per_gpu_hour=args.usd_per_gpu_hour) for m in models]

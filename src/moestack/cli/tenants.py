@@ -1,7 +1,9 @@
 """``moestack tenants create|list|set-limits|create-key|revoke-key``: manage tenants in the store.
 
 Works on the database of the config (``storage.url``) or ``--db URL``, like the admin API; an API
-key's plaintext is printed once, at creation, and never stored.
+key's plaintext is printed once, at creation, and never stored. ``create`` fills the settings not
+given from the config's ``tenancy.new_tenant_defaults`` (``--models`` is required unless they name
+models).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ argparse_unset = object()
 """Default of the limit flags: the flag was not given (``none`` clears a limit instead)."""
 
 _FLAGS = (  # (flag, field, type, help)
-    ("--models", "allowed_models", "list", "comma-separated model names, or * for all"),
+    ("--models", "allowed_models", "list", "comma-separated model names, or * for all "
+     "(create: required unless tenancy.new_tenant_defaults names models)"),
     ("--priority", "priority", int, "priority tier 0-9, 0 runs first"),
     ("--weight", "weight", float, "fair-share weight (tokens)"),
     ("--rpm", "requests_per_min", int, "requests per minute"),
@@ -48,6 +51,11 @@ def open_store(args):
 
     url = args.db or load_config(args.config).storage.url
     return TenancyStore.open(url)
+
+
+def new_tenant_defaults(args) -> dict:
+    """The config's ``tenancy.new_tenant_defaults`` as tenant settings."""
+    return load_config(args.config).tenancy.new_tenant_defaults.settings()
 
 
 def register(subparsers) -> None:
@@ -98,7 +106,8 @@ def run(args) -> int:
     try:
         cmd = args.tenants_command
         if cmd == "create":
-            info, key = store.create_tenant(args.name, **_limits(args))
+            info, key = store.create_tenant(args.name, new_tenant_defaults(args),
+                                            **_limits(args))
             print(_show(info))
             print(f"API key (shown once, store it now): {key.plaintext}")
         elif cmd == "set-limits":

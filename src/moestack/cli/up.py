@@ -14,7 +14,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from moestack.serve.local import up
+    from moestack.serve.runner import STOP_TIMEOUT_S, exit_if_stuck, up
 
     config = load_config(args.config)
-    return up(config, say=lambda m: print(m, flush=True), verbose=args.verbose)
+    say = lambda m: print(m, flush=True)  # noqa: E731
+    code = up(config, say=say, verbose=args.verbose)
+    # The interpreter's exit waits for threads: one that Ray or vLLM left behind must not keep
+    # a stopped stack's process alive.
+    exit_if_stuck(STOP_TIMEOUT_S, say)
+    return code

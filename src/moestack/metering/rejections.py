@@ -1,9 +1,10 @@
 """Count requests refused before admission (bad key, model not allowed or absent, rate limit or
 budget, store unavailable).
 
-Those never reach the engine and emit no usage record, so the usage sinks do not see them; this
-ASGI middleware counts them from the response status of the OpenAI routes, per tenant (the
-principal the auth dependency put on the request state; ``unknown`` for a bad key).
+Those never reach the engine and emit no usage record, so the metering hook does not see them;
+this ASGI middleware counts them from the response status of the OpenAI routes, per tenant (the
+principal of the request context that the routes' dependency left on the request state,
+:mod:`moestack.api.context`; ``unknown`` for a bad key).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ class RejectionMetrics:
         async def send_counting(message):
             if (message["type"] == "http.response.start"
                     and message["status"] in REJECTION_STATUSES):
-                principal = state.get("principal")
-                self.metrics.record_rejection(getattr(principal, "tenant", UNKNOWN_TENANT),
-                                              message["status"])
+                context = state.get("context")
+                tenant = context.tenant if context is not None else None
+                self.metrics.record_rejection(tenant or UNKNOWN_TENANT, message["status"])
             await send(message)
 
         await self.app(scope, receive, send_counting)

@@ -23,11 +23,9 @@ from pathlib import Path
 from typing import Protocol
 
 from moestack.metering.pricing import PricingCatalog
+from moestack.usage import NUSD_PER_USD, to_nusd
 
 TOTAL = "(all tenants)"
-
-
-NUSD_PER_USD = 1_000_000_000
 
 
 class RollupLike(Protocol):
@@ -104,7 +102,7 @@ def build_report(rollups: Iterable[RollupLike], catalog: PricingCatalog,
             priced = catalog.baselines[n].usd(r.unpriced_prompt_tokens,
                                               r.unpriced_cached_prompt_tokens,
                                               r.unpriced_completion_tokens)
-            parts[n] = r.baselines_nusd.get(n, 0) + int(round(priced * NUSD_PER_USD))
+            parts[n] = r.baselines_nusd.get(n, 0) + to_nusd(priced)
         for bucket in (mine, total_nusd):
             for k, v in parts.items():
                 bucket[k] += v

@@ -1,4 +1,5 @@
-"""A parallel layout (TP/PP/DP/EP) of one replica and the rules that make it valid.
+"""The rules that make a parallel layout (:class:`~moestack.config.schema.Layout`, TP/PP/DP/EP of
+one replica) valid, the layouts a GPU count allows, and how vLLM runs its workers.
 
 vLLM orders a replica's ranks data-parallel outermost, then pipeline stages, then tensor
 parallel innermost, and places consecutive ranks on the same node. So a layout is valid on
@@ -9,36 +10,18 @@ all-to-all dispatch are what the inter-node network is for).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from moestack.config.schema import Layout
 from moestack.parallel.shapes import ModelShape
 
 
-@dataclass(frozen=True)
-class Layout:
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    data_parallel_size: int = 1
-    expert_parallel: bool = False
-
-    @property
-    def world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
-
-    @property
-    def expert_group_size(self) -> int:
-        """GPUs the routed experts of one layer are spread over (vLLM: TP x DP, with or
-        without expert parallelism; EP places whole experts, otherwise each expert is split)."""
-        return self.tensor_parallel_size * self.data_parallel_size
-
-    def nodes(self, gpus_per_node: int) -> int:
-        return -(-self.world_size // gpus_per_node)
-
-    def describe(self) -> str:
-        parts = [f"TP={self.tensor_parallel_size}", f"PP={self.pipeline_parallel_size}",
-                 f"DP={self.data_parallel_size}"]
-        parts.append(f"EP={self.expert_group_size}" if self.expert_parallel else "EP=off")
-        return " ".join(parts)
+def executor_backend(layout: Layout, accelerator: str) -> str:
+    """vLLM's ``distributed_executor_backend`` for a replica of ``layout`` on ``accelerator``
+    (``gpu`` or ``cpu``): one worker runs in the engine-core process (``uni``); several GPU
+    workers are Ray actors in the replica's placement group, which may span nodes (``ray``);
+    several CPU workers are local processes (``mp``)."""
+    if layout.world_size == 1:
+        return "uni"
+    return "ray" if accelerator == "gpu" else "mp"
 
 
 FP8_BLOCK = 128  # block size of DeepSeek-style block-wise FP8 weights
@@ -94,7 +77,8 @@ def candidate_layouts(gpus: int, gpus_per_node: int) -> list[Layout]:
         for pp in _divisors(gpus // tp):
             dp = gpus // (tp * pp)
             for ep in (False, True) if tp * dp > 1 else (False,):
-                out.append(Layout(tp, pp, dp, ep))
+                out.append(Layout(tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                                  data_parallel_size=dp, expert_parallel=ep))
     return out
 
 

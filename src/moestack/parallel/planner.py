@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from moestack.config.schema import Layout
 from moestack.errors import ConfigError
-from moestack.parallel import hybrid as v4
+from moestack.parallel import deepseek_v4
 from moestack.parallel.gpus import GIB, GPUSpec
-from moestack.parallel.layout import Layout, candidate_layouts, layout_problems
+from moestack.parallel.layout import candidate_layouts, executor_backend, layout_problems
+from moestack.parallel.placement import Bundle, placement_strategy, worker_bundles
 from moestack.parallel.shapes import BYTES_PER_PARAM, ModelShape
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9   # vLLM's default
@@ -137,16 +139,14 @@ class Plan:
         if self.shape.hybrid is not None:
             # V4's compressed caches page 256 tokens (vLLM's sparse-MLA kernels); its
             # tokenizer mode renders the V4 chat format.
-            args["block_size"] = v4.KV_BLOCK_TOKENS
+            args["block_size"] = deepseek_v4.KV_BLOCK_TOKENS
             args["tokenizer_mode"] = "deepseek_v4"
         if lay.world_size > 1:
-            # Workers run as Ray actors inside the replica's placement group (one per bundle).
-            args["distributed_executor_backend"] = "ray"
+            args["distributed_executor_backend"] = executor_backend(lay, "gpu")
         return args
 
-    def placement(self) -> tuple[list[dict[str, float]], str]:
-        from moestack.serve.placement import placement_strategy, worker_bundles
-
+    def placement(self) -> tuple[list[Bundle], str]:
+        """Ray placement bundles (one per GPU) and strategy of one replica."""
         return (worker_bundles(self.layout.world_size, self.cpus_per_worker),
                 placement_strategy(self.layout.world_size, self.gpu.gpus_per_node))
 
@@ -258,9 +258,9 @@ def _kv_footprint(shape: ModelShape, tp: int, pp: int, kv_dtype: str) -> tuple[i
     """(bytes per token of context, fixed bytes per running sequence) on one GPU of the stage
     with the largest cache."""
     if shape.hybrid is not None:
-        ratios = v4.stage_ratios(shape.hybrid, pp)
-        return (round(v4.kv_bytes_per_token(shape.hybrid, ratios)),
-                v4.kv_bytes_per_sequence(shape.hybrid, ratios, shape.head_dim))
+        ratios = deepseek_v4.stage_ratios(shape.hybrid, pp)
+        return (round(deepseek_v4.kv_bytes_per_token(shape.hybrid, ratios)),
+                deepseek_v4.kv_bytes_per_sequence(shape.hybrid, ratios, shape.head_dim))
     stage_layers = -(-shape.num_layers // pp)
     return (stage_layers * shape.kv_elements_per_token_per_layer(tp) * KV_BYTES[kv_dtype], 0)
 
@@ -282,9 +282,9 @@ def _step_time_s(shape: ModelShape, gpu: GPUSpec, lay: Layout, wdtype: str, cont
     moe_layers = shape.num_moe_layers * stage_layers / shape.num_layers
     touched = 1 - (1 - shape.experts_per_token / shape.num_experts) ** batch_total
     if shape.hybrid is not None:  # sparse reads: windows, top-k entries, indexer keys
-        ratios = v4.stage_ratios(shape.hybrid, lay.pipeline_parallel_size)
-        kv_read = v4.kv_read_bytes(shape.hybrid, ratios, mean_context)
-        attn_flops_seq = v4.attention_flops_per_token(shape, ratios, mean_context)
+        ratios = deepseek_v4.stage_ratios(shape.hybrid, lay.pipeline_parallel_size)
+        kv_read = deepseek_v4.kv_read_bytes(shape.hybrid, ratios, mean_context)
+        attn_flops_seq = deepseek_v4.attention_flops_per_token(shape, ratios, mean_context)
     else:
         kv_read = mean_context * kv_per_token
         if shape.is_mla:  # absorbed MLA: scores and values against the latent for every head

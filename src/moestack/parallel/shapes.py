@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 from moestack.errors import ConfigError
-from moestack.parallel import hybrid as v4
-from moestack.parallel.hybrid import HybridAttention
+from moestack.parallel import deepseek_v4
+from moestack.parallel.deepseek_v4 import HybridAttention
 
 WeightDtype = Literal["bf16", "fp8"]
 BYTES_PER_PARAM: dict[str, float] = {"bf16": 2.0, "fp8": 1.0}
@@ -50,7 +50,7 @@ class ModelShape:
     max_context_tokens: int = 32768
     checkpoint_dtype: WeightDtype = "bf16"
     expert_dtype: Literal["fp4", "fp8", "bf16"] | None = None  # routed experts, if not as above
-    hybrid: HybridAttention | None = None  # DeepSeek-V4 attention (see moestack.parallel.hybrid)
+    hybrid: HybridAttention | None = None  # DeepSeek-V4 attention (moestack.parallel.deepseek_v4)
     api_baseline: str | None = None  # pricing-catalog baseline serving this model as an API
     source: str = ""
 
@@ -92,7 +92,7 @@ class ModelShape:
         """Everything that is not a routed expert: attention, dense MLPs, shared experts,
         routers, norms and embeddings (replicated or tensor-sharded, never expert-sharded)."""
         if self.hybrid is not None:
-            return v4.non_expert_params(self)
+            return deepseek_v4.non_expert_params(self)
         h = self.hidden_size
         per_moe_layer = (self.num_shared_experts * self.expert_params()
                          + self.num_experts * (h + self.router_bias))  # router
@@ -121,7 +121,7 @@ class ModelShape:
         (split by TP), ``replicated`` (whole on every TP rank), ``embedding`` (embedding and
         head, bf16, split by TP) and ``routed`` (split over the expert group)."""
         if self.hybrid is not None:
-            return v4.weight_bytes(self, dtype)
+            return deepseek_v4.weight_bytes(self, dtype)
         wb = BYTES_PER_PARAM[dtype]
         embed = self.embedding_params()
         return {"sharded": (self.non_expert_params() - embed) * wb, "replicated": 0.0,

@@ -1,21 +1,17 @@
 """Routing policies: filters -> weighted scorers -> picker, built from config by name.
 
-A :class:`Router` owns the state every policy reads (outstanding tokens per replica, the prefix
-index) and keeps it current through :meth:`Router.routed`, :meth:`Router.completed` and
-:meth:`Router.forget`. It is transport-free: the Ray Serve request router
-(:mod:`moestack.routing.ray_router`) and the in-process replica set
-(:mod:`moestack.routing.local`) both drive it.
+:data:`POLICIES` is the registry (the ``routing.policy`` config value -> builder); a
+:class:`~moestack.routing.router.Router` builds its :class:`Pipeline` from it and keeps the
+state the plugins read.
 """
 
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from moestack.engine.protocol import EngineRequest
 from moestack.errors import ConfigError
 from moestack.routing.plugins import (
     CapacityFilter,
@@ -29,13 +25,8 @@ from moestack.routing.plugins import (
     Scorer,
     TenantShardFilter,
 )
-from moestack.routing.prefix import PrefixIndex, block_hashes
-from moestack.routing.types import (
-    CHARS_PER_TOKEN_ESTIMATE,
-    DEFAULT_MAX_TOKENS_ESTIMATE,
-    ReplicaState,
-    RoutingRequest,
-)
+from moestack.routing.prefix import PrefixIndex
+from moestack.routing.types import ReplicaState, RoutingRequest
 
 if TYPE_CHECKING:
     from moestack.config.schema import RoutingConfig
@@ -117,123 +108,3 @@ def _tenant_prefix_affinity(config, index, rng):
 def _random(config, index, rng):
     """Uniformly random among replicas with capacity: the baseline for benchmarks."""
     return Pipeline([CapacityFilter()], [], MaxScorePicker(rng))
-
-
-ROUTERS: dict[tuple[str, str], Router] = {}
-"""(application, model) -> the router of this process's handle to that model's replicas (set by
-:mod:`moestack.routing.ray_router`; the gateway reads live replicas and counts from it)."""
-
-RESERVATION_TTL_S = 60.0
-"""A reservation never confirmed by routing (request cancelled while queued) expires after this."""
-
-
-@dataclass
-class _InFlight:
-    replica_id: str
-    request: RoutingRequest
-
-
-@dataclass
-class RoutingCounts:
-    """What a router did since it started (monotonic counts), for the gateway's metrics."""
-
-    requests: int = 0
-    """Requests routed (a failover retry is routed again)."""
-    prefix_hits: int = 0
-    """Requests sent to a replica that, as far as this router knows, caches part of the prompt."""
-    prompt_blocks: int = 0
-    """Prefix blocks of the routed prompts."""
-    matched_blocks: int = 0
-    """Leading prefix blocks the chosen replica already held."""
-    live_replicas: int | None = None
-    """Replicas the router can send to (None: not told yet)."""
-
-
-@dataclass
-class Router:
-    """Routing state plus the configured policy; not thread-safe (one event loop drives it)."""
-
-    config: RoutingConfig
-    seed: int | None = None
-    index: PrefixIndex = field(init=False)
-    pipeline: Pipeline = field(init=False)
-    counts: RoutingCounts = field(default_factory=RoutingCounts, init=False)
-    _outstanding: dict[str, int] = field(default_factory=dict, init=False)
-    _in_flight: dict[str, _InFlight] = field(default_factory=dict, init=False)
-    _reserved_at_s: dict[str, float] = field(default_factory=dict, init=False)
-    """Keys only reserved so far (see :meth:`reserve`), oldest first, with their time."""
-
-    def __post_init__(self) -> None:
-        check_policy(self.config.policy)
-        self.index = PrefixIndex(self.config.prefix_index_blocks)
-        self.pipeline = POLICIES[self.config.policy](self.config, self.index,
-                                                     random.Random(self.seed))
-
-    def request_of(self, request: EngineRequest, tenant: str | None = None) -> RoutingRequest:
-        estimate = request.estimated_tokens or (
-            -(-len(request.prompt_text) // CHARS_PER_TOKEN_ESTIMATE)
-            + DEFAULT_MAX_TOKENS_ESTIMATE)
-        return RoutingRequest(
-            request_id=request.request_id,
-            prefix_blocks=block_hashes(request.prompt_text, self.config.prefix_block_chars),
-            estimated_tokens=estimate,
-            tenant=tenant if tenant is not None else request.tenant)
-
-    def outstanding_tokens(self, replica_id: str) -> int:
-        return self._outstanding.get(replica_id, 0)
-
-    def rank(self, request: RoutingRequest, replicas: Sequence[ReplicaState]) -> list[str]:
-        """Replica ids, most preferred first (may be fewer than given: pickers may sample)."""
-        self._expire_reservations()
-        return self.pipeline.rank(request, replicas) if replicas else []
-
-    def reserve(self, request: RoutingRequest, replica_id: str, key: str) -> None:
-        """Count the request on its likely replica before it is routed (see :meth:`routed`)."""
-        self.completed(key)
-        self._in_flight[key] = _InFlight(replica_id, request)
-        self._reserved_at_s[key] = time.monotonic()
-        self._add(replica_id, request.estimated_tokens)
-
-    def reserved(self, key: str) -> RoutingRequest | None:
-        """The request reserved under ``key`` and not routed yet, if any."""
-        return self._in_flight[key].request if key in self._reserved_at_s else None
-
-    def _expire_reservations(self) -> None:
-        cutoff = time.monotonic() - RESERVATION_TTL_S
-        while self._reserved_at_s:
-            key, at_s = next(iter(self._reserved_at_s.items()))
-            if at_s >= cutoff:
-                return
-            self.completed(key)
-
-    def routed(self, request: RoutingRequest, replica_id: str, key: str | None = None) -> None:
-        """Record that ``request`` went to ``replica_id``; ``key`` identifies it in completed().
-
-        A reservation under the same key is replaced (moved if it went elsewhere).
-        """
-        key = key or request.request_id
-        self.completed(key)
-        self._in_flight[key] = _InFlight(replica_id, request)
-        self._add(replica_id, request.estimated_tokens)
-        matched = self.index.insert(request.prefix_blocks, replica_id)
-        self.counts.requests += 1
-        self.counts.prefix_hits += matched > 0
-        self.counts.prompt_blocks += len(request.prefix_blocks)
-        self.counts.matched_blocks += matched
-
-    def completed(self, key: str) -> None:
-        self._reserved_at_s.pop(key, None)
-        done = self._in_flight.pop(key, None)
-        if done is not None:
-            self._add(done.replica_id, -done.request.estimated_tokens)
-
-    def _add(self, replica_id: str, tokens: int) -> None:
-        self._outstanding[replica_id] = max(0, self.outstanding_tokens(replica_id) + tokens)
-
-    def forget(self, replica_id: str) -> None:
-        """The replica is gone: drop its load and its prefixes."""
-        self._outstanding.pop(replica_id, None)
-        for key in [k for k, f in self._in_flight.items() if f.replica_id == replica_id]:
-            del self._in_flight[key]
-            self._reserved_at_s.pop(key, None)
-        self.index.forget(replica_id)

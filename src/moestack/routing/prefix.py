@@ -4,6 +4,10 @@ The prompt is cut into blocks of ``block_chars`` characters; block *i*'s hash co
 (chained), so a matching hash at position *i* means the whole prefix up to *i* matches. The index
 remembers, per block hash, the replicas a request with that prefix was sent to (bounded LRU): a
 replica that prefilled the prefix recently probably still has it in its KV prefix cache.
+
+The text hashed is the prompt behind its tenant's cache salt (:func:`salted`): vLLM's prefix cache
+shares blocks only within one ``cache_salt``, so equal prompts of two tenants share no cache and
+are not routed together either (which would also let one tenant's traffic place another's).
 """
 
 from __future__ import annotations
@@ -11,6 +15,14 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+
+SALT_SEPARATOR = "\x1d"
+
+
+def salted(text: str, salt: str | None) -> str:
+    """The routing text of a prompt: ``salt`` (the tenant's cache salt) ahead of it, so every
+    block hash of it differs between tenants and matches within one; no salt, the prompt."""
+    return f"{salt}{SALT_SEPARATOR}{text}" if salt else text
 
 
 def block_hashes(text: str, block_chars: int) -> tuple[int, ...]:

@@ -6,7 +6,7 @@ the model's name and ``routing`` config. Outstanding tokens and the prefix index
 gateway replica, an approximation that needs no coordination; Ray's own queue-length probes still
 guard each replica's ``max_ongoing_requests``.
 
-Each router registers its :class:`Router` in :data:`moestack.routing.policy.ROUTERS`, so the
+Each router registers its :class:`Router` in :data:`moestack.routing.router.ROUTERS`, so the
 gateway in the same process reads the model's live replica count (to size its fair queue) and the
 routing counts (metrics).
 """
@@ -25,7 +25,7 @@ from ray.serve.request_router import (
 )
 
 from moestack.engine.protocol import EngineRequest
-from moestack.routing.policy import Router
+from moestack.routing.router import Router
 from moestack.routing.types import ReplicaState
 
 
@@ -52,7 +52,7 @@ class MoestackRequestRouter(FIFOMixin, RequestRouter):
         # Imported here, not at module level: Ray may ship this class by value, with a copy of
         # the module's globals, and the registry must be the process's own.
         from moestack.config.schema import RoutingConfig
-        from moestack.routing.policy import ROUTERS
+        from moestack.routing.router import ROUTERS
 
         self.router = Router(RoutingConfig.model_validate(routing))
         ROUTERS[(self.app_name, model)] = self.router

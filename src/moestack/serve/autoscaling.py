@@ -10,7 +10,7 @@ Signals and rules:
 
 * load = Serve's ongoing requests of the deployment (running on replicas plus queued at the
   gateways' handles) plus the requests waiting in the gateways' tenant fair queues, which Serve
-  does not see (reported through :mod:`moestack.serve.queue_board`). Wanted replicas =
+  does not see (reported through :mod:`moestack.scheduling.queue_depth`). Wanted replicas =
   ceil(load / target_ongoing_requests).
 * KV-cache usage above ``kv_cache_high_ratio``, or mean TTFT above ``ttft_slo_s``, add one replica.
 * Hysteresis: scale-down needs the load to fit ``target * scale_down_load_ratio`` per remaining

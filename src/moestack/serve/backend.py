@@ -52,7 +52,7 @@ class ServeBackend:
         try:
             return self.handles[model]
         except KeyError:
-            raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model") from None
+            raise ModelNotFoundError.of(model) from None
 
     async def info(self, model: str) -> EngineInfo:
         try:

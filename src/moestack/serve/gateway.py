@@ -1,8 +1,16 @@
-"""Gateway: the Ray Serve ingress deployment serving the OpenAI-compatible API."""
+"""Gateway: the Ray Serve ingress deployment serving the OpenAI-compatible API.
+
+Each replica composes the request path of :mod:`moestack.api.app` (its hooks: tenancy's
+authentication and admission, the fair queue of its :class:`~moestack.scheduling.Scheduler`,
+metering) with what only Ray gives: its counters shared with the other gateway replicas
+(:mod:`moestack.scheduling.shared_counters`), its queue sized to the model's live replicas and
+its waiting requests reported to the autoscaler (:mod:`moestack.scheduling.queue_depth`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
@@ -10,35 +18,56 @@ from ray.serve.handle import DeploymentHandle
 from moestack.api.app import build_api
 from moestack.api.operator import build_operator_api
 from moestack.config.schema import MoestackConfig
-from moestack.routing.policy import ROUTERS
+from moestack.errors import ConfigError
+from moestack.routing.router import ROUTERS
+from moestack.scheduling import Scheduler
+from moestack.scheduling.queue_depth import REPORT_INTERVAL_S, QueueDepthClient
+from moestack.scheduling.shared_counters import SharedCountersClient
 from moestack.serve.backend import ServeBackend
-from moestack.serve.fair_board import FairBoardClient
 from moestack.serve.operator_listener import OperatorListener
-from moestack.serve.queue_board import REPORT_INTERVAL_S, BoardClient
-from moestack.tenancy.gate import TenancyGate
+from moestack.serve.public_listener import PublicListener
+from moestack.tenancy import Tenancy
+
+HEALTH_CHECK_PERIOD_S = 1.0
+"""How often Serve checks a Gateway replica. Serve notices a dead replica (SIGKILL, OOM) only
+through a failed check, so this bounds how long the public API waits before the replacement
+starts (Serve's default, 10 s, would make up most of the outage); a check is one small call."""
+
+DRAIN_TIMEOUT_S = 15.0
+"""Longest a stopping Gateway replica lets its running requests finish on the direct-ingress
+listener (inside Serve's default ``graceful_shutdown_timeout_s`` of 20 s, past which Serve kills
+the replica); with Serve's proxy, Serve drains them itself before :meth:`Gateway.__del__`."""
 
 
 class Gateway:
     async def __init__(self, config: dict[str, Any], model_handles: dict[str, DeploymentHandle]):
         from ray import serve
 
-        self.config = MoestackConfig.model_validate(config)
+        self.config = replica_config(config)
         self.backend = ServeBackend(model_handles, {
             m.name: m.routing.max_attempts_before_first_token for m in self.config.models})
         # Every replica opens the shared store (migrating it if needed) at start, so a bad
         # storage URL fails the deployment instead of the first request.
-        self.tenancy = TenancyGate.from_config(self.config) if self.config.tenancy.enabled \
-            else None
+        enabled = self.config.tenancy.enabled
+        self.tenancy = Tenancy.from_config(self.config) if enabled else None
+        self.scheduler = Scheduler(self.config) if enabled else None
         context = serve.get_replica_context()
         self.app_name, self.replica_id = context.app_name, context.replica_id.unique_id
-        if self.tenancy is not None and self.config.gateway.num_replicas > 1:
+        self.public: PublicListener | None = None
+        if self.scheduler is not None and self.config.gateway.num_replicas > 1:
             # Fair-queue counters shared by the gateway replicas (one replica: its own are all)
-            self.tenancy.share_fairness({m.name: FairBoardClient(self.app_name, m.name)
-                                         for m in self.config.models})
+            self.scheduler.share_counters({m.name: SharedCountersClient(self.app_name, m.name)
+                                           for m in self.config.models})
+            self.scheduler.start()
+        if self.tenancy is not None:
+            # The beat from the start, not from the first request: it also closes the rows of
+            # any dead gateway whose lease ran out (a replica this one replaces, say).
+            self.tenancy.start()
         self._follow = asyncio.get_running_loop().create_task(self._follow_models())
 
     def __serve_build_asgi_app__(self):
-        app = build_api(self.config, self.backend, tenancy=self.tenancy)
+        app = build_api(self.config, self.backend, tenancy=self.tenancy,
+                        scheduler=self.scheduler)
         for m in self.config.models:
             app.state.metrics.track_routing(
                 m.name, lambda name=m.name: self._router_counts(name),
@@ -48,7 +77,15 @@ class Gateway:
             build_operator_api(self.config, app.state.metrics, self.tenancy),
             gw.operator_host, gw.operator_ports)
         self.operator.start()
+        if gw.ingress == "direct":  # the public port, shared by the node's gateway replicas
+            self.public = PublicListener(app, gw.host, gw.port)
+            self.public.start()
         return app
+
+    async def check_health(self) -> None:
+        """Serve's health check: a replica whose public listener stopped is replaced."""
+        if self.public is not None and not self.public.serving:
+            raise RuntimeError("the public listener (direct ingress) is not serving")
 
     def _router_counts(self, model: str):
         router = ROUTERS.get((self.app_name, model))
@@ -56,22 +93,46 @@ class Gateway:
 
     async def _follow_models(self) -> None:
         """Every ``REPORT_INTERVAL_S``: size each model's fair queue to its live replicas and
-        report the requests waiting in it to the autoscaler's board."""
-        if self.tenancy is None:
+        report the requests waiting in it to the autoscaler's queue-depth board."""
+        if self.scheduler is None:
             return  # no fair queue: nothing waits here
-        board = BoardClient(self.app_name, create=True)
+        queue_depth = QueueDepthClient(self.app_name, create=True)
         while True:
             for m in self.config.models:
                 counts = self._router_counts(m.name)
                 if counts is not None and counts.live_replicas is not None:
-                    self.tenancy.follow_replicas(m.name, counts.live_replicas)
-            await board.report(self.replica_id, self.tenancy.waiting())
+                    self.scheduler.follow_replicas(m.name, counts.live_replicas)
+            await queue_depth.report(self.replica_id, self.scheduler.waiting())
             await asyncio.sleep(REPORT_INTERVAL_S)
 
-    def __del__(self):
+    async def __del__(self):
+        """Serve's graceful stop (Serve awaits an async ``__del__``): stop taking connections,
+        let running requests finish (direct ingress; Serve's proxy drains before this), write
+        their settlements, close the store."""
+        if getattr(self, "public", None) is not None:
+            await self.public.drain(DRAIN_TIMEOUT_S)
         if getattr(self, "operator", None) is not None:
             self.operator.close()
         if getattr(self, "_follow", None) is not None:
             self._follow.cancel()
+        if getattr(self, "scheduler", None) is not None:
+            await self.scheduler.stop()
         if getattr(self, "tenancy", None) is not None:
+            await self.tenancy.stop()
             self.tenancy.store.close()
+
+
+def replica_config(config: dict[str, Any]) -> MoestackConfig:
+    """The Gateway's config from its argument, with the secrets its builder kept out of it
+    (:func:`moestack.serve.app.gateway_config`) read from this process's environment."""
+    parsed = MoestackConfig.model_validate(config)
+    env = parsed.storage.url_env
+    if env is None:
+        return parsed
+    url = os.environ.get(env)
+    if not url:
+        raise ConfigError(f"storage.url_env names the environment variable {env}, which is not "
+                          "set in this Gateway replica's process (set it on every node that "
+                          "runs a Gateway)")
+    return parsed.model_copy(update={"storage": parsed.storage.model_copy(
+        update={"url": url, "url_env": None})})

@@ -10,6 +10,7 @@ from typing import Any
 from moestack.config.schema import ModelConfig
 from moestack.engine import build_engine
 from moestack.engine.protocol import EngineChunk, EngineInfo, EngineRequest, EngineStats
+from moestack.scheduling.queue_depth import QueueDepthClient
 from moestack.serve.autoscaling import (
     GATEWAY_QUEUE_METRIC,
     KV_CACHE_METRIC,
@@ -17,7 +18,6 @@ from moestack.serve.autoscaling import (
     TtftWindow,
 )
 from moestack.serve.placement import verify_replica_placement
-from moestack.serve.queue_board import BoardClient
 
 
 class ModelServer:
@@ -31,7 +31,7 @@ class ModelServer:
         self.engine = build_engine(self.config, Path(cache_dir) if cache_dir else None)
         await self.engine.start()
         self.ttft = TtftWindow()
-        self.board = BoardClient(serve.get_replica_context().app_name, create=False)
+        self.queue_depth = QueueDepthClient(serve.get_replica_context().app_name, create=False)
         self.served = {"requests": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0}
 
     async def serve(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
@@ -66,7 +66,7 @@ class ModelServer:
         if (ttft := self.ttft.mean()) is not None:
             stats[TTFT_METRIC] = ttft
         if self.config.autoscaling.count_gateway_queue and (
-                queued := await self.board.waiting(self.config.name)) is not None:
+                queued := await self.queue_depth.waiting(self.config.name)) is not None:
             stats[GATEWAY_QUEUE_METRIC] = queued
         return stats
 

@@ -19,8 +19,10 @@ Why a second listener, and why this shape:
   still holds its port) retries every ``retry_interval_s`` until one frees, while the public
   API serves meanwhile. The Helm chart declares these ports on the head pod, where it pins the
   gateways, and scrapes each.
-- The server speaks ``h11`` with a 16 KiB limit on the header section, so an oversized header is
-  refused after 16 KiB instead of being read whole (uvicorn's ``httptools`` has no such limit).
+- The server runs :class:`~moestack.serve.http_limits.HeadBoundedHttpToolsProtocol`, so a request
+  head over 16 KiB gets 431 and the connection is closed instead of the head being read whole
+  (uvicorn's own ``httptools`` protocol has no limit; ``h11``'s answers 400, and only to a head
+  split over several reads).
 - No work at import time: :meth:`start` binds and starts serving, :meth:`stop` closes the
   socket at once (the port is free for a successor) and waits for the server to finish.
 """
@@ -33,7 +35,7 @@ import errno
 import logging
 import socket
 
-from moestack.api.header_limit import MAX_HEADER_SECTION_BYTES
+from moestack.serve.http_limits import HeadBoundedHttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +104,9 @@ class OperatorListener:
             await asyncio.sleep(self.retry_interval_s)
             sock = bind_first_free(self.host, self.ports)
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, http="h11", lifespan="off", access_log=False,
-                                log_config=None, log_level="warning", timeout_keep_alive=5,
-                                h11_max_incomplete_event_size=MAX_HEADER_SECTION_BYTES)
+        config = uvicorn.Config(self.app, http=HeadBoundedHttpToolsProtocol, lifespan="off",
+                                access_log=False, log_config=None, log_level="warning",
+                                timeout_keep_alive=5)
         self._server = uvicorn.Server(config)
         # The replica's own process handles signals; uvicorn must not take them over.
         self._server.capture_signals = contextlib.nullcontext

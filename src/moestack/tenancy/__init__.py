@@ -1,19 +1,22 @@
-"""Multi-tenancy: tenants, hashed API keys, model ACLs, limits, budgets, fair queue, usage ledger.
+"""Multi-tenancy: who may, and who pays. Tenants, hashed API keys, model lists, limits, budgets,
+usage ledger and rollups.
 
-Public names: :class:`TenancyStore` (SQLAlchemy storage + Alembic migrations),
-:class:`TenancyGate` (the admission hook of the serving path), :func:`query_usage` and
+Public names: :class:`TenancyStore` (SQLAlchemy storage + Alembic migrations), :class:`Tenancy`
+(one gateway replica's tenancy, which the request hooks work through), :func:`query_usage` and
 :class:`LedgerEntry` (read the ledger). Nothing here runs at import time.
 
-Modules by role: ``store`` (engine, bounded waits, tenants and keys), ``admission`` (limit checks
-and the write-ahead row), ``counters`` (per-tenant counters and RPM/TPM window buckets),
-``ledger`` (settle, leases, lost rows, retention), ``rollups`` (hourly usage sums), ``writer``
-(group-committed writes, one thread per process), ``auth_cache`` (key lookups with bounded
-staleness), ``readiness`` (``GET /ready``), ``gate`` (the serving-path hook), ``fair`` (fair
-queue), ``admin_routes`` (admin API and ``GET /v1/usage``).
+Modules by role: ``store`` (engine, bounded waits, tenants and keys), ``limits`` (valid tenant
+settings), ``tables`` (ORM rows; ``migrations/``), ``keys`` (key format, hashes, cache salts),
+``auth_cache`` (key lookups, bounded staleness), ``throttle`` (failed-key throttle),
+``admission`` (limit checks, write-ahead row), ``counters`` (per-tenant counters, RPM/TPM
+buckets), ``ledger`` (settle, lost rows, retention), ``leases``, ``rollups`` (hourly sums),
+``writer`` (group-committed writes), ``service`` (:class:`Tenancy`), ``hooks`` (authentication
+and admission in the request path). When a request runs is :mod:`moestack.scheduling`'s; the
+admin API and ``/ready`` are routes of :mod:`moestack.api`.
 """
 
-from moestack.tenancy.gate import TenancyGate
 from moestack.tenancy.ledger import LedgerEntry, query_usage
+from moestack.tenancy.service import Tenancy
 from moestack.tenancy.store import TenancyStore, TenantInfo
 
-__all__ = ["LedgerEntry", "TenancyGate", "TenancyStore", "TenantInfo", "query_usage"]
+__all__ = ["LedgerEntry", "Tenancy", "TenancyStore", "TenantInfo", "query_usage"]

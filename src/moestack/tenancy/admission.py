@@ -1,11 +1,12 @@
-"""Authentication and admission against the store: keys, model ACL, RPM/TPM/concurrency, budget.
+"""Authentication and admission against the store: keys, RPM/TPM/concurrency, budget.
 
 Admission is one transaction per request (or one per group of requests, see
 :mod:`moestack.tenancy.writer`): lock the tenant's counters row, check the limits against the
 counters (:mod:`moestack.tenancy.counters`: constant time whatever the ledger's size), insert the
 request's write-ahead ledger row with its reservation and add the reservation to the counters and
 the hourly rollup, all in the same transaction. The limits themselves come with the principal
-(:mod:`moestack.tenancy.auth_cache` keeps them at most ``tenancy.auth_cache_ttl_s`` stale):
+(:class:`moestack.hooks.Principal`, its model list included; :mod:`moestack.tenancy.auth_cache`
+keeps them at most ``tenancy.auth_cache_ttl_s`` stale):
 
 * requests/min: requests started in the current 60 s window;
 * tokens/min: their ``charged_tokens`` (prompt + max completion reserved while running, the real
@@ -29,35 +30,16 @@ from moestack.errors import (
     AuthenticationError,
     InsufficientQuotaError,
     InvalidRequestError,
-    ModelNotFoundError,
     RateLimitError,
 )
+from moestack.hooks import Principal
 from moestack.tenancy import counters, rollups
 from moestack.tenancy.keys import parse_key, secret_matches
-from moestack.tenancy.models import NUSD_PER_USD, ApiKey, Tenant, allows_model, to_nusd, utcnow
 from moestack.tenancy.store import TenancyStore, period_start, sql
+from moestack.tenancy.tables import ApiKey, Tenant, utcnow
+from moestack.usage import NUSD_PER_USD, to_nusd
 
 WINDOW_S = counters.WINDOW_S
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who a request is from: the tenant behind an API key, with the tenant's limits."""
-
-    tenant_id: int
-    tenant: str
-    key_id: str
-    priority: int
-    weight: float
-    allowed_models: tuple[str, ...]
-    requests_per_min: int | None = None
-    tokens_per_min: int | None = None
-    max_concurrent_requests: int | None = None
-    budget_usd: float | None = None
-    budget_period: str = "month"
-
-    def allows(self, model: str) -> bool:
-        return allows_model(self.allowed_models, model)
 
 
 def principal_of(key: ApiKey, tenant: Tenant) -> Principal:
@@ -80,12 +62,32 @@ class Reservation:
         """The reservation in nano-USD, rounded up (it must stay an upper bound)."""
         return math.ceil(self.usd * NUSD_PER_USD - 1e-6)
 
+    def check_size(self, param: str | None = None) -> None:
+        """400 (before anything is written) for a reservation past what one request may hold:
+        with the models' ``request_limits`` none gets here, but whatever the configuration, the
+        ledger's and counters' 64-bit integers must never overflow (a failed write would fail
+        other requests' writes in the same batch)."""
+        if self.tokens > MAX_RESERVATION_TOKENS or not self.usd * NUSD_PER_USD <= (
+                MAX_RESERVATION_NUSD):
+            raise InvalidRequestError(
+                f"This request would reserve {self.tokens} tokens ({self.usd:.2f} USD), more "
+                f"than one request may hold ({MAX_RESERVATION_TOKENS} tokens, "
+                f"{MAX_RESERVATION_NUSD / NUSD_PER_USD:.0f} USD); lower `n`, the completion "
+                "budget or the number of prompts.", param=param, code="reservation_too_large")
+
+
+MAX_RESERVATION_TOKENS = 2**40
+"""Most tokens one request may reserve (about 10^12: far past any context x n x prompts)."""
+MAX_RESERVATION_NUSD = 10**15
+"""Most nano-USD one request may reserve (1M USD): thousands of them in flight still fit the
+counters' 64-bit sums."""
+
 
 def authenticate(store: TenancyStore, api_key: str | None) -> Principal:
     """The principal of a bearer key read from the store; 401 for a missing, malformed, unknown
     or revoked key. (Gateways go through :class:`~moestack.tenancy.auth_cache.AuthCache`.)"""
     if not api_key:
-        raise AuthenticationError("Missing API key: send `Authorization: Bearer <key>`.")
+        raise AuthenticationError.missing_key()
     parsed = parse_key(api_key)
     found = store.key_record(parsed[0]) if parsed else None
     return check_key(api_key, found)
@@ -100,17 +102,6 @@ def check_key(api_key: str, found: tuple[ApiKey, Tenant] | None) -> Principal:
     if not ok or found is None or found[0].revoked_at is not None:
         raise AuthenticationError("Incorrect API key provided.")
     return principal_of(*found)
-
-
-def model_not_found(model: str) -> ModelNotFoundError:
-    """The one 404 for a model that does not exist *or* is outside the tenant's list: the same
-    message and code either way, so a tenant cannot learn other tenants' models."""
-    return ModelNotFoundError.of(model)
-
-
-def check_model_access(principal: Principal, model: str) -> None:
-    if not principal.allows(model):
-        raise model_not_found(model)
 
 
 def period_bounds(period: str, now: dt.datetime) -> tuple[dt.datetime, dt.datetime | None]:

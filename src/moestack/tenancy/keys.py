@@ -5,12 +5,16 @@ slow password hash buys nothing against brute force of a random 32-byte value). 
 public (it names the key in the ledger and in ``revoke-key``); the lookup is by key id and the
 secret is compared with :func:`hmac.compare_digest`, also when the key id is unknown, so the time
 taken does not tell which part was wrong.
+
+Tenants' prefix-cache salts (:func:`cache_salt`) are derived here too: key material kept apart
+per tenant, computed from a server secret.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -50,3 +54,25 @@ def secret_matches(secret: str, stored_sha256: str | None) -> bool:
     expected = stored_sha256 if stored_sha256 is not None else _DUMMY_HASH
     ok = hmac.compare_digest(hash_secret(secret), expected)
     return ok and stored_sha256 is not None
+
+
+CACHE_SALT_CHARS = 32
+
+
+def cache_salt_secret(admin_key_env: str) -> bytes:
+    """The server secret that per-tenant cache salts derive from: the admin key (in the
+    gateway's environment, never in its arguments), else a random one for this process (the
+    admin API is off; gateway replicas then salt apart and share no prefix cache)."""
+    key = os.environ.get(admin_key_env)
+    return key.encode() if key else secrets.token_bytes(32)
+
+
+def cache_salt(secret: bytes, tenant_id: int) -> str:
+    """A tenant's prefix-cache salt: HMAC-SHA256 of its id under ``secret``, as 32 hex digits.
+
+    vLLM's prefix cache shares blocks only between requests with the same ``cache_salt``, so a
+    tenant cannot tell from ``cached_tokens`` (or from time to first token) whether another
+    tenant sent a prompt; without the secret nobody can compute another tenant's salt, and the
+    gateway overrides whatever salt a client sends."""
+    digest = hmac.new(secret, b"moestack-cache-salt:%d" % tenant_id, hashlib.sha256)
+    return digest.hexdigest()[:CACHE_SALT_CHARS]

@@ -9,6 +9,9 @@ lease (:func:`renew_leases`); if the gateway is killed, :func:`close_lost` marks
 once the lease ran out, keeping the reservation as the charge (an upper bound, so a crash can never
 let a tenant overspend) and taking it out of the tenant's in-flight count. A late settle of a
 ``lost`` row still replaces the reservation by the real figures, in the row and the counters.
+A settlement the store refuses on its own (not an outage) closes its row at once as ``lost`` with
+``error_code`` ``settle_failed`` (:func:`close_unsettled`), and the lease renewal covers only the
+requests still running, so no row stays ``pending`` for as long as its gateway lives.
 Requests refused before admission (401/404/429/503) have no row; they are counted in metrics.
 Finished rows older than ``tenancy.raw_usage_retention_days`` are deleted by :func:`purge_raw`;
 the rollups keep their sums.
@@ -23,9 +26,9 @@ from sqlalchemy import JSON, bindparam, delete, select, update
 from sqlalchemy.engine import Connection
 
 from moestack.tenancy import counters, rollups
-from moestack.tenancy.models import NUSD_PER_USD, Tenant, UsageRow, to_nusd, utcnow
 from moestack.tenancy.store import TenancyStore, sql
-from moestack.usage import RequestRecord
+from moestack.tenancy.tables import Tenant, UsageRow, utcnow
+from moestack.usage import NUSD_PER_USD, RequestRecord, to_nusd
 
 
 @dataclass(frozen=True)
@@ -186,17 +189,32 @@ def settle_many(conn: Connection, items: list[Settlement]) -> list[bool]:
     return results
 
 
-def settle_in(conn: Connection, s: Settlement) -> bool:
-    """:func:`settle_many` of one settlement."""
-    return settle_many(conn, [s])[0]
+RENEW_BATCH_IDS = 1000
 
 
-def renew_leases(conn: Connection, gateway_id: str, lease_s: float) -> int:
-    """Extend the lease of this gateway's pending rows; returns how many."""
-    return conn.execute(update(UsageRow)
-                        .where(UsageRow.gateway_id == gateway_id, UsageRow.state == "pending")
-                        .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s))
-                        ).rowcount
+def renew_leases(conn: Connection, gateway_id: str, lease_s: float,
+                 request_ids: list[str] | None = None) -> int:
+    """Extend the lease of this gateway's pending rows (only those of ``request_ids``, the
+    requests still running, when given); returns how many."""
+    lease = utcnow() + dt.timedelta(seconds=lease_s)
+    q = update(UsageRow).where(UsageRow.gateway_id == gateway_id, UsageRow.state == "pending")
+    if request_ids is None:
+        return conn.execute(q.values(lease_expires_at=lease)).rowcount
+    return sum(conn.execute(q.where(UsageRow.request_id.in_(request_ids[i:i + RENEW_BATCH_IDS]))
+                            .values(lease_expires_at=lease)).rowcount
+               for i in range(0, len(request_ids), RENEW_BATCH_IDS))
+
+
+def close_unsettled(conn: Connection, request_ids: list[str],
+                    now: dt.datetime | None = None) -> int:
+    """Close pending rows whose settlement could not be written (it failed on its own, not
+    for a store outage) as ``lost`` with ``error_code`` ``settle_failed``, keeping their
+    reservation as the charge, and take them out of the in-flight counters; returns how many."""
+    pending = (UsageRow.state == "pending",)
+    rows = conn.execute(select(UsageRow.request_id, UsageRow.tenant_id)
+                        .where(UsageRow.request_id.in_(request_ids), *pending))
+    return _close_as_lost(conn, rows, pending, now or utcnow(), error_code="settle_failed",
+                          lease_expires_at=None)
 
 
 CLOSE_BATCH_ROWS = 1000
@@ -208,20 +226,25 @@ def close_lost(conn: Connection, now: dt.datetime | None = None) -> int:
     how many (at most ``CLOSE_BATCH_ROWS`` per call; the beat calls again). Uses the
     ``(state, lease_expires_at)`` index: the cost grows with the expired rows, not the ledger."""
     now = now or utcnow()
-    expired = conn.execute(select(UsageRow.request_id, UsageRow.tenant_id)
-                           .where(UsageRow.state == "pending", UsageRow.lease_expires_at < now)
-                           .limit(CLOSE_BATCH_ROWS)).all()
+    expired = (UsageRow.state == "pending", UsageRow.lease_expires_at < now)
+    rows = conn.execute(select(UsageRow.request_id, UsageRow.tenant_id).where(*expired)
+                        .limit(CLOSE_BATCH_ROWS)).all()
+    return _close_as_lost(conn, rows, expired, now, error_code="gateway_lost")
+
+
+def _close_as_lost(conn: Connection, rows, still, now: dt.datetime, **values) -> int:
+    """Mark ``rows`` ((request id, tenant id) pairs) that still match the conditions ``still``
+    as ``lost`` with ``values``, tenant by tenant in id order with the tenant's counters row
+    locked first (as admission does), and take them out of the in-flight counters."""
     by_tenant: dict[int, list[str]] = {}
-    for request_id, tenant_id in expired:
+    for request_id, tenant_id in rows:
         by_tenant.setdefault(tenant_id, []).append(request_id)
     closed = 0
     for tenant_id in sorted(by_tenant):
         counters.lock(conn, tenant_id)
         n = conn.execute(update(UsageRow)
-                         .where(UsageRow.request_id.in_(by_tenant[tenant_id]),
-                                UsageRow.state == "pending", UsageRow.lease_expires_at < now)
-                         .values(state="lost", error_code="gateway_lost", finished_at=now)
-                         ).rowcount
+                         .where(UsageRow.request_id.in_(by_tenant[tenant_id]), *still)
+                         .values(state="lost", finished_at=now, **values)).rowcount
         counters.release_lost(conn, tenant_id, n)
         closed += n
     return closed

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Connection
 
-from moestack.tenancy.models import NUSD_PER_USD, to_nusd
 from moestack.tenancy.store import TenancyStore, sql
+from moestack.usage import NUSD_PER_USD, to_nusd
 
 SUM_FIELDS = ("requests", "prompt_tokens", "cached_prompt_tokens", "completion_tokens",
               "charged_tokens", "charged_nusd", "cost_nusd", "unpriced_prompt_tokens",

@@ -38,16 +38,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from moestack.errors import InvalidRequestError, NotFoundError, StoreUnavailableError
+from moestack.hooks import ALL_MODELS
 from moestack.tenancy.keys import NewKey, generate_key
-from moestack.tenancy.models import (
-    ALL_MODELS,
-    ApiKey,
-    StoreVersion,
-    Tenant,
-    TenantCounters,
-    allows_model,
-    utcnow,
-)
+from moestack.tenancy.limits import TenantLimits
+from moestack.tenancy.tables import ApiKey, StoreVersion, Tenant, TenantCounters, utcnow
 
 BUDGET_PERIODS = ("day", "month", "total")
 LIMIT_FIELDS = ("allowed_models", "priority", "weight", "requests_per_min", "tokens_per_min",
@@ -98,9 +92,6 @@ class TenantInfo:
     budget_period: str
     created_at: dt.datetime
     active_key_ids: tuple[str, ...] = ()
-
-    def allows(self, model: str) -> bool:
-        return allows_model(self.allowed_models, model)
 
     def as_json(self) -> dict[str, Any]:
         out = {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -214,11 +205,6 @@ class TenancyStore:
         with unavailable_as_503(), self.read_engine.connect() as conn, conn.begin():
             yield conn
 
-    @property
-    def for_update(self) -> str:
-        """`` FOR UPDATE`` where row locks exist (PostgreSQL); SQLite locks the whole file."""
-        return " FOR UPDATE" if self.dialect == "postgresql" else ""
-
     def version(self) -> int:
         """The change version: grows with every change of a tenant or key."""
         with self.read() as conn:
@@ -249,9 +235,22 @@ class TenancyStore:
 
     # -- tenants -----------------------------------------------------------------------------
 
-    def create_tenant(self, name: str, **limits: Any) -> tuple[TenantInfo, NewKey]:
-        """Create a tenant with one API key; the key's plaintext is only in the return value."""
+    def create_tenant(self, name: str, defaults: dict[str, Any] | None = None,
+                      **limits: Any) -> tuple[TenantInfo, NewKey]:
+        """Create a tenant with one API key; the key's plaintext is only in the return value.
+
+        Settings not in ``limits`` come from ``defaults`` (the CLI and admin API pass
+        ``tenancy.new_tenant_defaults``; without ``allowed_models`` there the caller must name
+        the models), else every model and no limit."""
         _check_limits(limits)
+        if defaults is not None:
+            limits = {**defaults, **limits}
+            _check_limits(limits)
+            if "allowed_models" not in limits:
+                raise InvalidRequestError(
+                    "Name the models the tenant may use (`allowed_models`, `--models` on the "
+                    "command line; `*` for every model): tenancy.new_tenant_defaults gives "
+                    "none.", param="allowed_models", code="allowed_models_required")
         key = generate_key()
         try:
             with self.session() as s:
@@ -348,9 +347,7 @@ NOT_NULL_FIELDS = ("allowed_models", "priority", "weight", "budget_period")
 
 
 def _check_limits(limits: dict[str, Any]) -> None:
-    """Check settings against the admin API's schema (the one definition of valid values)."""
-    from moestack.tenancy.admin_protocol import TenantLimits
-
+    """Check settings against :class:`TenantLimits` (the one definition of valid values)."""
     unknown = set(limits) - set(LIMIT_FIELDS)
     if unknown:
         raise InvalidRequestError(f"unknown tenant setting(s): {', '.join(sorted(unknown))}")

@@ -17,7 +17,13 @@ future. So:
 * an operation that raises a :class:`~moestack.errors.MoestackError` (a 429, say) has written
   nothing (admission checks before it writes) and fails alone; a store error fails the batch and
   every urgent operation queued behind it with :class:`~moestack.errors.StoreUnavailableError`
-  (503), so no request waits longer than about one bounded store wait (``busy_timeout_s``).
+  (503), so no request waits longer than about one bounded store wait (``busy_timeout_s``);
+* any other failure (a value the database refuses, a bug) rolls the batch back and its
+  operations are written again one per transaction: the others commit, the failing one alone
+  fails, with :class:`~moestack.errors.StoreWriteError` (500, the cause logged), and its
+  ``fallback`` runs in a transaction of its own (a failed settlement closes its row, so it
+  leaves the tenant's in-flight count). One tenant's bad request can never fail another's
+  admission or settlement.
 
 There is no process-wide lock: readers (authentication, usage queries) never queue here.
 """
@@ -35,7 +41,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from moestack.errors import MoestackError, StoreUnavailableError
+from moestack.errors import MoestackError, StoreUnavailableError, StoreWriteError
 from moestack.tenancy import counters
 from moestack.tenancy.store import UNAVAILABLE_MESSAGE, TenancyStore
 
@@ -52,6 +58,8 @@ class Operation:
     deferred: bool
     batch_fn: Callable[[Connection, list], list] | None = None
     payload: Any = None
+    fallback: Callable[[Connection], Any] | None = None
+    """Run in a transaction of its own if the operation fails on its own (not an outage)."""
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     queued_at: float = field(default_factory=time.monotonic)
 
@@ -123,11 +131,15 @@ class StoreWriter:
         return self._queue(Operation(fn, tenant_id, deferred))
 
     def submit_batched(self, batch_fn: Callable[[Connection, list], list], payload: Any,
-                       tenant_id: int = 0, deferred: bool = True) -> concurrent.futures.Future:
+                       tenant_id: int = 0, deferred: bool = True,
+                       fallback: Callable[[Connection], Any] | None = None
+                       ) -> concurrent.futures.Future:
         """Queue ``payload`` for ``batch_fn(conn, payloads) -> results``, called once per
         transaction with every payload of that function in the batch (settlements: a few
-        statements per batch instead of a few per row)."""
-        return self._queue(Operation(None, tenant_id, deferred, batch_fn, payload))
+        statements per batch instead of a few per row). ``fallback(conn)`` runs instead if
+        this payload's write fails on its own."""
+        return self._queue(Operation(None, tenant_id, deferred, batch_fn, payload,
+                                     fallback=fallback))
 
     def _queue(self, op: Operation) -> concurrent.futures.Future:
         deferred = op.deferred
@@ -176,30 +188,52 @@ class StoreWriter:
                  if op.future.running() or op.future.set_running_or_notify_cancel()]
         if not batch:
             return
-        results: list[tuple[Operation, Any, BaseException | None]] = []
         try:
-            with self.store.begin() as conn:
-                counters.lock_many(conn, [op.tenant_id for op in batch if op.tenant_id])
-                grouped: dict[Callable, list[Operation]] = {}
-                for op in sorted(batch, key=lambda o: o.tenant_id):  # stable: keeps arrival order
-                    if op.batch_fn is not None:
-                        grouped.setdefault(op.batch_fn, []).append(op)
-                        continue
-                    try:
-                        results.append((op, op.fn(conn), None))
-                    except MoestackError as exc:  # a refusal: the operation wrote nothing
-                        results.append((op, None, exc))
-                for batch_fn, ops in grouped.items():
-                    values = batch_fn(conn, [op.payload for op in ops])
-                    results.extend((op, v, None) for op, v in zip(ops, values))
+            results = self._commit(batch)
         except StoreUnavailableError as exc:
             self._failed(batch, exc)
             return
-        except BaseException as exc:  # a bug: tell every waiter rather than leave it hanging
-            log.exception("tenancy store writer: batch of %d failed", len(batch))
+        except Exception as exc:
+            if len(batch) == 1:
+                self._failed_alone(batch[0], exc)
+                return
+            # One operation (which, we cannot tell) failed the transaction: the rest must not
+            # pay for it. Write each on its own; only the failing one fails.
+            log.warning("tenancy store writer: a batch of %d failed (%s); writing its "
+                        "operations one by one", len(batch), type(exc).__name__)
+            self._one_by_one(batch)
+            return
+        except BaseException as exc:  # interpreter shutdown: tell every waiter
             for op in batch:
                 op.future.set_exception(exc)
-            return
+            raise
+        self._resolve(results)
+
+    def _commit(self, batch: list[Operation]) -> list[tuple[Operation, Any, Exception | None]]:
+        """Run ``batch`` in one transaction, in tenant-id order; its results once committed."""
+        results: list[tuple[Operation, Any, Exception | None]] = []
+        with self.store.begin() as conn:
+            counters.lock_many(conn, [op.tenant_id for op in batch if op.tenant_id])
+            ordered = sorted(batch, key=lambda o: o.tenant_id)  # stable: keeps arrival order
+            grouped: dict[Callable, list[Operation]] = {}
+            for op in ordered:
+                if op.batch_fn is not None:
+                    grouped.setdefault(op.batch_fn, []).append(op)
+            # Batched operations (settlements) first: a request that has finished leaves the
+            # in-flight count before the admissions riding in the same batch are checked.
+            for batch_fn, ops in grouped.items():
+                values = batch_fn(conn, [op.payload for op in ops])
+                results.extend((op, v, None) for op, v in zip(ops, values))
+            for op in ordered:
+                if op.batch_fn is not None:
+                    continue
+                try:
+                    results.append((op, op.fn(conn), None))
+                except MoestackError as exc:  # a refusal: the operation wrote nothing
+                    results.append((op, None, exc))
+        return results
+
+    def _resolve(self, results: list[tuple[Operation, Any, Exception | None]]) -> None:
         self.batches += 1
         self._failures = 0
         for op, value, exc in results:
@@ -207,6 +241,33 @@ class StoreWriter:
                 op.future.set_result(value)
             else:
                 op.future.set_exception(exc)
+
+    def _one_by_one(self, batch: list[Operation]) -> None:
+        for i, op in enumerate(batch):
+            try:
+                results = self._commit([op])
+            except StoreUnavailableError as exc:  # the store went away meanwhile
+                self._failed(batch[i:], exc)
+                return
+            except Exception as exc:
+                self._failed_alone(op, exc)
+                continue
+            self._resolve(results)
+
+    def _failed_alone(self, op: Operation, exc: Exception) -> None:
+        """``op`` failed in a transaction of its own: run its fallback, fail its waiter."""
+        log.error("tenancy store writer: a write failed on its own and was rolled back "
+                  "(tenant id %d): %s: %.300s", op.tenant_id, type(exc).__name__, exc)
+        if op.fallback is not None:
+            fallback = Operation(op.fallback, op.tenant_id, op.deferred)
+            try:
+                self._commit([fallback])
+            except Exception:  # fail open on purpose: the row's lease still closes it as lost
+                log.exception("tenancy store writer: the fallback of a failed write failed too")
+        error = StoreWriteError("The request could not be recorded in the usage ledger, so it "
+                                "was not served.")
+        error.__cause__ = exc
+        op.future.set_exception(error)
 
     def _failed(self, batch: list[Operation], exc: StoreUnavailableError) -> None:
         cause = exc.__cause__

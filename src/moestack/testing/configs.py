@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from moestack.config import MoestackConfig, parse_config
@@ -18,3 +19,19 @@ def fake_config(*models: dict[str, Any], **sections: Any) -> MoestackConfig:
                            "tenancy": {"enabled": False}}
     raw.update(sections)
     return parse_config(raw)
+
+
+def fake_stack_config(tmp_dir: Path, *models: dict[str, Any], port: int, ingress: str = "direct",
+                      gateway_replicas: int = 1, lease_s: float = 60.0,
+                      admin_key_env: str = "MOESTACK_ADMIN_KEY") -> dict[str, Any]:
+    """A raw config for :func:`moestack.testing.stack_process.start_stack`: ``moestack up`` on
+    fake-engine ``models`` (default: one), the public API on ``port``, tenancy on with no
+    bootstrap tenant (make tenants through the admin API, key in ``admin_key_env``), the ledger
+    in a SQLite file in ``tmp_dir``, a 2-CPU Ray."""
+    return {"models": list(models) or [fake_model()],
+            "gateway": {"host": "127.0.0.1", "port": port, "ingress": ingress,
+                        "num_replicas": gateway_replicas},
+            "storage": {"url": f"sqlite:///{Path(tmp_dir) / 'moestack.db'}"},
+            "tenancy": {"enabled": True, "bootstrap_tenant": None, "lease_s": lease_s,
+                        "admin_key_env": admin_key_env},
+            "ray": {"num_cpus": 2}}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from moestack.config.schema import MoestackConfig
 from moestack.tenancy import query_usage
-from moestack.tenancy.models import utcnow
+from moestack.tenancy.tables import utcnow
 from moestack.tenancy.store import TenancyStore
 
 
@@ -51,7 +51,7 @@ class TenantStack:
     operator_urls: list[str] = field(default_factory=list)
     """The gateway replicas' operator listeners (admin API, /metrics), one each."""
     shared_counters: bool = False
-    """Whether the gateways merge their virtual counters through the shared board."""
+    """Whether the gateways merge their virtual token counters (``shared_counters``)."""
 
     def client(self, tenant: str):
         import httpx

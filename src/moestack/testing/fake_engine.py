@@ -10,7 +10,16 @@ every chunk as the engine protocol asks.
 With ``fake.prefix_cache_tokens`` set it also simulates a prefix cache: prompts are cut into blocks
 of ``fake.prefix_block_tokens`` token ids, whole blocks already seen (LRU) count as
 ``cached_prompt_tokens``, and only the rest pays ``fake.prefill_s_per_token``, one prefill at a
-time per engine, so routing policies change both cache hits and time to first token.
+time per engine, so routing policies change both cache hits and time to first token. As in vLLM,
+a request's ``cache_salt`` is part of its blocks' keys: requests share cached blocks only with
+requests of the same salt (none counts as one salt of its own).
+
+LoRA adapters, with the knobs vLLM reads (``engine_args``: ``enable_lora``, ``max_loras``,
+``max_cpu_loras``): :meth:`FakeEngine.ensure_adapter` registers an adapter and loads it into an
+LRU of ``max_cpu_loras`` (else ``max_loras``) adapters; a request naming a registered adapter
+that was evicted loads it again, as vLLM does, and every load counts in ``adapter_loads``. An
+adapter's answers are its own deterministic words, ``<adapter>.tok<N>``, and name it as the
+model.
 """
 
 from __future__ import annotations
@@ -32,14 +41,14 @@ from moestack.engine.protocol import (
     EngineRequest,
     EngineStats,
 )
-from moestack.errors import EngineUnavailableError
+from moestack.errors import EngineUnavailableError, InvalidAdapterError
 from moestack.testing.fake_scheduler import BatchScheduler
 from moestack.usage import Usage
 
 _COMMON_FIELDS = frozenset({
     "model", "max_tokens", "n", "stream", "stream_options", "stop", "temperature", "top_p",
     "seed", "presence_penalty", "frequency_penalty", "user", "ignore_eos", "priority",
-    "request_id"})
+    "request_id", "cache_salt"})
 REQUEST_FIELDS = {
     "/v1/chat/completions": _COMMON_FIELDS | {"messages", "max_completion_tokens"},
     "/v1/completions": _COMMON_FIELDS | {"prompt"},
@@ -96,6 +105,14 @@ class FakeEngine(Engine):
         # Batch scheduler (fake.max_num_seqs): a running slot is held while tokens are produced.
         self.scheduler = (BatchScheduler(config.fake.max_num_seqs, config.fake.preempt)
                           if config.fake.max_num_seqs else None)
+        args = config.engine_args
+        self.adapter_capacity = ((args.get("max_cpu_loras") or args.get("max_loras") or 1)
+                                 if args.get("enable_lora") else 0)
+        self.adapter_paths: dict[str, str] = {}
+        """Registered adapters: name -> path."""
+        self._held_adapters: OrderedDict[str, None] = OrderedDict()
+        self.adapter_loads = 0
+        """Adapter loads so far (first loads and loads again after eviction)."""
 
     @property
     def info(self) -> EngineInfo:
@@ -115,7 +132,38 @@ class FakeEngine(Engine):
 
     def stats(self) -> EngineStats:
         return EngineStats(running_requests=self._in_flight,
-                           kv_cache_usage_ratio=self.prefix_cache.usage_ratio)
+                           kv_cache_usage_ratio=self.prefix_cache.usage_ratio,
+                           adapters=frozenset(self._held_adapters))
+
+    async def ensure_adapter(self, name: str, path: str) -> bool:
+        if not self.adapter_capacity:
+            raise InvalidAdapterError(f"model {self._config.name} serves no LoRA adapters: its "
+                                      "engine_args need enable_lora: true", param="model")
+        if name == self._config.name:
+            raise InvalidAdapterError(f"adapter {name} conflicts with the base model",
+                                      param="model")
+        if self.adapter_paths.get(name) != path:  # new, or a new version: load it afresh
+            self._held_adapters.pop(name, None)
+            self.adapter_paths[name] = path
+        elif name in self._held_adapters:
+            self._held_adapters.move_to_end(name)
+            return False
+        self._load_adapter(name)
+        return True
+
+    async def remove_adapter(self, name: str) -> bool:
+        self._held_adapters.pop(name, None)
+        return self.adapter_paths.pop(name, None) is not None
+
+    def _load_adapter(self, name: str) -> None:
+        """Hold ``name`` as the most recently used adapter, evicting past the capacity."""
+        if name in self._held_adapters:
+            self._held_adapters.move_to_end(name)
+            return
+        self._held_adapters[name] = None
+        self.adapter_loads += 1
+        while len(self._held_adapters) > self.adapter_capacity:
+            self._held_adapters.popitem(last=False)
 
     # -- the wire format ----------------------------------------------------------------------
 
@@ -134,10 +182,15 @@ class FakeEngine(Engine):
                 yield _error(404, f"no route {request.path}", None)
                 return
             prompts = [self.tokenize(p) for p in _prompts(body, chat)]
+            salt = _salt(body)
             max_tokens = self._max_tokens(body, prompts)
             n = _int(body, "n", 1)
             stops = body.get("stop") or []
-            stops = [stops] if isinstance(stops, str) else list(stops)
+            stops = [stops] if isinstance(stops, str) else stops
+            if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+                raise _BadRequest("stop must be a string or a list of strings", "stop")
+            if not isinstance(body.get("stream_options") or {}, dict):
+                raise _BadRequest("stream_options must be an object", "stream_options")
         except _BadRequest as exc:
             yield _error(400, str(exc), exc.param)
             return
@@ -146,7 +199,9 @@ class FakeEngine(Engine):
             return
         self.requests_seen.append(SeenRequest(request.request_id, request.path, body,
                                               request.tenant))
-        answer = self._generate(request, body, chat, prompts, max_tokens, n, stops)
+        if body.get("model") in self.adapter_paths:
+            self._load_adapter(body["model"])
+        answer = self._generate(request, body, chat, prompts, max_tokens, n, stops, salt)
         try:
             async for chunk in answer:
                 yield chunk
@@ -172,7 +227,7 @@ class FakeEngine(Engine):
                               f"prompt, {requested} for the completion).", "max_tokens")
         return requested
 
-    async def _generate(self, request, body, chat, prompts, max_tokens, n, stops):
+    async def _generate(self, request, body, chat, prompts, max_tokens, n, stops, salt):
         timing, fault = self._config.fake, self.fault
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -181,9 +236,10 @@ class FakeEngine(Engine):
         texts = [""] * len(choices)
         finish: list[str | None] = [None] * len(choices)
         prompt_tokens, cached, completion = sum(map(len, prompts)), 0, 0
+        adapter = body.get("model") if body.get("model") in self.adapter_paths else None
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request.request_id}",
                 "object": kind + (".chunk" if stream and chat else ""),
-                "created": int(time.time()), "model": self._config.name}
+                "created": int(time.time()), "model": adapter or self._config.name}
         done, first = False, True
         self._in_flight += 1
         # A batch slot (fake.max_num_seqs) is held while tokens are produced, as in vLLM.
@@ -193,7 +249,7 @@ class FakeEngine(Engine):
             if seq is not None:
                 await seq.run()
             for ids in prompts:
-                cached += await self._prefill(ids)
+                cached += await self._prefill(ids, salt)
             if timing.ttft_s:
                 await asyncio.sleep(timing.ttft_s)
             for step in range(1, max_tokens + 1):
@@ -209,7 +265,7 @@ class FakeEngine(Engine):
                 for i, _ in enumerate(choices):
                     if finish[i] is not None:
                         continue
-                    word = f"tok{step} "
+                    word = f"{adapter}.tok{step} " if adapter else f"tok{step} "
                     completion += 1
                     texts[i] += word
                     if any(s and s in texts[i] for s in stops):
@@ -247,9 +303,9 @@ class FakeEngine(Engine):
             if not done:
                 self.aborted.append(request.request_id)
 
-    async def _prefill(self, ids: list[int]) -> int:
+    async def _prefill(self, ids: list[int], salt: str | None = None) -> int:
         """Look the prompt up in the prefix cache, "compute" the rest; returns cached tokens."""
-        keys = self.prefix_cache.keys(ids)
+        keys = self.prefix_cache.keys(ids, salt)
         cached = self.prefix_cache.lookup(keys, len(ids))
         if self._config.fake.prefill_s_per_token:
             async with self._prefill_lock:
@@ -263,6 +319,15 @@ def _int(body: dict, name: str, default: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise _BadRequest(f"{name} must be a positive integer", name)
     return value
+
+
+def _salt(body: dict) -> str | None:
+    """The body's ``cache_salt``, checked as vLLM checks it."""
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt or len(salt) > 128):
+        raise _BadRequest("Parameter 'cache_salt' must be a non-empty string of at most 128 "
+                          "characters if provided.", "cache_salt")
+    return salt
 
 
 def _prompts(body: dict, chat: bool) -> list[str]:
@@ -326,7 +391,7 @@ class FakePrefixCache:
     def __init__(self, capacity_tokens: int, block_tokens: int):
         self.block_tokens = block_tokens
         self.capacity_blocks = capacity_tokens // block_tokens
-        self._blocks: OrderedDict[tuple[int, ...], None] = OrderedDict()
+        self._blocks: OrderedDict[tuple, None] = OrderedDict()
         self.queried_tokens = 0
         self.hit_tokens = 0
 
@@ -334,13 +399,14 @@ class FakePrefixCache:
     def usage_ratio(self) -> float:
         return len(self._blocks) / self.capacity_blocks if self.capacity_blocks else 0.0
 
-    def keys(self, ids: Sequence[int]) -> list[tuple[int, ...]]:
-        """The cache keys of a prompt's whole blocks (each key is the prefix up to it)."""
+    def keys(self, ids: Sequence[int], salt: str | None = None) -> list[tuple]:
+        """The cache keys of a prompt's whole blocks (each key is the salt and the prefix up
+        to the block, as vLLM hashes the salt into the first block and chains the rest)."""
         # Like vLLM: only whole blocks, and the last prompt token is always computed.
         n = (len(ids) - 1) // self.block_tokens if self.capacity_blocks else 0
-        return [tuple(ids[:(i + 1) * self.block_tokens]) for i in range(n)]
+        return [(salt, *ids[:(i + 1) * self.block_tokens]) for i in range(n)]
 
-    def lookup(self, keys: Sequence[tuple[int, ...]], prompt_tokens: int) -> int:
+    def lookup(self, keys: Sequence[tuple], prompt_tokens: int) -> int:
         """Cached tokens of a prompt of ``prompt_tokens`` tokens whose block keys are ``keys``."""
         hits = 0
         for key in keys:
@@ -352,7 +418,7 @@ class FakePrefixCache:
         self.hit_tokens += hits * self.block_tokens
         return hits * self.block_tokens
 
-    def insert(self, keys: Sequence[tuple[int, ...]]) -> None:
+    def insert(self, keys: Sequence[tuple]) -> None:
         for key in keys:
             self._blocks[key] = None
             self._blocks.move_to_end(key)

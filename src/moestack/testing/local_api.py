@@ -15,7 +15,8 @@ from moestack.api.operator import build_operator_api
 from moestack.config import MoestackConfig
 from moestack.engine import build_engine
 from moestack.engine.protocol import Engine
-from moestack.tenancy.gate import TenancyGate
+from moestack.scheduling import Scheduler
+from moestack.tenancy import Tenancy
 
 BASE_URL = "http://moestack.test"
 
@@ -25,10 +26,12 @@ class LocalStack:
     app: FastAPI
     engines: dict[str, Engine]
     http: httpx.AsyncClient
-    tenancy: TenancyGate | None = None
+    tenancy: Tenancy | None = None
     """The tenancy layer when ``config.tenancy.enabled`` (its ``store`` creates tenants)."""
     operator: httpx.AsyncClient | None = None
     """The operator app (admin API, /metrics) over the same metrics and tenancy, in-process."""
+    scheduler: Scheduler | None = None
+    """The fair queues when ``config.tenancy.enabled``."""
 
     def openai(self, api_key: str = "unused", **kwargs):
         """An ``openai.AsyncOpenAI`` client talking to this app in-process."""
@@ -45,17 +48,20 @@ async def local_stack(config: MoestackConfig, sinks=()) -> AsyncIterator[LocalSt
     for engine in engines.values():
         await engine.start()
     app = build_api(config, LocalBackend(engines), sinks)
-    tenancy = app.state.tenancy
+    tenancy, scheduler = app.state.tenancy, app.state.scheduler
     transport = httpx.ASGITransport(app=app)
     operator_app = build_operator_api(config, app.state.metrics, tenancy)
     try:
         if tenancy is not None:
             tenancy.start()
+            scheduler.start()
         async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http, \
                 httpx.AsyncClient(transport=httpx.ASGITransport(app=operator_app),
                                   base_url=BASE_URL) as operator:
-            yield LocalStack(app, engines, http, tenancy, operator)
+            yield LocalStack(app, engines, http, tenancy, operator, scheduler)
     finally:
+        if scheduler is not None:
+            await scheduler.stop()
         if tenancy is not None:
             await tenancy.stop()
             tenancy.store.close()

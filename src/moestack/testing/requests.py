@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from moestack.api.endpoints import endpoint_at, estimated_tokens, read_body
+from moestack.api.endpoints import endpoint_at, read_body
 from moestack.engine.protocol import EngineChunk, EngineRequest
 
 
@@ -20,7 +20,8 @@ def engine_request(body: dict[str, Any], path: str = "/v1/completions",
     facts, _ = read_body(endpoint, raw)
     return EngineRequest(request_id or uuid.uuid4().hex, path, raw, tenant=tenant,
                          prompt_text=facts.prompt_text,
-                         estimated_tokens=estimated_tokens(endpoint, facts, max_model_len))
+                         estimated_tokens=facts.token_bound(max_model_len,
+                                                            endpoint.generates).total)
 
 
 def completion(prompt: str, max_tokens: int, **kwargs: Any) -> EngineRequest:

@@ -22,6 +22,7 @@ import yaml
 from moestack.net import free_port  # noqa: F401  (benchmarks and tests import it from here)
 
 READY_LINE = "Press Ctrl-C to stop."  # the last line of the ready banner
+GATEWAY_PROCESS = "ServeReplica:moestack:Gateway"  # a Gateway replica's process title
 
 
 @dataclass
@@ -54,6 +55,23 @@ class StackProcess:
             self.proc.wait()
             exc.add_note("the stack's last output:\n" + "".join(self.output[-40:]))
             raise
+
+    def gateway_processes(self) -> list:
+        """The stack's Gateway replica processes (``ServeReplica:moestack:Gateway``), as
+        ``psutil.Process`` objects, oldest first."""
+        return [p for p in self._processes() if GATEWAY_PROCESS in " ".join(p.cmdline())]
+
+    def _processes(self) -> list:
+        import psutil
+
+        marker, found = str(self.tmp_dir), []
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get("TMPDIR") == marker:
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return sorted(found, key=lambda p: p.create_time())
 
     def leftover_processes(self) -> list[str]:
         """Processes still running whose environment points at this stack's temp folder."""

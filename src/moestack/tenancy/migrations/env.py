@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from moestack.tenancy.models import Base
+from moestack.tenancy.tables import Base
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=Base.metadata,
