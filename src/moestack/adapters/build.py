@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from moestack.adapters.inspection import CONFIG_FILE, WEIGHTS_FILE
 from moestack.adapters.shapes import base_shape, tensor_name
+from moestack.engine.tiny import staged_dir
 from moestack.errors import InvalidAdapterError
 
 B_STD = 0.05
@@ -79,18 +78,11 @@ def build_adapter(base: Path, out_dir: Path, spec: AdapterSpec = AdapterSpec()) 
         "use_rslora": False,
     }
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir, ".adapter-") as staging:
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         # Readable by the serving processes, which may run as another user (a shared volume).
         staging.chmod(0o755)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             (staging / name).chmod(0o644)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -19,12 +19,13 @@ on for the tiny models.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -125,20 +126,28 @@ def build_tiny_model(spec: TinySpec, out_dir: Path, progress: Progress | None = 
         raise ValueError(f"unknown tiny architecture {spec.arch!r}; choose one of {TINY_ARCHS}")
     say = progress or (lambda _msg: None)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir, ".tiny-") as staging:
         say(f"[1/3] training a {VOCAB_SIZE}-token byte-level BPE tokenizer")
         _write_tokenizer(staging)
         say(f"[2/3] initialising a random-weight {spec.arch} checkpoint (seed {spec.seed})")
         n_params = _write_weights(spec, staging)
         say(f"[3/3] wrote {n_params / 1e6:.2f}M parameters to {out_dir}")
+    return out_dir
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: Path, prefix: str) -> Iterator[Path]:
+    """A temp folder beside ``out_dir`` to write into; on success it replaces ``out_dir`` in one
+    rename (readers never see half a checkpoint), on failure it is removed."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
+    try:
+        yield staging
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
 
 
 def _write_tokenizer(out: Path) -> None:
