@@ -81,6 +81,7 @@ from moestack.loadtest.compare import (
     stop_server,
     table,
 )
+from moestack.testing.helm import helm_binary
 from moestack.testing.stack_process import free_port, short_temp_dir, start_stack
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "moestack"
@@ -148,13 +149,6 @@ class ChartServe:
     env: dict[str, str]
     labels: dict[str, str]
 
-
-def helm_binary() -> str:
-    beside = Path(sys.executable).parent / "helm"
-    found = str(beside) if beside.exists() else shutil.which("helm")
-    if not found:
-        raise SystemExit("no helm binary: run scripts/install-helm.sh .venv")
-    return found
 
 
 def render_chart(tmp: Path) -> ChartServe:

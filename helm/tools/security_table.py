@@ -13,24 +13,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from moestack.testing.helm import helm_binary
+
 HERE = Path(__file__).resolve().parent
 CHART = HERE.parent / "moestack"
 COMPONENTS = ("ray-head", "ray-worker", "database")
 
-
-def helm_binary() -> str:
-    beside = Path(sys.executable).parent / "helm"
-    found = str(beside) if beside.exists() else shutil.which("helm")
-    if not found:
-        raise SystemExit("no helm binary: run scripts/install-helm.sh .venv")
-    return found
 
 
 def render(values: Path | None) -> list[dict]:

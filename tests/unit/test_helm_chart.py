@@ -13,7 +13,6 @@ import ipaddress
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -27,6 +26,7 @@ import yaml
 from moestack.config import parse_config
 from moestack.config.schema import MoestackConfig
 from moestack.errors import ConfigError
+from moestack.testing.helm import helm_binary
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "moestack"
@@ -38,14 +38,6 @@ KUBE_VERSION = "1.30.0"
 # Kinds served by CRDs (KubeRay, Prometheus Operator): kubernetes-validate only knows built-ins.
 CRD_GROUPS = ("ray.io/", "monitoring.coreos.com/")
 
-
-def helm_binary() -> str:
-    """The Helm that scripts/install-helm.sh puts beside the venv's python, else one on PATH."""
-    beside = Path(sys.executable).parent / "helm"
-    found = str(beside) if beside.exists() else shutil.which("helm")
-    if not found:
-        raise RuntimeError("no helm binary: run scripts/install-helm.sh .venv")
-    return found
 
 
 def run_helm(*args: str) -> subprocess.CompletedProcess:
