@@ -22,6 +22,7 @@ from moestack.engine import build_engine
 from moestack.metering.calibrate import measure_token_cost
 from moestack.metering.cost import replica_usd_per_hour
 from moestack.metering.pricing import load_pricing
+from moestack.testing.benchmark_args import parse_with_smoke
 
 SMOKE = {"prompt_tokens": 64, "decode_tokens": 16, "concurrency": 4}
 """``--smoke``: the smallest batches that still give both figures."""
@@ -34,11 +35,7 @@ async def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--smoke", action="store_true", help="smallest size (the test suite's run)")
-    args = ap.parse_args(argv)
-    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
-        ap.set_defaults(**SMOKE)
-        args = ap.parse_args(argv)
+    args = parse_with_smoke(ap, argv, SMOKE)
     config = load_config(args.config)
     model = config.model(args.model) if args.model else config.models[0]
     catalog = load_pricing(config.pricing_file, config.cost.usd_per_gpu_hour)

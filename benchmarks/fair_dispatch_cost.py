@@ -22,6 +22,7 @@ import asyncio
 import time
 
 from moestack.scheduling.fair_queue import FairQueue
+from moestack.testing.benchmark_args import parse_with_smoke
 
 SMOKE = {"tenants": "30,60", "releases": 25}
 """``--smoke``: the smallest run that still compares two tenant counts, each with more requests
@@ -61,12 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tenants", default="10,100,1000")
     parser.add_argument("--releases", type=int, default=400)
-    parser.add_argument("--smoke", action="store_true", help="smallest size (the test suite's "
-                        "run)")
-    args = parser.parse_args(argv)
-    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE)
     counts = [int(n) for n in args.tenants.split(",")]
     rows = []
     for n in counts:

@@ -58,6 +58,7 @@ from moestack.config import parse_config
 from moestack.loadtest import jain_index
 from moestack.plotting import pyplot, save_figure
 from moestack.testing.fair_load import closed_loop, deploy, serve_cluster
+from moestack.testing.benchmark_args import parse_with_smoke
 
 MODEL = "fair-moe"
 MODES = {
@@ -267,12 +268,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "tenant's share is measured from this long after its arrival")
     p.add_argument("--modes", nargs="+", choices=tuple(MODES), default=tuple(MODES))
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "moestack-bench")
-    p.add_argument("--smoke", action="store_true", help="every phase of one mode, a second or "
+    args = parse_with_smoke(p, argv, SMOKE,
+                            help="every phase of one mode, a second or "
                    "two each, on a fast fake engine (the test suite's run)")
-    args = p.parse_args(argv)
-    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
     return args
 
 

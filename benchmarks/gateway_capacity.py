@@ -7,8 +7,11 @@ requests, closed loop at a fixed concurrency), one after the other:
    of the load generator plus the backend on these cores);
 2. LiteLLM proxy (PyPI ``litellm[proxy]``, installed by this script into its own virtualenv under
    the cache folder, never into moestack's environment) in front of that same backend process;
-3. moestack: ``moestack up`` with ``engine: fake`` (Ray Serve HTTP proxy -> Gateway deployment ->
-   ModelServer deployment running the fake engine).
+3. moestack: ``moestack up`` with ``engine: fake`` (Gateway deployment -> ModelServer deployment
+   running the fake engine), once per ingress of ``--ingress`` (``proxy``: Ray Serve's HTTP
+   proxy in front; ``direct``: the Gateway replicas serve HTTP themselves, as the local default
+   and the Helm chart run it) and per tenancy setting of ``--tenancy`` (``off``; ``on``: API
+   keys, admission and the usage ledger on SQLite, one tenant without limits).
 
 Printed: sustained streaming requests/s, TTFT/E2E percentiles, CPU milliseconds the server
 processes spent per request, and the ratios moestack / LiteLLM. The load generator runs on the
@@ -16,10 +19,10 @@ same cores, so absolute figures are lower bounds of each server's capacity; the 
 like with like.
 
     .venv/bin/python benchmarks/gateway_capacity.py [--requests 2000] [--concurrency 64]
-        [--skip-litellm] [--smoke]
+        [--ingress proxy|direct|both] [--tenancy off|on|both] [--skip-litellm] [--smoke]
 
 ``--smoke`` (the test suite's run): a few dozen requests per target, LiteLLM skipped (installing
-it needs the package registry).
+it needs the package registry), direct ingress with tenancy on only.
 """
 
 from __future__ import annotations
@@ -46,11 +49,15 @@ from moestack.loadtest.compare import (
     wait_http_ok,
 )
 from moestack.testing.stack_process import free_port, short_temp_dir, start_stack
+from moestack.testing.benchmark_args import parse_with_smoke
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "loadtest" / "scenarios" / "gateway-capacity.yaml"
 LITELLM_SPEC = "litellm[proxy]"
-SMOKE = {"requests": 40, "concurrency": 8, "warmup_requests": 10, "skip_litellm": True}
+SMOKE = {"requests": 40, "concurrency": 8, "warmup_requests": 10, "skip_litellm": True,
+         "ingress": "direct", "tenancy": "on"}
+CHOICES = {"proxy": ("proxy",), "direct": ("direct",), "both": ("proxy", "direct"),
+           "off": (False,), "on": (True,)}
 """``--smoke``: the smallest load that still measures each target."""
 
 
@@ -98,12 +105,14 @@ def start_litellm(backend_port: int, tmp: Path, master_key: str
 
 
 
-def moestack_config(port: int, tmp: Path) -> dict:
+def moestack_config(port: int, tmp: Path, ingress: str = "proxy",
+                    tenancy: bool = False) -> dict:
     return {"models": [{"name": "fake-moe", "engine": "fake", "max_model_len": 65536,
                         "max_ongoing_requests": 1024}],
-            "gateway": {"host": "127.0.0.1", "port": port},
+            "gateway": {"host": "127.0.0.1", "port": port, "ingress": ingress},
             "storage": {"url": f"sqlite:///{tmp / 'moestack.db'}"},
-            "tenancy": {"enabled": False}, "ray": {"num_cpus": 2}}
+            "tenancy": {"enabled": True, "bootstrap_tenant": "bench"} if tenancy
+            else {"enabled": False}, "ray": {"num_cpus": 2}}
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -117,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-requests", type=int, default=100, help="unmeasured requests sent "
                    "to each target first")
     p.add_argument("--skip-litellm", action="store_true")
-    p.add_argument("--smoke", action="store_true", help="smallest size (the test suite's run)")
-    args = p.parse_args(argv)
-    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
+    p.add_argument("--ingress", choices=("proxy", "direct", "both"), default="both",
+                   help="how requests enter the moestack stack (one stack per choice)")
+    p.add_argument("--tenancy", choices=("off", "on", "both"), default="both",
+                   help="tenancy (keys, admission, usage ledger) in the moestack stack")
+    args = parse_with_smoke(p, argv, SMOKE)
     scenario = load_scenario(SCENARIO)
     scenario = scenario.replace(**{k: v for k, v in (("num_requests", args.requests),
                                                       ("max_concurrency", args.concurrency))
@@ -155,28 +164,37 @@ def main(argv: list[str] | None = None) -> int:
                 stop_server(litellm)
     finally:
         stop_server(backend)
-    stack_tmp = short_temp_dir()  # Ray's socket paths must stay short
-    stack = start_stack(moestack_config(free_port(), stack_tmp), stack_tmp)
-    try:
-        measure("warm-up", warm, stack.base_url)
-        runs.append(measure("moestack (Ray Serve, fake)", scenario, stack.base_url,
-                            [stack.proc.pid]))
-    finally:
-        stack.stop()
+    stacks = []
+    for ingress in CHOICES[args.ingress]:
+        for tenancy in (False, True) if args.tenancy == "both" else CHOICES[args.tenancy]:
+            stack_tmp = short_temp_dir()  # Ray's socket paths must stay short
+            stack = start_stack(moestack_config(free_port(), stack_tmp, ingress, tenancy),
+                                stack_tmp)
+            key = stack.bootstrap_key() if tenancy else None
+            try:
+                measure("warm-up", warm, stack.base_url, api_key=key)
+                runs.append(measure(f"moestack {ingress}, tenancy {'on' if tenancy else 'off'}",
+                                    scenario, stack.base_url, [stack.proc.pid], api_key=key))
+                stacks.append(runs[-1])
+                print(table(runs[-1:]), flush=True)
+            finally:
+                stack.stop()
+                shutil.rmtree(stack_tmp, ignore_errors=True)
     print("\n" + table(runs))
     by = {r.name.split(" ")[0]: r for r in runs}
-    mo, li = by.get("moestack"), by.get("LiteLLM")
-    if mo and li:
-        print(f"\nmoestack / LiteLLM: requests/s {ratio(mo.requests_per_s, li.requests_per_s)}, "
-              f"TTFT p50 {ratio(mo.latency('ttft', 'p50'), li.latency('ttft', 'p50'))}, "
-              f"TTFT p99 {ratio(mo.latency('ttft', 'p99'), li.latency('ttft', 'p99'))}, "
-              f"server CPU per request {ratio(mo.cpu_ms_per_request, li.cpu_ms_per_request)}")
-    backend_run = by["backend"]
-    if mo:
-        print(f"moestack / backend alone: requests/s "
-              f"{ratio(mo.requests_per_s, backend_run.requests_per_s)}")
+    backend_run, li = by["backend"], by.get("LiteLLM")
+    print("\nmoestack (server CPU per request: targets <= 6 ms tenancy off, <= 8 ms on; "
+          "requests/s >= 0.5x backend alone, >= 5x LiteLLM)")
+    for mo in stacks:
+        line = (f"  {mo.name:<28} CPU {mo.cpu_ms_per_request or 0:.1f} ms/request, requests/s "
+                f"{ratio(mo.requests_per_s, backend_run.requests_per_s)} backend alone")
+        if li:
+            line += (f", {ratio(mo.requests_per_s, li.requests_per_s)} LiteLLM, TTFT p50 "
+                     f"{ratio(mo.latency('ttft', 'p50'), li.latency('ttft', 'p50'))}, TTFT p99 "
+                     f"{ratio(mo.latency('ttft', 'p99'), li.latency('ttft', 'p99'))}, CPU "
+                     f"{ratio(mo.cpu_ms_per_request, li.cpu_ms_per_request)}")
+        print(line)
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(stack_tmp, ignore_errors=True)
     return 0
 
 

@@ -81,6 +81,7 @@ from moestack.loadtest.compare import (
     stop_server,
     table,
 )
+from moestack.testing.benchmark_args import parse_with_smoke
 from moestack.testing.helm import helm_binary
 from moestack.testing.stack_process import free_port, short_temp_dir, start_stack
 
@@ -310,14 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="how requests enter Ray Serve: its HTTP proxy, direct ingress, the "
                    "Helm chart's Serve config (see above), both (proxy and direct) or all "
                    "three (one stack after the other, each against the same vLLM server)")
-    p.add_argument("--smoke", action="store_true", help="smallest size (the test suite's run)")
     p.add_argument("--serve-rendered", type=Path, help=argparse.SUPPRESS)  # the chart's child
-    args = p.parse_args(argv)
+    args = parse_with_smoke(p, argv, SMOKE)
     if args.serve_rendered:
         return serve_rendered(args.serve_rendered)
-    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
     scenario = load_scenario(SCENARIO)
     if args.requests:
         scenario = scenario.replace(num_requests=args.requests)

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moestack.testing.benchmark_args import parse_with_smoke
+
 MODEL = "fake-moe"
 SMOKE = {"requests": 4, "max_replicas": 2, "per_replica": 1, "max_tokens": 8,
          "token_interval_s": 0.05}
@@ -126,12 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=80)
     parser.add_argument("--token-interval-s", type=float, default=0.05)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "moestack-bench")
-    parser.add_argument("--smoke", action="store_true", help="smallest size (the test suite's "
-                        "run)")
-    args = parser.parse_args(argv)
-    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE)
 
     # Serve's autoscaling signals every 0.5 s instead of 10 s, for a short benchmark.
     os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")

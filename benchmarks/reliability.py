@@ -53,6 +53,7 @@ from moestack.loadtest.compare import wait_http_ok
 from moestack.testing.gateway_server import LocalServer, free_port, serve_gateway
 from moestack.tenancy import TenancyStore, query_usage
 from moestack.testing import fake_config, fake_model
+from moestack.testing.benchmark_args import parse_with_smoke
 
 FAST, SLOW = "fake-moe", "slow-moe"
 MAX_BODY = 65536
@@ -320,11 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                    "clients")
     p.add_argument("--ledger-requests", type=int, default=300, help="requests of the ledger "
                    "phase")
-    p.add_argument("--smoke", action="store_true", help="smallest size (the test suite's run)")
-    args = p.parse_args(argv)
-    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
+    args = parse_with_smoke(p, argv, SMOKE)
     recorder = UsageRecorder()
     config = fake_config(
         fake_model(FAST, max_model_len=4096, fake={"ttft_s": 0.01, "token_interval_s": 0.005}),

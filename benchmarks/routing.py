@@ -25,6 +25,7 @@ from moestack.engine import build_engine
 from moestack.routing import Router
 from moestack.routing.replica_set import ReplicaSet
 from moestack.testing.requests import engine_request
+from moestack.testing.benchmark_args import parse_with_smoke
 
 POLICIES = [
     ("random", {}),
@@ -115,12 +116,7 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=30.0, help="arrivals per second")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="smallest size (the test suite's "
-                        "run)")
-    args = parser.parse_args(argv)
-    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE)
     print(f"{args.replicas} fake replicas, {args.requests} requests at {args.rate:g}/s, "
           f"{args.max_tokens} tokens each; prefill 0.4 ms per uncached token (serial per "
           "replica), decode 4 ms per token + 0.5 ms per running request")

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 
+from moestack.testing.benchmark_args import parse_with_smoke
+
 CHILD = r"""
 import json, sys, time
 from moestack.engine.tiny import TinySpec, ensure_tiny_model
@@ -58,11 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--smoke", action="store_true", help="smallest size (the test suite's run)")
-    args = ap.parse_args(argv)
-    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
-        ap.set_defaults(**SMOKE)
-        args = ap.parse_args(argv)
+    args = parse_with_smoke(ap, argv, SMOKE)
     layouts = [(tp, bind) for tp, bind in LAYOUTS if tp == 2 or not args.smoke]
     results = [run(tp, bind, args.prompts, args.max_tokens) for tp, bind in layouts]
     base = results[0]["tokens"] / results[0]["gen_s"]

@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from moestack.testing.benchmark_args import parse_with_smoke
 from moestack.vllm_cpu import libraries as cpu_kernels
 
 PATHS = {"native": {}, "avx2": {cpu_kernels.SWITCH_ENV: "avx2", "ATEN_CPU_CAPABILITY": "avx2"}}
@@ -100,11 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--long-prompt", type=int, default=2100,
                     help="tokens of the prefill-only prompt (0: none)")
-    ap.add_argument("--smoke", action="store_true", help="smallest size (the test suite's run)")
-    args = ap.parse_args(argv)
-    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
-        ap.set_defaults(**SMOKE)
-        args = ap.parse_args(argv)
+    args = parse_with_smoke(ap, argv, SMOKE)
     paths = list(PATHS)
     if "avx512_bf16" not in cpu_kernels.cpu_flags():
         paths = ["avx2"]

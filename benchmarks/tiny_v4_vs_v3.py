@@ -9,8 +9,9 @@ max_model_len 2048, both cores) and the same prompts: load time, then greedy gen
 ``--prompts`` x ``--max-tokens`` tokens (EOS ignored) after a warm-up.
 Prints build time, parameter count, load time and generated tokens/s per model (median over
 rounds), the V4/V3 ratio, and whether V4 meets the embedded-default speed rule of issue 15
-(at least 1/1.5 of V3's tokens/s). ``--smoke`` (the test suite's run): one round of two short
-prompts per model.
+(at least 1/1.5 of V3's tokens/s). ``--cached`` takes both checkpoints from moestack's model
+cache (``MOESTACK_CACHE_DIR``; built there first if missing) instead, and prints no build time.
+``--smoke`` (the test suite's run): ``--cached``, one round of two short prompts per model.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from moestack.testing.benchmark_args import parse_with_smoke
+
 ARCHS = ("deepseek-v3", "deepseek-v4")
 SPEED_RULE = 1 / 1.5
-SMOKE = {"rounds": 1, "prompts": 2, "max_tokens": 8}
-"""``--smoke``: the smallest run that still builds, loads and times both models."""
+SMOKE = {"rounds": 1, "prompts": 2, "max_tokens": 8, "cached": True}
+"""``--smoke``: the smallest run that still loads and times both models (the checkpoints from
+the suite's model cache: building them is timed by the full run, and tested elsewhere)."""
 
 CHILD = r"""
 import json, sys, time
@@ -53,18 +57,28 @@ print("RESULT " + json.dumps({"load_s": load_s, "tokens": tokens, "gen_s": gen_s
 
 def build(arch: str, out: Path) -> tuple[Path, float, int]:
     """``moestack model build-tiny`` in a fresh process, as a user runs it (imports included)."""
-    from safetensors import safe_open
-
     path = out / arch
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "moestack", "model", "build-tiny", "--arch", arch,
                     "--out", str(path)], check=True, capture_output=True)
-    build_s = time.perf_counter() - t0
+    return path, time.perf_counter() - t0, parameters(path)
+
+
+def cached(arch: str) -> tuple[Path, None, int]:
+    """The checkpoint from moestack's model cache (built there first if missing); no time."""
+    from moestack.engine.tiny import TinySpec, ensure_tiny_model
+
+    path = ensure_tiny_model(TinySpec(arch))
+    return path, None, parameters(path)
+
+
+def parameters(path: Path) -> int:
+    from safetensors import safe_open
+
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         # tid2eid is V4's frozen hash-routing table (token -> experts), not a weight.
-        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()
-                     if not k.endswith("tid2eid"))
-    return path, build_s, params
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()
+                   if not k.endswith("tid2eid"))
 
 
 def run(ckpt: Path, prompts: int, max_tokens: int) -> dict:
@@ -83,17 +97,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--smoke", action="store_true", help="smallest size (the test suite's run)")
-    args = ap.parse_args(argv)
-    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
-        ap.set_defaults(**SMOKE)
-        args = ap.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="v4bench-models."))
+    ap.add_argument("--cached", action="store_true",
+                    help="checkpoints from moestack's model cache, not fresh timed builds")
+    args = parse_with_smoke(ap, argv, SMOKE)
+    work = None if args.cached else Path(tempfile.mkdtemp(prefix="v4bench-models."))
     built = {}
     for arch in ARCHS:
-        built[arch] = build(arch, work)
-        print(f"built {arch}: {built[arch][1]:.1f} s, {built[arch][2] / 1e6:.2f}M parameters",
-              flush=True)
+        if args.cached:
+            built[arch] = cached(arch)
+            print(f"cached {arch}: {built[arch][2] / 1e6:.2f}M parameters ({built[arch][0]})",
+                  flush=True)
+        else:
+            built[arch] = build(arch, work)
+            print(f"built {arch}: {built[arch][1]:.1f} s, {built[arch][2] / 1e6:.2f}M "
+                  "parameters", flush=True)
     runs: dict[str, list[dict]] = {arch: [] for arch in ARCHS}
     for r in range(args.rounds):
         for arch in ARCHS:
@@ -106,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     rate = {a: statistics.median(x["tokens"] / x["gen_s"] for x in runs[a]) for a in ARCHS}
     for arch in ARCHS:
         load = statistics.median(x["load_s"] for x in runs[arch])
-        print(f"{arch:<12} {built[arch][1]:7.1f} {built[arch][2] / 1e6:7.2f}M {load:7.1f} "
+        build_s = "-" if built[arch][1] is None else f"{built[arch][1]:.1f}"
+        print(f"{arch:<12} {build_s:>7} {built[arch][2] / 1e6:7.2f}M {load:7.1f} "
               f"{rate[arch]:9.0f} {rate[arch] / rate['deepseek-v3']:6.2f}")
     ratio = rate["deepseek-v4"] / rate["deepseek-v3"]
     verdict = "meets" if ratio >= SPEED_RULE else "misses"

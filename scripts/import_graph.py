@@ -25,7 +25,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("testing", "loadtest", "kube"),
     ("serve",),
     ("api",),
-    ("tenancy", "scheduling", "metering", "routing", "providers", "adapters"),
+    ("tenancy", "scheduling", "metering", "routing", "providers", "adapters", "overflow"),
     ("parallel", "engine", "vllm_cpu"),
     ("config",),
     ("hooks",),  # the request context and hook protocol the rooms above share; it uses usage

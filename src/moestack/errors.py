@@ -98,6 +98,14 @@ class ModelNotFoundError(NotFoundError):
                    param="model")
 
 
+class ConflictError(MoestackError):
+    """The name is taken (a registered adapter, or a configured model)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
 class RequestTooLargeError(MoestackError):
     status_code = 413
     error_type = "invalid_request_error"

@@ -58,6 +58,10 @@ class Principal:
     max_concurrent_requests: int | None = None
     budget_usd: float | None = None
     budget_period: str = "month"
+    overflow_policy: str = "never"
+    """``never`` or ``allowed``: whether requests may overflow to an external provider."""
+    overflow_budget_usd: float | None = None
+    """USD per UTC month the tenant's overflowed requests may cost at the providers."""
 
     def allows(self, model: str) -> bool:
         return allows_model(self.allowed_models, model)
@@ -126,11 +130,21 @@ class RequestContext:
     """What the body says (API layer), set before ``before_inference``."""
     tokens: TokenBound | None = None
     """The request's token bound for its model (API layer), set with ``facts``."""
+    adapter: str | None = None
+    """The LoRA adapter the request names (API layer); ``facts.model`` is then its base."""
+    adapter_usd_per_1m_tokens: float | None = None
+    """The adapter's own price, if its registration gives one (API layer; metering charges
+    it in place of the base model's)."""
     cache_salt: str | None = None
     """The tenant's prefix-cache salt (admission): sent as vLLM's ``cache_salt`` and salting
     the prefix routing key, so tenants share neither cached blocks nor prefix affinity."""
     priority: int = 0
     """Engine priority (scheduling; vLLM's, lower runs first); 0 unscheduled."""
+    backend: str = "replica"
+    """Who answers (overflow): ``replica``, or ``provider:<name>`` (the fair queue is skipped)."""
+    max_queue_wait_s: float | None = None
+    """Longest wait in the fair queue (overflow sets it for a tenant that may overflow): past
+    it the scheduling hook gives up the wait and raises ``QueueWaitExceeded``."""
     record: RequestRecord | None = None
     """What the request did (API layer), set before ``on_complete``."""
     cost: RequestCost | None = None

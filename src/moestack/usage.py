@@ -50,6 +50,10 @@ class RequestRecord:
     tenant: str | None = None
     """Tenant the request was authenticated as; None when tenancy is off."""
     key_id: str | None = None
+    adapter: str | None = None
+    """The LoRA adapter the request ran with (``model`` is its base); None for a base model."""
+    backend: str = "replica"
+    """Who answered: ``replica`` (self-hosted) or ``provider:<name>`` (overflow)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,13 @@ class RequestCost:
     """Baseline API name -> USD the same tokens cost there."""
     charged_usd: float = 0.0
     """What the tenant is charged against its budget (``tenancy.prices``)."""
+    provider_usd: float = 0.0
+    """What an overflow provider bills for the request (0 for a replica's)."""
+
+    @property
+    def cost_usd(self) -> float:
+        """What the request cost the operator: self-hosted work plus the provider's bill."""
+        return self.self_hosted_usd + self.provider_usd
 
 
 NUSD_PER_USD = 1_000_000_000

@@ -30,10 +30,10 @@ FIGURES = {
         rf"^at {NUM} USD/replica-hour, fully utilised: input {NUM} USD/1M, output {NUM} USD/1M$",
         rf"^\s+prefill_s_per_token: {NUM}$", rf"^\s+decode_s_per_token: {NUM}$"],
     "tensor_parallel_cpu.py": [rf"^\s+2\s+0\|1\s+{NUM}\s+16\s+{NUM}\s+1\.00$"],
-    "tiny_v4_vs_v3.py": [
-        *(rf"^built {a}: {NUM} s, {NUM}M parameters$" for a in ("deepseek-v3", "deepseek-v4")),
-        *(rf"^{a}\s+{NUM}\s+{NUM}M\s+{NUM}\s+{NUM}\s+{NUM}$" for a in ("deepseek-v3",
-                                                                      "deepseek-v4")),
+    "tiny_v4_vs_v3.py": [  # --smoke takes the suite's cached checkpoints: no build time
+        *(rf"^cached {a}: {NUM}M parameters \(.+\)$" for a in ("deepseek-v3", "deepseek-v4")),
+        *(rf"^{a}\s+-\s+{NUM}M\s+{NUM}\s+{NUM}\s+{NUM}$" for a in ("deepseek-v3",
+                                                                   "deepseek-v4")),
         rf"^V4/V3 tokens/s {NUM}: (meets|misses) the embedded-default speed rule"],
     "tiny_v4_avx2.py": [
         rf"^built deepseek-v4: {NUM} s$",
@@ -53,13 +53,22 @@ FIGURES = {
         r"^plot: .*queue_scaling\.png$"],
     "gateway_capacity.py": [
         *(rf"^{re.escape(t)}\s+40\s+0\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}"
-          for t in ("backend alone (uvicorn)", "moestack (Ray Serve, fake)")),
-        rf"^moestack / backend alone: requests/s {NUM}x$"],
+          for t in ("backend alone (uvicorn)", "moestack direct, tenancy on")),
+        rf"^\s+moestack direct, tenancy on\s+CPU {NUM} ms/request, requests/s {NUM}x backend "
+        r"alone$"],
     "gateway_overhead.py": [
         rf"^moestack \(proxy ingress, tenancy on\) adds TTFT p50 {MS}, p99 {MS}; TPOT p50 {MS}"
         rf"; E2E p50 {MS}$",
         rf"saturated throughput moestack / vLLM: requests/s {NUM}, output tokens/s {NUM}",
         rf"^\s+median of rounds \(proxy\): throughput {NUM}x, CPU {NUM}x, added TTFT p50 {MS}"],
+    "migration.py": [
+        r"^streams 16, client-visible errors \d+$",
+        rf"^requests migrated \d+; extra TTFT of a migrated request .* p50 ({NUM}|None) s",
+        r"^ledger rows \d+ for 16 answers; tenant tokens prompt \d+ \(expected \d+\), "
+        r"completion \d+ \(expected 512\)$",
+        rf"^rolling update took {NUM} s; streams \d+, client-visible errors \d+, migrated \d+",
+        r"^/dev/shm files of the stack left unused after the kill: \d+$",
+        r"^/dev/shm files of the stack left after the stop: \d+$"],
 }
 """Benchmarks run here -> the figure lines their smoke run must print (regexes, per line)."""
 
@@ -99,7 +108,7 @@ def v4_unsupported_reason() -> str | None:
     return unsupported_reason("deepseek_v4")
 
 
-def test_tiny_v4_vs_v3_smoke_builds_and_times_both_models():
+def test_tiny_v4_vs_v3_smoke_loads_and_times_both_cached_models():
     if reason := v4_unsupported_reason():
         pytest.skip(reason)
     out = run_benchmark("tiny_v4_vs_v3.py", timeout_s=600)
@@ -123,7 +132,8 @@ def test_ray_serve_benchmark_smoke_prints_its_figures_and_plot(script, tmp_path)
     assert png.parent == tmp_path and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("script", ["gateway_capacity.py", "gateway_overhead.py"])
+@pytest.mark.parametrize("script", ["gateway_capacity.py", "gateway_overhead.py",
+                                    "migration.py"])
 def test_stack_benchmark_smoke_prints_its_figures(script):
     out = run_benchmark(script, timeout_s=600)
     assert_figures(script, out, FIGURES[script])

@@ -9,95 +9,38 @@ adapter methods: loaded once, vLLM's LRU past ``max_cpu_loras``, removal, refusa
 """
 
 import json
-import os
-import subprocess
-import sys
-import time
 
-import httpx
-import openai
 import pytest
 import pytest_asyncio
 
-from moestack.adapters import AdapterSpec, build_adapter
 from moestack.config.schema import ModelConfig
 from moestack.engine import build_engine
-from moestack.engine.tiny import TinySpec, ensure_tiny_model
 from moestack.errors import InvalidAdapterError
-from moestack.net import free_port
 from moestack.testing.requests import engine_request
+
+from .conftest import LORA_LIMITS, LORA_MODEL
 
 pytestmark = pytest.mark.integration
 
-MODEL = "tiny-llama"
-LORA = {"max_lora_rank": 8, "max_loras": 2, "max_cpu_loras": 2}
+MODEL = LORA_MODEL
+LORA = LORA_LIMITS
 MAX_TOKENS = 8
 PROMPT = "Once upon a time"
 MESSAGES = [{"role": "user", "content": "Hello there"}]
 
 
 @pytest.fixture(scope="module")
-def checkpoint():
-    return ensure_tiny_model(TinySpec("llama"))  # the engine's `tiny` source reads this cache
+def adapters(lora_adapters):
+    return lora_adapters[1]
 
 
 @pytest.fixture(scope="module")
-def adapters(checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    return {
-        "A": build_adapter(checkpoint, root / "A", AdapterSpec(seed=1)),
-        "B": build_adapter(checkpoint, root / "B", AdapterSpec(
-            seed=2, targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))),
-        "C": build_adapter(checkpoint, root / "C", AdapterSpec(seed=3)),
-        "rank16": build_adapter(checkpoint, root / "rank16", AdapterSpec(rank=16, seed=4)),
-    }
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint, adapters, tmp_path_factory):
-    """vLLM's own OpenAI server with adapters A and B (started before the engine loads, so the
-    two load side by side)."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("log") / "server.log").open("w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
-         "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
-         "--enforce-eager", "--max-model-len", "512", "--enable-lora",
-         "--lora-modules", f"A={adapters['A']}", f"B={adapters['B']}",
-         "--max-lora-rank", str(LORA["max_lora_rank"]), "--max-loras", str(LORA["max_loras"]),
-         "--max-cpu-loras", str(LORA["max_cpu_loras"])],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ}, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    yield proc, log, base
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    proc, log, base = server
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            log.seek(0)
-            pytest.fail(f"vLLM's server did not start with LoRA:\n{log.read()[-6000:]}")
-        time.sleep(1)
-    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+def client(lora_reference):
+    return lora_reference
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def engine(server, adapters):
+async def engine(adapters):
     eng = build_engine(ModelConfig.model_validate({
         "name": MODEL, "tiny": {"arch": "llama", "seed": 0}, "architecture": "LlamaForCausalLM",
         "max_model_len": 512,

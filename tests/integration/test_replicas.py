@@ -371,3 +371,62 @@ async def test_killed_replica_ends_streaming_requests_with_one_error_each(serve_
                 assert rec.status_code == 200 and rec.completion_tokens == 100
     finally:
         await d.delete()
+
+
+async def _adapter_answers(d: Deployed, n: int, concurrent: bool) -> list[int]:
+    """``n`` completions naming adapter ``sql-helper`` through the ServeBackend; their statuses."""
+    import dataclasses
+
+    from moestack.engine.protocol import AdapterRef
+    from moestack.testing.requests import engine_request
+
+    ref = AdapterRef("sql-helper", "/adapters/sql-helper")
+
+    async def one(i: int) -> int:
+        request = engine_request({"model": "sql-helper", "prompt": f"hello {i}",
+                                  "max_tokens": 10}, max_model_len=4096)
+        chunks = [c async for c in d.backend.serve(MODEL, dataclasses.replace(request,
+                                                                              adapter=ref))]
+        assert b"sql-helper.tok1" in b"".join(c.data for c in chunks)
+        return chunks[0].status
+    if concurrent:
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+    return [await one(i) for i in range(n)]
+
+
+async def test_adapter_affinity_keeps_an_adapter_on_the_replica_that_loaded_it(serve_cluster):
+    d = Deployed(serve_cluster, "adapter-affinity", num_replicas=3,
+                 engine_args={"enable_lora": True, "max_loras": 2})
+    try:
+        await d.reports(3)
+        assert await _adapter_answers(d, 6, concurrent=False) == [200] * 6
+        reports = (await d.reports(3)).values()
+        assert sorted(r["requests"] for r in reports) == [0, 0, 6]
+        assert [r["adapter_loads"] for r in reports if r["requests"]] == [{"sql-helper": 1}]
+    finally:
+        await d.delete()
+
+
+async def test_adapter_removal_reaches_every_replica(serve_cluster):
+    d = Deployed(serve_cluster, "adapter-removal", num_replicas=3,
+                 engine_args={"enable_lora": True, "max_loras": 2},
+                 routing={"adapter_affinity": False}, fake={"token_interval_s": 0.02})
+    try:
+        await d.reports(3)
+        assert await _adapter_answers(d, 12, concurrent=True) == [200] * 12
+        reports = (await d.reports(3)).values()
+        holders = [r for r in reports if r["adapters"] == ["sql-helper"]]
+        assert len(holders) >= 2, reports  # spread over replicas, each loaded it once
+        assert all(r["adapter_loads"] == {"sql-helper": 1} for r in holders)
+        # The replicas' reports reach this process's request router (Serve's routing stats).
+        from moestack.routing.router import ROUTERS
+
+        router = ROUTERS[(d.app, MODEL)]
+        await wait_until(lambda: sum("sql-helper" in (router.adapters.reported(rid) or ())
+                                     for rid in router.replica_ids) == len(holders), 30,
+                         "the replicas' adapter reports")
+        await d.backend.remove_adapter(MODEL, "sql-helper")
+        assert all(r["adapters"] == [] for r in (await d.reports(3)).values())
+        assert router.adapters.holders("sql-helper", router.replica_ids) == []
+    finally:
+        await d.delete()

@@ -42,10 +42,22 @@ FIGURES = {
         *(rf"^{model}\s+\d+ \w+\s+TP=\d+ PP=\d+ DP=\d+ EP=\S+\s+(yes|NO)\s+{NUM}\s+{NUM}\s+{NUM}"
           rf"\s+{NUM}\s+{NUM}\s+{NUM}" for model in ("deepseek-v4-flash", "kimi-k2",
                                                      "qwen3-235b-a22b", "mixtral-8x22b"))],
+    "lora_routing.py": [
+        *(rf"^{v}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+\d+/\d+$"
+          for v in ("affinity", "no-affinity")),
+        rf"^no-affinity / affinity: loads {NUM}x, TTFT p50 {NUM}x, p95 {NUM}x; throughput "
+        rf"affinity / no-affinity {NUM}x$",
+        r"^plot: .*lora_routing\.png$"],
     "routing.py": [
         *(rf"^workload: {w}$" for w in ("shared-prefixes", "hot-prefix", "unique-prompts")),
         *(rf"^{p}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}$" for p in POLICIES),
         rf"^least_outstanding_tokens\s+{NUM}\s+{NUM}\s+1\.00\s+{NUM}\s+1\.00\s+{NUM}\s+{NUM}$"],
+    "overflow.py": [
+        *(rf"^{setup}\s+\d+\s+0\s+{NUM}(\s+({NUM}|-)){{4}}(\s+{NUM}){{4}}$"
+          for setup in ("no-overflow", "overflow", "all-api")),
+        rf"^opted-in tenant TTFT p95 with overflow: ({NUM}|-) ms vs bound {NUM} ms",
+        r"^ledger rows = requests: no-overflow (\d+)/\1, overflow (\d+)/\2, all-api (\d+)/\3$",
+        r"^plot: .*overflow-smoke\.png$"],
     # Exit status 0 already says nothing failed, was lost or was billed twice.
     "reliability.py": [
         *(rf"^{phase}\s+\d+\s+0\s+0\s+0\s" for phase in RELIABILITY_PHASES),

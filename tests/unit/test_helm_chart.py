@@ -269,6 +269,24 @@ def test_should_mount_shared_memory_and_the_model_cache_claim_when_existing_clai
     assert not objects(docs, "PersistentVolumeClaim")
 
 
+@pytest.mark.parametrize("claim", ["", "team-adapters"])
+def test_should_mount_the_adapter_claim_read_only_in_every_ray_pod_when_existing_claim_is_set(
+        claim):
+    docs = render(sets=(f"adapters.volume.existingClaim={claim}",
+                        "adapters.mountPath=/lora") if claim else ())
+    cluster = ray_cluster(docs)
+    pods = [cluster["headGroupSpec"]["template"],
+            *[g["template"] for g in cluster["workerGroupSpecs"]]]
+    for pod in pods:
+        mounts = {m["name"]: m for m in container(pod)["volumeMounts"]}
+        if not claim:
+            assert "adapters" not in volumes(pod) and "adapters" not in mounts
+            continue
+        assert volumes(pod)["adapters"]["persistentVolumeClaim"] == {
+            "claimName": "team-adapters", "readOnly": True}
+        assert (mounts["adapters"]["mountPath"], mounts["adapters"]["readOnly"]) == ("/lora", True)
+
+
 def test_should_keep_engine_replicas_off_the_head_and_request_no_gpu_there():
     docs = render()
     head = ray_cluster(docs)["headGroupSpec"]
@@ -1103,3 +1121,35 @@ def test_every_ray_pod_runs_serve_with_the_throughput_env_moestack_up_uses(optim
         env = {e["name"]: e.get("value") for e in container(pod)["env"]}
         serve_env = {k: v for k, v in env.items() if k in THROUGHPUT_ENV}
         assert serve_env == (THROUGHPUT_ENV if optimized else {})
+
+
+OVERFLOW_PEERS = [{"ipBlock": {"cidr": "203.0.113.0/24"}}]
+OVERFLOW_SECRETS = [{"env": "OPENAI_API_KEY", "existingSecret": "overflow-keys", "key": "openai"}]
+OVERFLOW_CONFIG = {
+    "providers": [{"name": "oai", "kind": "openai", "base_url": "https://api.openai.com/v1",
+                   "api_key_env": "OPENAI_API_KEY", "model": "gpt-5.4"}],
+    "rules": [{"model": "mixtral-8x7b-instruct", "provider": "oai", "max_queue_wait_ms": 2000}]}
+
+
+def test_should_open_egress_to_overflow_providers_only_when_overflow_rules_are_set(tmp_path):
+    chart_part = {"overflow": {"egressTo": OVERFLOW_PEERS, "providerSecrets": OVERFLOW_SECRETS}}
+    (tmp_path / "off").mkdir()
+    (tmp_path / "on").mkdir()
+    off = render((write_values(tmp_path / "off", chart_part),))
+    assert all(peers != OVERFLOW_PEERS for _, peers in rules(off, "ray-head", "egress"))
+    docs = render((write_values(tmp_path / "on", {**chart_part,
+                                                  "moestack": {"overflow": OVERFLOW_CONFIG}}),))
+    assert (frozenset({443}), OVERFLOW_PEERS) in rules(docs, "ray-head", "egress")
+    assert all(peers != OVERFLOW_PEERS for _, peers in rules(docs, "ray-worker", "egress"))
+    # The key reaches the gateways' environment from its Secret; the config names the variable.
+    env = ray_cluster(docs)["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {
+        "name": "overflow-keys", "key": "openai"}}} in env
+    assert rendered_moestack_config(docs)["overflow"]["providers"][0]["api_key_env"] == \
+        "OPENAI_API_KEY"
+
+
+def test_should_refuse_overflow_rules_without_egress_to_the_providers(tmp_path):
+    values = write_values(tmp_path, {"moestack": {"overflow": OVERFLOW_CONFIG}})
+    proc = run_helm(*template_args((values,)))
+    assert proc.returncode != 0 and "overflow.egressTo" in proc.stderr

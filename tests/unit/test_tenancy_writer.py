@@ -46,3 +46,26 @@ def test_concurrent_writes_share_commits_and_a_refusal_fails_alone(writer):
     assert sum(o is None for o in outcomes) == 199
     assert writer.store.version() == 1 + 199
     assert writer.batches < 200  # group commit: fewer transactions than writes
+
+
+def test_a_cancelled_waiter_queued_during_an_outage_does_not_stop_the_writer(writer):
+    from sqlalchemy.exc import OperationalError
+
+    from moestack.errors import StoreUnavailableError
+
+    gate = concurrent.futures.Future()
+
+    def outage(conn):  # holds the thread, then fails the batch as a store outage does
+        gate.result(timeout=5)
+        raise OperationalError("UPDATE ...", {}, Exception("database is locked"))
+
+    first = writer.submit(outage)
+    time.sleep(0.1)  # the thread runs `outage`; the next two wait in the queue
+    cancelled, other = writer.submit(bump), writer.submit(bump)
+    assert cancelled.cancel()
+    gate.set_result(None)
+    assert isinstance(first.exception(timeout=5), StoreUnavailableError)
+    assert isinstance(other.exception(timeout=5), StoreUnavailableError)
+    writer.flush(timeout_s=10)  # the writer thread is still alive and the store is back
+    assert writer.store.version() == 1
+    assert writer.submit(bump).result(timeout=5) is None and writer.store.version() == 2

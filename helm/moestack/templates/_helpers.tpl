@@ -209,6 +209,13 @@ the password may come from a Secret the chart never sees. */}}
       name: {{ . }}
       key: {{ include "moestack.adminSecretKey" $ }}
 {{- end }}
+{{- range .Values.overflow.providerSecrets }}
+- name: {{ .env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ .key }}
+{{- end }}
 {{- end -}}
 
 {{/* Environment of every Ray pod, what `moestack up` sets for its own Ray
@@ -276,6 +283,14 @@ caches), model cache. Arg: dict root, shmSize. */}}
   emptyDir: {}
 {{- end }}
 {{- end }}
+{{- with $root.Values.adapters }}
+{{- if .volume.existingClaim }}
+- name: adapters
+  persistentVolumeClaim:
+    claimName: {{ .volume.existingClaim }}
+    readOnly: true
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "moestack.volumeMounts" -}}
@@ -289,6 +304,11 @@ caches), model cache. Arg: dict root, shmSize. */}}
 - name: model-cache
   mountPath: {{ .Values.modelCache.mountPath }}
   readOnly: {{ include "moestack.modelCacheReadOnly" . }}
+{{- if .Values.adapters.volume.existingClaim }}
+- name: adapters
+  mountPath: {{ .Values.adapters.mountPath }}
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{/* Whether the model cache is mounted read-only: readOnly, or always for a hostPath. */}}

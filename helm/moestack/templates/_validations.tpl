@@ -124,17 +124,24 @@ groups; all replicas fit in the GPUs of the groups at maxReplicas.
 {{- end -}}
 {{- if not $np.allowMetadataEgress -}}
 {{- $metadata := "169.254.169.254" -}}
+{{- $rules := list -}}
 {{- range $i, $rule := $np.extraEgress -}}
 {{- if not $rule.to -}}
 {{- $errors = append $errors (printf "networkPolicy.extraEgress[%d] has no `to`: it would open every address, the cloud metadata address %s included; name the destinations (for the internet: ipBlock 0.0.0.0/0 with except [169.254.0.0/16])" $i $metadata) -}}
 {{- end -}}
+{{- $rules = append $rules (dict "name" (printf "networkPolicy.extraEgress[%d]" $i) "to" $rule.to) -}}
+{{- end -}}
+{{- with .Values.overflow.egressTo -}}
+{{- $rules = append $rules (dict "name" "overflow.egressTo" "to" .) -}}
+{{- end -}}
+{{- range $rule := $rules -}}
 {{- range $peer := $rule.to -}}
 {{- with $peer.ipBlock -}}
 {{- if include "moestack.cidrContains" (dict "cidr" .cidr "ip" $metadata) -}}
 {{- $excepted := "" -}}
 {{- range .except }}{{ if include "moestack.cidrContains" (dict "cidr" . "ip" $metadata) }}{{ $excepted = "true" }}{{ end }}{{ end -}}
 {{- if not $excepted -}}
-{{- $errors = append $errors (printf "networkPolicy.extraEgress[%d]: ipBlock %s covers the cloud metadata address %s: add 169.254.0.0/16 to its except, or set networkPolicy.allowMetadataEgress" $i .cidr $metadata) -}}
+{{- $errors = append $errors (printf "%s: ipBlock %s covers the cloud metadata address %s: add 169.254.0.0/16 to its except, or set networkPolicy.allowMetadataEgress" $rule.name .cidr $metadata) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
@@ -162,6 +169,9 @@ groups; all replicas fit in the GPUs of the groups at maxReplicas.
 {{- end -}}
 {{- if and .Values.ingress.enabled (not .Values.ingress.hosts) -}}
 {{- $errors = append $errors "ingress.enabled needs at least one entry in ingress.hosts" -}}
+{{- end -}}
+{{- if and .Values.adapters.volume.existingClaim (eq (clean .Values.adapters.mountPath) (clean .Values.modelCache.mountPath)) -}}
+{{- $errors = append $errors "adapters.mountPath: must differ from modelCache.mountPath (both volumes are mounted)" -}}
 {{- end -}}
 {{- if and .Values.modelCache.create .Values.modelCache.existingClaim -}}
 {{- $errors = append $errors "modelCache: set either existingClaim or create, not both" -}}

@@ -18,6 +18,7 @@ from moestack.api.endpoints import ENDPOINTS, Endpoint
 from moestack.api.errors import install_error_handlers
 from moestack.api.header_limit import HeaderLimitMiddleware
 from moestack.api.models.routes import router as models_router
+from moestack.api.overflow import Overflow
 from moestack.api.readiness import ready_router
 from moestack.api.relay import Relay
 from moestack.config.schema import MoestackConfig
@@ -27,6 +28,8 @@ from moestack.metering.metrics import GatewayMetrics
 from moestack.metering.rejections import RejectionMetrics
 from moestack.scheduling import Scheduler
 from moestack.tenancy import Tenancy
+from moestack.tenancy.adapters import AdapterCatalog
+from moestack.tenancy.overflow_budget import OverflowBudget
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +61,15 @@ def build_api(config: MoestackConfig, backend: ModelBackend, sinks: Sequence[Usa
     else:
         tenancy = scheduler = None
     app.state.tenancy, app.state.scheduler = tenancy, scheduler
-    app.state.hooks = build_hooks(metrics, sinks, tenancy, scheduler)
-    relay = Relay(config, backend, app.state.hooks)
+    overflow = (Overflow.from_config(config, metrics.cost_model, scheduler,
+                                     OverflowBudget(tenancy.writer))
+                if tenancy is not None and config.overflow.enabled else None)
+    app.state.hooks = build_hooks(metrics, sinks, tenancy, scheduler, overflow)
+    app.state.adapters = (AdapterCatalog(tenancy.store, config.tenancy.auth_cache_ttl_s)
+                          if tenancy is not None else None)
+    relay = Relay(config, backend, app.state.hooks, app.state.adapters)
+    relay.migrator.on_migrated = metrics.record_migration
+    relay.overflow = overflow
     app.state.config = config
     app.state.created = int(time.time())
     app.state.metrics = metrics

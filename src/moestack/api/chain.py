@@ -62,14 +62,18 @@ def _overrides(hook: RequestHook, point: str) -> bool:
 
 def build_hooks(metrics: GatewayMetrics, sinks: Sequence[UsageSink] = (),
                 tenancy: Tenancy | None = None,
-                scheduler: Scheduler | None = None) -> HookChain:
+                scheduler: Scheduler | None = None,
+                overflow: RequestHook | None = None) -> HookChain:
     """The request path of one gateway replica (see :mod:`moestack.hooks`): authentication and
     admission when there is ``tenancy``, the fair queue when there is a ``scheduler``, metering
-    (``metrics`` and the other usage ``sinks``) always."""
+    (``metrics`` and the other usage ``sinks``) always; ``overflow``
+    (:class:`moestack.api.overflow.Overflow`) between admission and the fair queue."""
     hooks: list[RequestHook] = []
     if tenancy is not None:
         hooks += [Authentication(tenancy),
                   Admission(tenancy, on_budget_remaining=metrics.set_budget_remaining)]
+    if overflow is not None:
+        hooks.append(overflow)
     if scheduler is not None:
         hooks.append(Scheduling(scheduler))
     hooks.append(Metering(metrics, sinks))

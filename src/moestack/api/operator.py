@@ -13,8 +13,10 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from moestack.api.admin.adapters import adapters_router
 from moestack.api.admin.key import check_admin_key
 from moestack.api.admin.routes import admin_router
+from moestack.api.backend import ModelBackend
 from moestack.api.body_limit import BodyLimitMiddleware
 from moestack.api.errors import install_error_handlers
 from moestack.api.header_limit import HeaderLimitMiddleware
@@ -25,21 +27,24 @@ from moestack.tenancy.throttle import FailedAuthThrottle
 
 
 def build_operator_api(config: MoestackConfig, metrics: GatewayMetrics | None,
-                       tenancy: Tenancy | None) -> FastAPI:
+                       tenancy: Tenancy | None, backend: ModelBackend | None = None) -> FastAPI:
     """The operator app over the replica's ``metrics`` and ``tenancy`` (either may be None:
     then /metrics, or the admin API, is absent). Raises ConfigError for an admin key under 32
-    characters, so a replica with a weak key fails to start."""
+    characters, so a replica with a weak key fails to start. ``backend``: where removing a LoRA
+    adapter unloads it from every replica (None: the registry only)."""
     docs = config.gateway.docs_enabled  # as on the public app: opt-in
     app = FastAPI(title="moestack operator", docs_url="/docs" if docs else None, redoc_url=None,
                   openapi_url="/openapi.json" if docs else None)
     app.state.config = config
     app.state.tenancy = tenancy
+    app.state.backend = backend
     install_error_handlers(app)
     if tenancy is not None:
         check_admin_key(config.tenancy.admin_key_env)
         app.state.admin_throttle = FailedAuthThrottle(config.tenancy.admin_auth_max_failures,
                                                       config.tenancy.admin_auth_window_s)
         app.include_router(admin_router)
+        app.include_router(adapters_router)
 
     @app.get("/health")
     async def health():

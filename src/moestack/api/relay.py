@@ -23,6 +23,7 @@ bytes come back as the engine's serving layer produced them. The request's
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -33,6 +34,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from moestack.api.backend import ModelBackend
+from moestack.api.catalog import resolve_model
 from moestack.api.chain import HookChain
 from moestack.api.disconnect import until_disconnected
 from moestack.api.endpoints import (
@@ -45,16 +47,19 @@ from moestack.api.endpoints import (
     with_priority,
 )
 from moestack.api.errors import sse_error_event
+from moestack.api.migration import Migrator
+from moestack.api.overflow import Overflow
 from moestack.config.schema import MoestackConfig
-from moestack.engine.protocol import EngineChunk, EngineInfo, EngineRequest
+from moestack.engine.protocol import AdapterRef, EngineChunk, EngineInfo, EngineRequest
 from moestack.errors import (
     EngineUnavailableError,
-    ModelNotFoundError,
     MoestackError,
     NotFoundError,
 )
 from moestack.hooks import RequestContext
 from moestack.routing.prefix import salted
+from moestack.scheduling.hook import QueueWaitExceeded
+from moestack.tenancy.adapters import AdapterCatalog
 from moestack.usage import CLIENT_CLOSED, NO_USAGE, RequestRecord, Usage
 
 REQUEST_ID_HEADER = "x-moestack-request-id"
@@ -65,11 +70,23 @@ REQUEST_ID_HEADER = "x-moestack-request-id"
 class Relay:
     """Relays API calls to engines through a :class:`ModelBackend`, through ``hooks``."""
 
-    def __init__(self, config: MoestackConfig, backend: ModelBackend, hooks: HookChain):
+    def __init__(self, config: MoestackConfig, backend: ModelBackend, hooks: HookChain,
+                 adapters: AdapterCatalog | None = None):
         self.config = config
-        self.backend = backend
+        self.migrator = Migrator(config, backend)  # resumes streams whose replica died
         self.hooks = hooks
+        self.adapters = adapters
+        self.overflow: Overflow | None = None  # set by build_api when overflow is configured
         self._infos: dict[str, EngineInfo] = {}
+
+    @property
+    def backend(self) -> ModelBackend:
+        """The engines' backend (the migrator's: requests go through it)."""
+        return self.migrator.backend
+
+    @backend.setter
+    def backend(self, backend: ModelBackend) -> None:
+        self.migrator.backend = backend
 
     async def engine_info(self, model: str) -> EngineInfo:
         """The model's engine description, fetched from a replica once."""
@@ -85,13 +102,16 @@ class Relay:
         started = time.monotonic()
         raw = await request.body()
         facts, fields = read_body(endpoint, raw)
-        model = self.config.model(facts.model)
-        if model is None or (ctx.principal is not None and not ctx.principal.allows(facts.model)):
-            raise ModelNotFoundError.of(facts.model)  # missing or not the caller's: one 404
+        model, adapter = await resolve_model(self.config, self.adapters, ctx.principal,
+                                             facts.model)  # missing or not the caller's: 404
+        if adapter is not None:  # the hooks see the base model; the body keeps the adapter
+            facts = dataclasses.replace(facts, model=model.name)
+            ctx.adapter, ctx.adapter_usd_per_1m_tokens = adapter.name, adapter.usd_per_1m_tokens
         check_limits(endpoint, facts, model.request_limits)
         ctx.endpoint, ctx.facts = endpoint.name, facts
         ctx.tokens = facts.token_bound(model.max_model_len, endpoint.generates)
-        call = _Call(self, endpoint, ctx, started)
+        call = _Call(self, endpoint, ctx, started, adapter.ref() if adapter else None)
+        call.client_headers = request.headers  # what an overflow provider is told (API version)
         opening = asyncio.ensure_future(call.open(raw, fields))
         left = asyncio.ensure_future(until_disconnected(request))
         try:
@@ -119,8 +139,10 @@ class Relay:
 class _Call:
     """One relayed request from the hooks' ``before_inference`` to its usage record."""
 
-    def __init__(self, relay: Relay, endpoint: Endpoint, ctx: RequestContext, started: float):
+    def __init__(self, relay: Relay, endpoint: Endpoint, ctx: RequestContext, started: float,
+                 adapter_ref: AdapterRef | None = None):
         self.relay, self.endpoint, self.ctx, self.facts = relay, endpoint, ctx, ctx.facts
+        self.adapter_ref = adapter_ref
         self.started = started
         self.usage: Usage = NO_USAGE
         self.ttft_s: float | None = None
@@ -139,18 +161,33 @@ class _Call:
         check_fields(self.endpoint, fields, accepted)
         chunks = None
         try:
-            await relay.hooks.before_inference(ctx)
+            try:
+                await relay.hooks.before_inference(ctx)
+            except QueueWaitExceeded:  # overflow's bound passed in the fair queue
+                await relay.overflow.after_queue_wait(ctx)  # a provider, or wait on unbounded
+                await relay.hooks.before_inference(ctx)
+            sent = raw  # the client's body, for an overflow provider
             if "priority" in accepted:
                 raw = with_priority(raw, ctx.priority if info.priority_scheduling else 0)
             if ctx.cache_salt and "cache_salt" in accepted:  # the tenant's, whatever was sent
                 raw = with_member(raw, "cache_salt", ctx.cache_salt)
-            chunks = relay.backend.serve(facts.model, EngineRequest(
+            chunks = relay.migrator.serve(facts.model, EngineRequest(
                 request_id=ctx.request_id, path=self.endpoint.path, body=raw,
                 tenant=ctx.tenant, prompt_text=salted(facts.prompt_text, ctx.cache_salt),
-                estimated_tokens=ctx.tokens.total))
+                estimated_tokens=ctx.tokens.total,
+                adapter=self.adapter_ref))
+            if ctx.backend != "replica":  # overflow (moestack.api.overflow): a provider answers
+                chunks = relay.overflow.serve(ctx, sent, self.client_headers)
             timeout_s = relay.config.gateway.first_token_timeout_s
             try:
-                first = await asyncio.wait_for(anext(chunks), timeout=timeout_s)
+                try:
+                    first = await asyncio.wait_for(anext(chunks), timeout=timeout_s)
+                except EngineUnavailableError:  # no replica could take it: overflow, if allowed
+                    if relay.overflow is None or not await relay.overflow.take_over(ctx):
+                        raise
+                    await chunks.aclose()
+                    chunks = relay.overflow.serve(ctx, sent, self.client_headers)
+                    first = await asyncio.wait_for(anext(chunks), timeout=timeout_s)
             except StopAsyncIteration:
                 raise EngineUnavailableError("the engine ended the request without output"
                                              ) from None
@@ -222,7 +259,9 @@ class _Call:
             stream=self.facts.stream, status_code=status, prompt_tokens=u.prompt_tokens,
             completion_tokens=u.completion_tokens, cached_prompt_tokens=u.cached_prompt_tokens,
             ttft_s=self.ttft_s, e2e_s=time.monotonic() - self.started, error_code=code,
-            tenant=ctx.tenant, key_id=ctx.principal.key_id if ctx.principal else None)
+            tenant=ctx.tenant, key_id=ctx.principal.key_id if ctx.principal else None,
+            backend=ctx.backend,
+            adapter=ctx.adapter)
         await self.relay.hooks.on_complete(ctx)
 
 

@@ -10,7 +10,8 @@ from moestack.errors import ConfigError
 
 COMMAND_MODULES = ("moestack.cli.up", "moestack.cli.model", "moestack.cli.config_cmd",
                    "moestack.cli.loadtest", "moestack.cli.plan", "moestack.cli.k8s",
-                   "moestack.cli.tenants", "moestack.cli.usage", "moestack.cli.cost")
+                   "moestack.cli.tenants", "moestack.cli.usage", "moestack.cli.cost",
+                   "moestack.cli.adapters")
 
 
 def build_parser() -> argparse.ArgumentParser:

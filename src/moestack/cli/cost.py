@@ -26,6 +26,11 @@ def register(subparsers) -> None:
     r.add_argument("--cluster-usd-per-hour", type=float, help="provisioned cluster cost per "
                    "hour over the period, to report utilisation and cost with idle included "
                    "(needs --since)")
+    r.add_argument("--by-adapter", action="store_true", help="also split by LoRA adapter (from "
+                   "the raw ledger rows, kept for tenancy.raw_usage_retention_days)")
+    r.add_argument("--by-backend", action="store_true", help="also split by backend: "
+                   "self-hosted replicas vs overflow providers, blended USD per 1M tokens and "
+                   "the saving against sending everything to the API (raw ledger rows)")
     add_store_args(r)
     r.set_defaults(func=run_report)
     g = sub.add_parser("dashboards", help="create or update the Grafana dashboards "
@@ -41,7 +46,13 @@ def register(subparsers) -> None:
 def run_report(args) -> int:
     from moestack.metering.pricing import load_pricing
     from moestack.metering.report import build_report, format_table, write_html
-    from moestack.tenancy import rollups
+    from moestack.metering.splits import (
+        by_adapter,
+        format_adapter_table,
+        format_backend_table,
+        split,
+    )
+    from moestack.tenancy import query_usage, rollups
     from moestack.tenancy.tables import utcnow
 
     since, until = args.since, args.until
@@ -57,10 +68,26 @@ def run_report(args) -> int:
     store = open_store(args)
     try:
         rolls = rollups.query(store, tenant=args.tenant, since=since, until=until)
+        entries = (query_usage(store, tenant=args.tenant, since=since, until=until)
+                   if args.by_adapter or args.by_backend else None)
     finally:
         store.close()
     report = build_report(rolls, catalog, cluster_usd)
     print(format_table(report))
+    if entries is not None and args.by_adapter:
+        print("\nper adapter (raw ledger rows):")
+        print(format_adapter_table(by_adapter(entries)))
+    if entries is not None and args.by_backend:
+        from moestack.metering.provider_prices import provider_prices
+
+        prices = provider_prices(config.overflow.providers, catalog)
+
+        def api_price(e):
+            rule = config.overflow.rule(e.model)
+            return prices[rule.provider].usd(e.prompt_tokens, e.cached_prompt_tokens,
+                                             e.completion_tokens) if rule else None
+        print("\nper backend (raw ledger rows):")
+        print(format_backend_table(*split(entries, lambda e: e.backend, api_price)))
     if args.html:
         files = write_html(report, args.html)
         print("\nwrote " + ", ".join(str(f) for f in files))

@@ -27,6 +27,10 @@ _FLAGS = (  # (flag, field, type, help)
     ("--max-concurrent", "max_concurrent_requests", int, "requests in flight"),
     ("--budget-usd", "budget_usd", float, "USD per budget period"),
     ("--budget-period", "budget_period", str, "day, month or total"),
+    ("--overflow", "overflow_policy", str, "never (default) or allowed: may requests go to "
+     "an external provider when the cluster is full"),
+    ("--overflow-budget-usd", "overflow_budget_usd", float, "USD per UTC month overflowed "
+     "requests may cost at the providers"),
 )
 
 
@@ -51,6 +55,24 @@ def open_store(args):
 
     url = args.db or load_config(args.config).storage.url
     return TenancyStore.open(url)
+
+
+def with_store(args, command) -> int:
+    """Run ``command(store)`` on the store ``args`` name: 0, or 1 with the error's message on
+    stderr for a :class:`MoestackError` (opening the store included); the store is closed."""
+    try:
+        store = open_store(args)
+    except MoestackError as exc:
+        print(f"moestack: {exc.message}", file=sys.stderr)
+        return 1
+    try:
+        command(store)
+        return 0
+    except MoestackError as exc:
+        print(f"moestack: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
 
 
 def new_tenant_defaults(args) -> dict:
@@ -94,16 +116,12 @@ def _show(info) -> str:
             f"weight={info.weight:g} rpm={lim(info.requests_per_min)} "
             f"tpm={lim(info.tokens_per_min)} concurrent={lim(info.max_concurrent_requests)} "
             f"budget={lim(info.budget_usd)} USD/{info.budget_period} "
+            f"overflow={info.overflow_policy}/{lim(info.overflow_budget_usd)} USD/month "
             f"keys={','.join(info.active_key_ids) or '-'}")
 
 
 def run(args) -> int:
-    try:
-        store = open_store(args)
-    except MoestackError as exc:
-        print(f"moestack: {exc.message}", file=sys.stderr)
-        return 1
-    try:
+    def command(store) -> None:
         cmd = args.tenants_command
         if cmd == "create":
             info, key = store.create_tenant(args.name, new_tenant_defaults(args),
@@ -126,9 +144,5 @@ def run(args) -> int:
         elif cmd == "revoke-key":
             store.revoke_key(args.key_id)
             print(f"revoked {args.key_id}")
-        return 0
-    except MoestackError as exc:
-        print(f"moestack: {exc.message}", file=sys.stderr)
-        return 1
-    finally:
-        store.close()
+
+    return with_store(args, command)

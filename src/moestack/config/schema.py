@@ -101,6 +101,9 @@ class FakeEngineSettings(_Strict):
                                      "in its batch at once (like vLLM's max_num_seqs); more wait, "
                                      "ordered by (priority, arrival) as vLLM's priority policy "
                                      "does. Unset: no batch limit.")
+    adapter_load_s: float = Field(0.0, ge=0, description="Simulated time to load a LoRA adapter "
+                                  "(first use or after eviction), in seconds; the replica's "
+                                  "prefills wait for it, as vLLM's engine step does.")
     preempt: bool = Field(False, description="With `max_num_seqs`: a waiting request that sorts "
                           "before the worst running one preempts it (it waits again and redoes "
                           "its prefill), as vLLM does when its KV cache is full.")
@@ -128,6 +131,10 @@ class RoutingConfig(_Strict):
     max_attempts_before_first_token: int = Field(3, ge=1, description="Attempts on different "
                                                  "replicas while a request has produced no "
                                                  "token yet (failover on a dead replica).")
+    adapter_affinity: bool = Field(True, description="Send a request naming a LoRA adapter to "
+                                   "a replica that holds it unless that replica is over "
+                                   "load_guard_tokens above the least loaded (else where loading "
+                                   "it evicts the least used adapter); off: the policy alone.")
 
 
 class ReplicaAutoscalingConfig(_Strict):
@@ -189,6 +196,30 @@ class StructuredOutputsConfig(_Strict):
                                          "fill whitespace up to max_tokens (xgrammar/guidance).")
     options: dict[str, Any] = Field(default_factory=dict, description="Further vLLM "
                                     "StructuredOutputsConfig fields, passed as they are.")
+
+
+class LoraConfig(_Strict):
+    """LoRA adapters on this model's replicas (vLLM's ``--enable-lora`` and its limits)."""
+
+    enabled: bool = Field(False, description="Serve LoRA adapters registered over this model "
+                          "(`moestack adapters add`); vLLM's enable_lora.")
+    max_loras: int = Field(1, ge=1, description="Adapters one batch may mix (vLLM's max_loras; "
+                           "each takes GPU memory).")
+    max_cpu_loras: int | None = Field(None, ge=1, description="Adapters a replica keeps loaded "
+                                      "in memory, least recently used out (vLLM's "
+                                      "max_cpu_loras; unset: max_loras).")
+    max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank the replicas serve "
+                               "(vLLM's max_lora_rank); registration refuses a higher rank.")
+
+    def engine_args(self) -> dict[str, Any]:
+        """The vLLM engine arguments (empty when LoRA is off)."""
+        if not self.enabled:
+            return {}
+        args: dict[str, Any] = {"enable_lora": True, "max_loras": self.max_loras,
+                                "max_lora_rank": self.max_lora_rank}
+        if self.max_cpu_loras is not None:
+            args["max_cpu_loras"] = self.max_cpu_loras
+        return args
 
 
 class ServingConfig(_Strict):
@@ -321,6 +352,14 @@ class ModelConfig(_Strict):
     request_limits: RequestLimitsConfig = Field(default_factory=RequestLimitsConfig,
                                                 description="Bounds on one request's shape "
                                                 "(`n`, prompts, budgets, logprobs, nesting).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters "
+                             "(registered per tenant, loaded on first use).")
+
+    def lora_engine_args(self) -> dict[str, Any]:
+        """The LoRA settings vLLM reads: ``lora``'s, overridden by any in ``engine_args``."""
+        keys = ("enable_lora", "max_loras", "max_cpu_loras", "max_lora_rank")
+        return {**self.lora.engine_args(),
+                **{k: v for k, v in self.engine_args.items() if k in keys}}
 
     @property
     def initial_replicas(self) -> int:
@@ -346,6 +385,16 @@ class ModelConfig(_Strict):
         if self.engine == "vllm" and (self.path is None) == (self.tiny is None):
             raise ValueError("set exactly one of `path` (a checkpoint folder) or `tiny`")
         return self
+
+
+class MigrationConfig(_Strict):
+    """Resuming a stream on another replica when its replica dies mid-stream."""
+
+    max_attempts: int = Field(2, ge=0, le=10, description="Most times one streamed request is "
+                              "resumed on another replica after its replica failed mid-stream "
+                              "(each resume must give its first output within "
+                              "`first_token_timeout_s`); 0 turns migration off: such a stream "
+                              "ends with an error event.")
 
 
 class GatewayConfig(_Strict):
@@ -379,6 +428,8 @@ class GatewayConfig(_Strict):
                                             "rollout) retries until one frees.")
     docs_enabled: bool = Field(False, description="Serve /docs and /openapi.json on the public "
                                "port (off: they reveal every route to anyone).")
+    migration: MigrationConfig = Field(default_factory=MigrationConfig, description="Mid-stream "
+                                       "resumption of requests whose replica died or drained.")
 
     @property
     def operator_ports(self) -> range:
@@ -621,6 +672,86 @@ class RayConfig(_Strict):
         "environment on every Ray pod).")
 
 
+class OverflowProviderConfig(_Strict):
+    """An external API that stands in for a model under overflow (its key from the
+    environment: never inline, never logged)."""
+
+    name: str = Field(min_length=1, max_length=48, pattern=r"^[a-z0-9][a-z0-9_.-]*$",
+                      description="Provider name: `provider:<name>` in the ledger and metrics.")
+    kind: Literal["openai", "anthropic"] = Field(description="API shape: `openai` (chat "
+                                                 "completions, completions) or `anthropic` "
+                                                 "(Messages).")
+    base_url: str = Field(pattern=r"^https?://", description="API root including the version "
+                          "path, e.g. https://api.openai.com/v1 or https://api.anthropic.com/v1.")
+    api_key_env: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                             description="Environment variable holding the provider's API key "
+                             "(the Helm chart fills it from a Secret); the key itself never "
+                             "appears in config, logs, errors or arguments.")
+    model: str = Field(min_length=1, description="The provider's model id, sent as `model`.")
+    baseline: str | None = Field(None, description="Pricing-catalog baseline whose prices apply "
+                                 "when the per-token prices below are unset (default: the "
+                                 "baseline named like `model`).")
+    usd_per_1m_input_tokens: float | None = Field(None, ge=0, description="USD per 1M uncached "
+                                                  "prompt tokens (unset: the baseline's).")
+    usd_per_1m_cached_input_tokens: float | None = Field(None, ge=0, description="USD per 1M "
+                                                         "prompt tokens read from the "
+                                                         "provider's cache (unset: the "
+                                                         "baseline's, else the input price).")
+    usd_per_1m_output_tokens: float | None = Field(None, ge=0, description="USD per 1M "
+                                                   "completion tokens (unset: the baseline's).")
+    max_concurrency: int = Field(64, ge=1, description="Requests in flight to this provider at "
+                                 "once from one gateway replica; past it no request overflows "
+                                 "(it waits in the fair queue).")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Timeout to connect to the "
+                                     "provider, in seconds.")
+    read_timeout_s: float = Field(120.0, gt=0, description="Longest silence between two reads "
+                                  "of the provider's answer, in seconds.")
+
+
+class OverflowRuleConfig(_Strict):
+    """When one model's requests of opted-in tenants go to a provider instead of a replica."""
+
+    model: str = Field(min_length=1, description="The served model this rule is for.")
+    provider: str = Field(min_length=1, description="Name of the provider standing in for it.")
+    max_queue_wait_ms: float | None = Field(None, ge=0, description="Overflow when the "
+                                            "tenant's predicted wait in the model's fair queue "
+                                            "is over this, in milliseconds (unset: never on "
+                                            "wait).")
+    on_no_healthy_replica: bool = Field(True, description="Overflow when no replica of the "
+                                        "model can take the request (instead of today's 503).")
+
+
+class OverflowConfig(_Strict):
+    """Cost-aware overflow to external APIs, for tenants whose policy allows it."""
+
+    providers: list[OverflowProviderConfig] = Field(default_factory=list, description="External "
+                                                    "providers.")
+    rules: list[OverflowRuleConfig] = Field(default_factory=list, description="Per-model "
+                                            "overflow rules (at most one per model).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OverflowConfig:
+        names = [p.name for p in self.providers]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"provider names must be unique; repeated: {', '.join(dupes)}")
+        models = [r.model for r in self.rules]
+        if dupes := sorted({m for m in models if models.count(m) > 1}):
+            raise ValueError(f"one overflow rule per model; repeated: {', '.join(dupes)}")
+        if unknown := sorted({r.provider for r in self.rules} - set(names)):
+            raise ValueError(f"overflow rules name unknown providers: {', '.join(unknown)}")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rules)
+
+    def provider(self, name: str) -> OverflowProviderConfig | None:
+        return next((p for p in self.providers if p.name == name), None)
+
+    def rule(self, model: str) -> OverflowRuleConfig | None:
+        return next((r for r in self.rules if r.model == model), None)
+
+
 class MoestackConfig(_Strict):
     """Root of the configuration."""
 
@@ -635,6 +766,8 @@ class MoestackConfig(_Strict):
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig,
                                          description="Metrics.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster.")
+    overflow: OverflowConfig = Field(default_factory=OverflowConfig, description="Overflow "
+                                     "to external APIs when the cluster is full.")
     cache_dir: Path | None = Field(None, description="Where built tiny models are cached "
                                    "(default: $MOESTACK_CACHE_DIR or ~/.cache/moestack).")
 
@@ -643,6 +776,8 @@ class MoestackConfig(_Strict):
         names = [m.name for m in self.models]
         if dupes := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        if unknown := sorted({r.model for r in self.overflow.rules} - set(names)):
+            raise ValueError(f"overflow rules name unknown models: {', '.join(unknown)}")
         return self
 
     def model(self, name: str) -> ModelConfig | None:

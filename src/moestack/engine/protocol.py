@@ -35,6 +35,19 @@ from moestack.usage import NO_USAGE, Usage
 
 
 @dataclass(frozen=True, slots=True)
+class AdapterRef:
+    """A registered LoRA adapter a request runs with: the replica makes it servable under
+    ``name`` (:meth:`Engine.ensure_adapter`) before it serves the request."""
+
+    name: str
+    """The name clients send as ``model``."""
+    path: str
+    """Directory in the PEFT layout, as the replica's filesystem sees it."""
+    sha256: str = ""
+    """Content hash kept with the registration (see :func:`moestack.adapters.inspect_adapter`)."""
+
+
+@dataclass(frozen=True, slots=True)
 class EngineRequest:
     """One API call for the engine: ``path`` and ``body`` are relayed as they are."""
 
@@ -49,6 +62,11 @@ class EngineRequest:
     """A canonical text of the prompt(s), for prefix-cache-aware routing."""
     estimated_tokens: int = 0
     """Prompt plus completion budget: the work the request adds to a replica."""
+    adapter: AdapterRef | None = None
+    """The LoRA adapter the request names (its ``model``), or None for a base model."""
+    resume_prompt_tokens: int = 0
+    """A resumed stream (:mod:`moestack.engine.resume`): how many of the prompt's token ids
+    are the original prompt's; the rest are completion tokens the client already has."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +79,12 @@ class EngineChunk:
     """Set on the first chunk only: the HTTP status of the answer."""
     content_type: str | None = None
     """Set on the first chunk only, e.g. ``application/json`` or ``text/event-stream``."""
+    token_ids: tuple[int, ...] = ()
+    """Resumable streams only (see :mod:`moestack.engine.resume`): the ids of the completion
+    tokens whose events are in ``data``, in order."""
+    prompt_token_ids: tuple[int, ...] | None = None
+    """Set on the first chunk of a resumable stream: the prompt as the engine tokenized it
+    (chat: after the chat template). None: the stream cannot be resumed elsewhere."""
 
 
 @dataclass(frozen=True)

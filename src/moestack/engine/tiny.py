@@ -36,7 +36,7 @@ from moestack.config.schema import TinyArch
 TINY_ARCHS: tuple[TinyArch, ...] = get_args(TinyArch)
 
 # Bump when the builder's output changes, so cached checkpoints are rebuilt.
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4
 
 VOCAB_SIZE = 1024
 MAX_POSITION_EMBEDDINGS = 4096

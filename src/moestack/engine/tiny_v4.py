@@ -10,13 +10,17 @@ The shape covers every V4 layer kind at the smallest size vLLM's CPU kernels acc
 top-6, compress ratios 0, 4 and 128):
 
 - layer 0: sliding-window only (ratio 0), hash-routed MoE (``ffn.gate.tid2eid``);
-- layer 1: sliding-window only, hash-routed;
-- layer 2: ratio-4 compressed attention with the sparse indexer, scored (``noaux_tc``) routing;
-- layer 3: ratio-128 compressed attention, scored routing;
+- layer 1: ratio-4 compressed attention with the sparse indexer, scored (``noaux_tc``) routing;
+- layer 2: ratio-128 compressed attention, scored routing;
 
-every layer has hyper-connections (``hc_mult`` 4) and one shared expert. Weights are bf16 (no
-quantization config), the hyper-connection, sink and compressor position tensors f32 as the
-loader declares them.
+every layer has hyper-connections (``hc_mult`` 4, 20 Sinkhorn iterations) and one shared
+expert. Weights are bf16 (no quantization config), the hyper-connection, sink and compressor
+position tensors f32 as the loader declares them.
+
+Three layers, one of each kind, in V4-Flash's order (its 43 layers are ``[0, 0] + [4, 128] * 20
++ [4, 0]``, the first 3 hash-routed): as deep as the tiny DeepSeek-V3 (3 layers), so that
+comparing the two compares the architectures at the same depth. A fourth layer would repeat a
+kind (V4-Flash's second sliding-window, hash-routed layer) and add a third to the per-token cost.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-COMPRESS_RATIOS = (0, 0, 4, 128)
-NUM_HASH_LAYERS = 2
+COMPRESS_RATIOS = (0, 4, 128)
+NUM_HASH_LAYERS = 1
 
 _SHAPE = dict(
     hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=512,

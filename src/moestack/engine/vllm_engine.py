@@ -38,6 +38,7 @@ from moestack.engine.protocol import (
     EngineRequest,
     EngineStats,
 )
+from moestack.engine.resume import annotate, resumed, with_token_ids
 from moestack.engine.source import resolve_checkpoint
 from moestack.engine.vllm_lora import VLLMAdapters
 from moestack.errors import ConfigError, EngineUnavailableError
@@ -79,6 +80,7 @@ def engine_args_for(config: ModelConfig, checkpoint: Path) -> dict[str, Any]:
         "distributed_executor_backend": executor_backend(par, config.accelerator),
         "allowed_media_domains": list(config.serving.allowed_media_domains) or [NO_REMOTE_MEDIA],
     }
+    args.update(config.lora.engine_args())
     args.update(config.engine_args)
     return args
 
@@ -205,11 +207,19 @@ class VLLMEngine(Engine):
         if self._app is None:
             raise EngineUnavailableError("engine not started")
         self._in_flight += 1
+        request, resumable, keep_ids = with_token_ids(
+            request, reasoning_parser=bool(self._config.serving.reasoning_parser))
+        chunks = serve_asgi(self._app, request, self._batch_interval_s)
+        # A resumable stream tells the gateway its token ids (moestack.engine.resume).
+        stream = annotate(chunks, keep_ids) if resumable else chunks
+        stream = resumed(request, stream, getattr(self._llm.tokenizer, "_tokenizer", None))
         try:
-            async for chunk in serve_asgi(self._app, request, self._batch_interval_s):
+            async for chunk in stream:
                 yield chunk
         finally:
             self._in_flight -= 1
+            await stream.aclose()
+            await chunks.aclose()
 
     def _batch_interval_s(self) -> float:
         s = self._config.serving

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from moestack.config.schema import ModelConfig, MoestackConfig
 from moestack.errors import ConfigError
 from moestack.metering.pricing import CPU, PricingCatalog, load_pricing
+from moestack.metering.provider_prices import PROVIDER_PREFIX, provider_prices
 from moestack.usage import RequestCost, RequestRecord
 
 NO_TENANT = "none"
@@ -35,6 +36,7 @@ class CostModel:
         self.config = config
         self.catalog = catalog
         self._usd_per_s = {m.name: replica_usd_per_hour(m, catalog) / 3600 for m in config.models}
+        self.providers = provider_prices(config.overflow.providers, catalog)
 
     @classmethod
     def from_config(cls, config: MoestackConfig) -> CostModel:
@@ -50,16 +52,27 @@ class CostModel:
         return (uncached * unit.prefill_s_per_token
                 + record.completion_tokens * unit.decode_s_per_token)
 
+    def reprefill_usd(self, model: str, tokens: int) -> float:
+        """What prefilling ``tokens`` again costs (a migrated request's resumed prompt)."""
+        return (tokens * self.config.cost.token_cost(model).prefill_s_per_token
+                * self.replica_usd_per_s(model))
+
     def price(self, record: RequestRecord) -> RequestCost:
-        """Self-hosted, baseline and charged USD of one finished request."""
-        engine_s = self.engine_seconds(record)
+        """Self-hosted, baseline and charged USD of one finished request; one answered by an
+        overflow provider (``backend`` ``provider:<name>``) took no engine work and costs its
+        tokens at the provider's prices (``provider_usd``)."""
+        provider = (self.providers.get(record.backend.removeprefix(PROVIDER_PREFIX))
+                    if record.backend.startswith(PROVIDER_PREFIX) else None)
+        engine_s = self.engine_seconds(record) if provider is None else 0.0
         baselines = {name: b.usd(record.prompt_tokens, record.cached_prompt_tokens,
                                  record.completion_tokens)
                      for name, b in self.catalog.baselines.items()}
         charged = self.config.tenancy.price(record.model).usd(record.prompt_tokens,
                                                               record.completion_tokens)
+        provider_usd = provider.usd(record.prompt_tokens, record.cached_prompt_tokens,
+                                    record.completion_tokens) if provider is not None else 0.0
         return RequestCost(engine_s, engine_s * self.replica_usd_per_s(record.model), baselines,
-                           charged)
+                           charged, provider_usd=provider_usd)
 
 
 def replica_usd_per_hour(model: ModelConfig, catalog: PricingCatalog) -> float:
@@ -134,6 +147,9 @@ class CostSplit:
     tenant_usd: Mapping[tuple[str, str], float]
     """(tenant, model) -> USD attributed in this period."""
     idle_usd: float
+    overhead_usd: Mapping[str, float] = field(default_factory=dict)
+    """model -> USD of the operator's own overhead in this period (the re-prefill of migrated
+    requests), billed to no tenant."""
 
 
 class CostAccountant:
@@ -143,23 +159,32 @@ class CostAccountant:
     cluster cost is known; if the valued work fits in it, each tenant pays its work and the rest is
     idle; if the work exceeds it (the engine was faster than the measured cost per token says),
     the cluster cost is split in proportion to the work and idle is zero. Either way the period's
-    tenant costs plus idle cost equal its cluster cost.
+    tenant costs plus idle cost equal its cluster cost. Operator overhead
+    (:meth:`add_overhead`) is work too, split the same way and reported apart:
+    tenants + overhead + idle = cluster.
     """
 
     def __init__(self) -> None:
         self._pending: dict[tuple[str, str], float] = defaultdict(float)
+        self._overhead: dict[str, float] = defaultdict(float)
+
+    def add_overhead(self, model: str, usd: float) -> None:
+        """Work no tenant pays for (a migrated request's re-prefill), valued in USD."""
+        self._overhead[model] += usd
 
     def add_work(self, tenant: str, model: str, usd: float) -> None:
         self._pending[(tenant, model)] += usd
 
     def split(self, cluster_usd: float) -> CostSplit:
         """Close the period whose provisioned cost was ``cluster_usd``."""
-        work = sum(self._pending.values())
+        work = sum(self._pending.values()) + sum(self._overhead.values())
         if work <= cluster_usd:
-            shares = dict(self._pending)
+            shares, overhead = dict(self._pending), dict(self._overhead)
             idle = cluster_usd - work
         else:
             shares = {k: cluster_usd * v / work for k, v in self._pending.items()}
+            overhead = {k: cluster_usd * v / work for k, v in self._overhead.items()}
             idle = 0.0
         self._pending.clear()
-        return CostSplit(cluster_usd, shares, idle)
+        self._overhead.clear()
+        return CostSplit(cluster_usd, shares, idle, overhead)

@@ -10,6 +10,7 @@ Only requests that went through every hook reach it: refused ones are counted by
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Protocol
@@ -36,6 +37,10 @@ class Metering(RequestHook):
         rec = ctx.record
         model = self.metrics.cost_model
         ctx.cost = model.price(rec) if model is not None else None
+        if ctx.cost is not None and ctx.adapter_usd_per_1m_tokens is not None:
+            # A registered adapter's own price replaces the base model's tenant price.
+            ctx.cost = dataclasses.replace(ctx.cost, charged_usd=(
+                rec.prompt_tokens + rec.completion_tokens) * ctx.adapter_usd_per_1m_tokens / 1e6)
         for sink in (self.metrics, *self.sinks):
             try:
                 if sink is self.metrics:

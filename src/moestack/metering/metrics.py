@@ -92,6 +92,34 @@ class GatewayMetrics:
         self.tenant_tokens = Counter("moestack_tenant_tokens", "Tokens per tenant, by kind "
                                      "(prompt, cached_prompt, completion).",
                                      ["tenant", "model", "kind"], registry=r)
+        # -- LoRA adapters (the base model's series above count these requests too) ---------
+        self.adapter_requests = Counter("moestack_adapter_requests", "Requests finished that "
+                                        "ran with a LoRA adapter, by status code.",
+                                        ["tenant", "model", "adapter", "status"], registry=r)
+        self.adapter_tokens = Counter("moestack_adapter_tokens", "Tokens of requests that ran "
+                                      "with a LoRA adapter, by kind (prompt, cached_prompt, "
+                                      "completion).", ["tenant", "model", "adapter", "kind"],
+                                      registry=r)
+        self.adapter_cost = Counter("moestack_adapter_cost_usd", "Self-hosted cost (engine "
+                                    "work) of requests that ran with a LoRA adapter.",
+                                    ["tenant", "model", "adapter"], registry=r)
+        self.adapter_charged = Counter("moestack_adapter_charged_usd", "What tenants were "
+                                       "charged for requests that ran with a LoRA adapter.",
+                                       ["tenant", "model", "adapter"], registry=r)
+        # -- backends: self-hosted replica or overflow provider (provider:<name>) -----------
+        self.backend_requests = Counter("moestack_backend_requests", "Requests finished, by "
+                                        "the backend that answered (replica, provider:<name>).",
+                                        ["backend", "model", "status"], registry=r)
+        self.backend_tokens = Counter("moestack_backend_tokens", "Tokens by backend and kind "
+                                      "(prompt, cached_prompt, completion).",
+                                      ["backend", "model", "kind"], registry=r)
+        self.backend_cost = Counter("moestack_backend_cost_usd", "What requests cost by backend: "
+                                    "engine work at the replica's rate, or the provider's bill.",
+                                    ["backend", "model"], registry=r)
+        self.overflow_alternative = Counter("moestack_overflow_alternative_cost_usd", "What every "
+                                            "request of a model with an overflow rule would have "
+                                            "cost at its provider (all traffic to the API).",
+                                            ["model", "provider"], registry=r)
         # -- latency and load ----------------------------------------------------------------
         self.ttft = Histogram("moestack_time_to_first_token_seconds", "Time to first token.",
                               ["model"], buckets=LATENCY_BUCKETS_S, registry=r)
@@ -121,6 +149,15 @@ class GatewayMetrics:
         self.tenant_cost = Counter("moestack_tenant_cost_usd", "Cluster cost attributed to a "
                                    "tenant by the engine work of its requests.",
                                    ["tenant", "model"], registry=r)
+        self.migrated = Counter("moestack_migrated_requests", "Streams resumed on another "
+                                "replica after theirs failed mid-answer (each resumption).",
+                                ["model"], registry=r)
+        self.reprefill_tokens = Counter("moestack_migration_reprefill_tokens", "Prompt tokens "
+                                        "prefilled again to resume migrated streams (operator "
+                                        "overhead, billed to no tenant).", ["model"], registry=r)
+        self.overhead_cost = Counter("moestack_overhead_cost_usd", "Cluster cost of the "
+                                     "operator's own overhead (re-prefill of migrated "
+                                     "requests), billed to no tenant.", ["model"], registry=r)
         self.idle_cost = Counter("moestack_idle_cost_usd", "Cluster cost no request used.",
                                  registry=r)
         self.baseline_cost = Counter("moestack_baseline_cost_usd", "What the same tokens would "
@@ -145,6 +182,8 @@ class GatewayMetrics:
                         ("completion", rec.completion_tokens)):
             self.tokens.labels(rec.model, kind).inc(n)
             self.tenant_tokens.labels(tenant, rec.model, kind).inc(n)
+        if rec.adapter is not None:
+            self._record_adapter(rec, tenant, status, cost)
         if rec.ttft_s is not None:
             self.ttft.labels(rec.model).observe(rec.ttft_s)
             if rec.completion_tokens > 1:
@@ -152,12 +191,37 @@ class GatewayMetrics:
                 self.itl.labels(rec.model).observe(max(0.0, gap))
         if rec.status_code == 200:
             self.e2e.labels(rec.model).observe(rec.e2e_s)
+        self._record_backend(rec, cost)
         if cost is not None:
             with self._lock:
                 self.accountant.add_work(tenant, rec.model, cost.self_hosted_usd)
             for name, usd in cost.baseline_usd.items():
                 self.baseline_cost.labels(name, tenant).inc(usd)
             self.tenant_charged.labels(tenant, rec.model).inc(cost.charged_usd)
+
+    def _record_adapter(self, rec: RequestRecord, tenant: str, status: str,
+                        cost: RequestCost | None) -> None:
+        labels = (tenant, rec.model, rec.adapter)
+        self.adapter_requests.labels(*labels, status).inc()
+        for kind, n in (("prompt", rec.prompt_tokens), ("cached_prompt", rec.cached_prompt_tokens),
+                        ("completion", rec.completion_tokens)):
+            self.adapter_tokens.labels(*labels, kind).inc(n)
+        if cost is not None:
+            self.adapter_cost.labels(*labels).inc(cost.self_hosted_usd)
+            self.adapter_charged.labels(*labels).inc(cost.charged_usd)
+
+    def _record_backend(self, rec: RequestRecord, cost: RequestCost | None) -> None:
+        self.backend_requests.labels(rec.backend, rec.model, str(rec.status_code)).inc()
+        for kind, n in (("prompt", rec.prompt_tokens), ("cached_prompt", rec.cached_prompt_tokens),
+                        ("completion", rec.completion_tokens)):
+            self.backend_tokens.labels(rec.backend, rec.model, kind).inc(n)
+        if cost is None or self.cost_model is None:
+            return
+        self.backend_cost.labels(rec.backend, rec.model).inc(cost.cost_usd)
+        rule = self.cost_model.config.overflow.rule(rec.model)
+        if rule is not None and (price := self.cost_model.providers.get(rule.provider)):
+            self.overflow_alternative.labels(rec.model, rule.provider).inc(price.usd(
+                rec.prompt_tokens, rec.cached_prompt_tokens, rec.completion_tokens))
 
     # -- hooks for other gateway components ----------------------------------------------------
 
@@ -195,6 +259,15 @@ class GatewayMetrics:
         self.model_replicas.labels(m.name).set_function(replicas)
         self.model_gpus.labels(m.name).set_function(lambda: replicas() * gpus_per_replica)
 
+    def record_migration(self, model: str, reprefilled_tokens: int) -> None:
+        """Count one resumed stream and its re-prefill, valued as operator overhead."""
+        self.migrated.labels(model).inc()
+        self.reprefill_tokens.labels(model).inc(reprefilled_tokens)
+        if self.cost_model is not None:
+            with self._lock:
+                self.accountant.add_overhead(
+                    model, self.cost_model.reprefill_usd(model, reprefilled_tokens))
+
     def record_rejection(self, tenant: str, status: int) -> None:
         self.rejections.labels(tenant, str(status)).inc()
 
@@ -219,6 +292,8 @@ class GatewayMetrics:
             self.cluster_gpus.labels(kind).set(n)
         self.cluster_cost.inc(done.cluster_usd)
         self.idle_cost.inc(done.idle_usd)
+        for model, usd in done.overhead_usd.items():
+            self.overhead_cost.labels(model).inc(usd)
         for (tenant, model), usd in done.tenant_usd.items():
             self.tenant_cost.labels(tenant, model).inc(usd)
         return done

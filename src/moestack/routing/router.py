@@ -1,8 +1,8 @@
 """The router of one model's replicas: the configured policy plus the state it reads.
 
 A :class:`Router` owns the state every policy reads (outstanding tokens per replica, the prefix
-index) and keeps it current through :meth:`Router.routed`, :meth:`Router.completed` and
-:meth:`Router.forget`; it counts what it did in a :class:`~moestack.usage.RoutingCounts`. It is
+index, which replica holds which LoRA adapter) and keeps it current through
+:meth:`Router.routed`, :meth:`Router.completed` and :meth:`Router.forget`; it counts what it did in a :class:`~moestack.usage.RoutingCounts`. It is
 transport-free: the Ray Serve request router (:mod:`moestack.routing.ray_router`) and the
 in-process replica set (:mod:`moestack.routing.replica_set`) both drive it.
 """
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from moestack.engine.protocol import EngineRequest
+from moestack.routing.adapters import AdapterAffinity, AdapterIndex
 from moestack.routing.policy import POLICIES, Pipeline, check_policy
 from moestack.routing.prefix import PrefixIndex, block_hashes
 from moestack.routing.types import (
@@ -50,8 +51,14 @@ class Router:
 
     config: RoutingConfig
     seed: int | None = None
+    adapter_slots: int = 1
+    """Adapters one replica holds at once (see :func:`moestack.routing.adapters.adapter_slots`)."""
     index: PrefixIndex = field(init=False)
     pipeline: Pipeline = field(init=False)
+    adapters: AdapterIndex = field(init=False)
+    """Which replica holds which LoRA adapter, as far as this router knows."""
+    replica_ids: frozenset[str] = field(default=frozenset(), init=False)
+    """The live replicas, as last told (Ray Serve's router tells it; see ray_router)."""
     counts: RoutingCounts = field(default_factory=RoutingCounts, init=False)
     _outstanding: dict[str, int] = field(default_factory=dict, init=False)
     _in_flight: dict[str, _InFlight] = field(default_factory=dict, init=False)
@@ -63,6 +70,8 @@ class Router:
         self.index = PrefixIndex(self.config.prefix_index_blocks)
         self.pipeline = POLICIES[self.config.policy](self.config, self.index,
                                                      random.Random(self.seed))
+        self.adapters = AdapterIndex(max(1, self.adapter_slots))
+        self._affinity = AdapterAffinity(self.adapters, self.config.load_guard_tokens)
 
     def request_of(self, request: EngineRequest, tenant: str | None = None) -> RoutingRequest:
         estimate = request.estimated_tokens or (
@@ -72,7 +81,8 @@ class Router:
             request_id=request.request_id,
             prefix_blocks=block_hashes(request.prompt_text, self.config.prefix_block_chars),
             estimated_tokens=estimate,
-            tenant=tenant if tenant is not None else request.tenant)
+            tenant=tenant if tenant is not None else request.tenant,
+            adapter=request.adapter.name if request.adapter is not None else None)
 
     def outstanding_tokens(self, replica_id: str) -> int:
         return self._outstanding.get(replica_id, 0)
@@ -80,7 +90,11 @@ class Router:
     def rank(self, request: RoutingRequest, replicas: Sequence[ReplicaState]) -> list[str]:
         """Replica ids, most preferred first (may be fewer than given: pickers may sample)."""
         self._expire_reservations()
-        return self.pipeline.rank(request, replicas) if replicas else []
+        if not replicas:
+            return []
+        if request.adapter is not None and self.config.adapter_affinity:
+            return self._affinity.order(request, replicas, self.pipeline.rank)
+        return self.pipeline.rank(request, replicas)
 
     def reserve(self, request: RoutingRequest, replica_id: str, key: str) -> None:
         """Count the request on its likely replica before it is routed (see :meth:`routed`)."""
@@ -88,6 +102,8 @@ class Router:
         self._in_flight[key] = _InFlight(replica_id, request)
         self._reserved_at_s[key] = time.monotonic()
         self._add(replica_id, request.estimated_tokens)
+        if request.adapter is not None:  # a burst's next requests see the adapter placed
+            self.adapters.routed(replica_id, request.adapter)
 
     def reserved(self, key: str) -> RoutingRequest | None:
         """The request reserved under ``key`` and not routed yet, if any."""
@@ -111,6 +127,9 @@ class Router:
         self._in_flight[key] = _InFlight(replica_id, request)
         self._add(replica_id, request.estimated_tokens)
         matched = self.index.insert(request.prefix_blocks, replica_id)
+        if request.adapter is not None:
+            self.adapters.asked(request.adapter)
+            self.adapters.routed(replica_id, request.adapter)
         self.counts.requests += 1
         self.counts.prefix_hits += matched > 0
         self.counts.prompt_blocks += len(request.prefix_blocks)
@@ -132,3 +151,4 @@ class Router:
             del self._in_flight[key]
             self._reserved_at_s.pop(key, None)
         self.index.forget(replica_id)
+        self.adapters.forget(replica_id)

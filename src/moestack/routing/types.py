@@ -21,6 +21,16 @@ class RoutingRequest:
     estimated_tokens: int = 0
     """Prompt tokens plus the completion budget: the work the request adds to a replica."""
     tenant: str | None = None
+    adapter: str | None = None
+    """The LoRA adapter the request runs with (see :mod:`moestack.routing.adapters`)."""
+
+
+@dataclass(frozen=True)
+class ReplicaTarget:
+    """An argument that pins a call to one replica: the Ray Serve request router sends a call
+    carrying it to that replica only (used to reach every replica, e.g. to remove an adapter)."""
+
+    replica_id: str
 
 
 @dataclass(frozen=True)

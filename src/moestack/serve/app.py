@@ -73,10 +73,17 @@ def gateway_config(config: MoestackConfig, url_env: str = STORAGE_URL_ENV) -> di
     return dump
 
 
+SERVE_LOGGING = {"enable_access_log": False}
+"""Ray Serve's per-call access log line is off on both deployments: every request is already in
+moestack's metrics (and, with tenancy, its usage ledger), and the line cost each replica a log
+write per handle call."""
+
+
 def model_server_app(model: ModelConfig, cache_dir: str | None) -> Application:
     """The ModelServer deployment of one model: placement, then routing, autoscaling, drain."""
     return serve.deployment(ModelServer).options(
-        **{**model_server_options(model), **scaling_options(model)}
+        **{**model_server_options(model), **scaling_options(model)},
+        logging_config=SERVE_LOGGING,
     ).bind(model.model_dump(mode="json"), cache_dir)
 
 
@@ -87,7 +94,8 @@ def build_app(config: MoestackConfig, storage_url_env: str = STORAGE_URL_ENV) ->
     servers = {m.name: model_server_app(m, cache_dir) for m in config.models}
     gateway = serve.deployment(serve.ingress()(Gateway)).options(
         name="Gateway", num_replicas=config.gateway.num_replicas, max_ongoing_requests=2048,
-        health_check_period_s=HEALTH_CHECK_PERIOD_S, ray_actor_options={"num_cpus": 0})
+        health_check_period_s=HEALTH_CHECK_PERIOD_S, ray_actor_options={"num_cpus": 0},
+        logging_config=SERVE_LOGGING)
     return gateway.bind(gateway_config(config, storage_url_env), servers)
 
 

@@ -13,8 +13,12 @@ from ray.serve.handle import DeploymentHandle
 
 from moestack.engine.protocol import EngineChunk, EngineInfo, EngineRequest
 from moestack.errors import EngineUnavailableError, ModelNotFoundError, MoestackError
+from moestack.routing.router import ROUTERS
+from moestack.routing.types import ReplicaTarget
 
 HEALTH_TIMEOUT_S = 10.0
+REMOVE_ADAPTER_TIMEOUT_S = 60.0
+"""How long removing an adapter waits for each replica (a replica stuck longer is failing)."""
 DEFAULT_MAX_ATTEMPTS = 3
 
 log = logging.getLogger(__name__)
@@ -89,6 +93,37 @@ class ServeBackend:
             finally:
                 if not finished:
                     stream.cancel()  # client gone: cancels the replica's generator, which aborts
+
+    async def remove_adapter(self, model: str, name: str) -> None:
+        """Unload ``name`` on every live replica of ``model``.
+
+        Serve handles do not broadcast, so: one call through the handle (any replica; it also
+        starts this process's request router for the model, which Serve keeps told of the live
+        replicas), then one call pinned to each other live replica by a
+        :class:`~moestack.routing.types.ReplicaTarget` (:mod:`moestack.routing.ray_router`). A
+        replica that starts meanwhile holds no adapter; one that dies holds nothing any more.
+        """
+        handle = self._handle(model)
+        router = ROUTERS.get((handle.app_name, model))
+        if router is not None and router.counts.live_replicas == 0:
+            return  # scaled to zero: nothing holds it (and a call would start a replica)
+        try:
+            first = await asyncio.wait_for(handle.remove_adapter.remote(name),
+                                           REMOVE_ADAPTER_TIMEOUT_S)
+            router = ROUTERS.get((handle.app_name, model))
+            others = sorted((router.replica_ids if router is not None else frozenset())
+                            - {first})
+            await asyncio.wait_for(
+                asyncio.gather(*(handle.remove_adapter.remote(name, ReplicaTarget(rid))
+                                 for rid in others)), REMOVE_ADAPTER_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise EngineUnavailableError(f"a replica of {model} did not remove adapter {name} "
+                                         f"within {REMOVE_ADAPTER_TIMEOUT_S:g} s") from None
+        except _RAY_ERRORS as exc:
+            raise _translate(exc) from None
+        if router is not None:
+            router.adapters.remove(name)
+        log.info("removed adapter %s from %d replica(s) of %s", name, 1 + len(others), model)
 
     async def check_health(self) -> dict[str, str | None]:
         async def probe(handle: DeploymentHandle) -> str | None:

@@ -74,9 +74,10 @@ class Gateway:
                 lambda name=m.name: self.backend.failovers[name])
         gw = self.config.gateway  # admin API and /metrics: this replica's own port, not public
         self.operator = OperatorListener(
-            build_operator_api(self.config, app.state.metrics, self.tenancy),
+            build_operator_api(self.config, app.state.metrics, self.tenancy, self.backend),
             gw.operator_host, gw.operator_ports)
         self.operator.start()
+        self.overflow = app.state.relay.overflow
         if gw.ingress == "direct":  # the public port, shared by the node's gateway replicas
             self.public = PublicListener(app, gw.host, gw.port)
             self.public.start()
@@ -115,6 +116,8 @@ class Gateway:
             self.operator.close()
         if getattr(self, "_follow", None) is not None:
             self._follow.cancel()
+        if getattr(self, "overflow", None) is not None:  # the providers' connections
+            await self.overflow.aclose()
         if getattr(self, "scheduler", None) is not None:
             await self.scheduler.stop()
         if getattr(self, "tenancy", None) is not None:

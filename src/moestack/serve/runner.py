@@ -14,6 +14,7 @@ from moestack.config.schema import MoestackConfig
 from moestack.vllm_cpu.libraries import checkpoint_unsupported_reason
 from moestack.engine.source import resolve_checkpoint
 from moestack.errors import ConfigError
+from moestack.serve.shm import clean_orphans
 
 if TYPE_CHECKING:
     from moestack.tenancy.leases import LeaseSweeper
@@ -256,6 +257,7 @@ def up(config: MoestackConfig, say: Say = print, verbose: bool = False) -> int:
 
     previous = take_stop_signals()
     sweeper = None
+    started = time.time()
     try:
         if config.tenancy.enabled:
             check_admin_key(config.tenancy.admin_key_env)  # before minutes of model loading
@@ -285,6 +287,8 @@ def up(config: MoestackConfig, say: Say = print, verbose: bool = False) -> int:
         guard = exit_if_stuck(STOP_TIMEOUT_S, say)
         try:
             shutdown()
+            # The engines' /dev/shm files that a killed process never unlinked (moestack.serve.shm)
+            clean_orphans(since=started, min_age_s=0)
         finally:
             if sweeper is not None:
                 sweeper.stop()

@@ -11,7 +11,7 @@ settings), ``tables`` (ORM rows; ``migrations/``), ``keys`` (key format, hashes,
 ``admission`` (limit checks, write-ahead row), ``counters`` (per-tenant counters, RPM/TPM
 buckets), ``ledger`` (settle, lost rows, retention), ``leases``, ``rollups`` (hourly sums),
 ``writer`` (group-committed writes), ``service`` (:class:`Tenancy`), ``hooks`` (authentication
-and admission in the request path). When a request runs is :mod:`moestack.scheduling`'s; the
+and admission in the request path), ``adapters`` (the LoRA adapter registry). When a request runs is :mod:`moestack.scheduling`'s; the
 admin API and ``/ready`` are routes of :mod:`moestack.api`.
 """
 

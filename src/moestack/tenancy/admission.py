@@ -1,12 +1,15 @@
 """Authentication and admission against the store: keys, RPM/TPM/concurrency, budget.
 
-Admission is one transaction per request (or one per group of requests, see
-:mod:`moestack.tenancy.writer`): lock the tenant's counters row, check the limits against the
-counters (:mod:`moestack.tenancy.counters`: constant time whatever the ledger's size), insert the
-request's write-ahead ledger row with its reservation and add the reservation to the counters and
-the hourly rollup, all in the same transaction. The limits themselves come with the principal
-(:class:`moestack.hooks.Principal`, its model list included; :mod:`moestack.tenancy.auth_cache`
-keeps them at most ``tenancy.auth_cache_ttl_s`` stale):
+Admission is one transaction per group of requests (:func:`admit_many`, which the store writer
+calls once per batch, see :mod:`moestack.tenancy.writer`; :func:`admit` for one): lock the
+tenants' counters rows, check each request's limits against the counters
+(:mod:`moestack.tenancy.counters`: constant time whatever the ledger's size) as updated by the
+requests admitted before it in the batch, insert the admitted requests' write-ahead ledger rows
+with their reservations and add the reservations to the counters, the window buckets and the
+hourly rollups, all in the same transaction, a few statements per batch whatever its size. The
+limits themselves come with the principal (:class:`moestack.hooks.Principal`, its model list
+included; :mod:`moestack.tenancy.auth_cache` keeps them at most ``tenancy.auth_cache_ttl_s``
+stale):
 
 * requests/min: requests started in the current 60 s window;
 * tokens/min: their ``charged_tokens`` (prompt + max completion reserved while running, the real
@@ -30,6 +33,7 @@ from moestack.errors import (
     AuthenticationError,
     InsufficientQuotaError,
     InvalidRequestError,
+    MoestackError,
     RateLimitError,
 )
 from moestack.hooks import Principal
@@ -46,7 +50,8 @@ def principal_of(key: ApiKey, tenant: Tenant) -> Principal:
     return Principal(tenant.id, tenant.name, key.key_id, tenant.priority, tenant.weight,
                      tuple(tenant.allowed_models), tenant.requests_per_min,
                      tenant.tokens_per_min, tenant.max_concurrent_requests, tenant.budget_usd,
-                     tenant.budget_period)
+                     tenant.budget_period, tenant.overflow_policy or "never",
+                     tenant.overflow_budget_usd)
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,25 @@ _INSERT = sql(
     "prompt_tokens, cached_prompt_tokens, completion_tokens, reserved_tokens, reserved_usd, "
     "charged_tokens, charged_usd, started_at, gateway_id, lease_expires_at) VALUES (:id, :t, "
     ":key, :model, :endpoint, :stream, 'pending', 0, 0, 0, :tokens, :usd, :tokens, :usd, :now, "
-    ":gw, :lease) ON CONFLICT (request_id) DO NOTHING", times=("now", "lease"))
+    ":gw, :lease)", times=("now", "lease"))
+"""No ``ON CONFLICT``: a row another gateway inserted since the duplicate check fails the batch,
+which the writer then runs one admission per transaction (each sees the committed row and
+refuses alone)."""
+_USED_IDS = sql("SELECT request_id FROM usage_ledger WHERE request_id IN :ids", lists=("ids",))
+
+
+@dataclass(frozen=True)
+class Admission:
+    """One request to admit (what :func:`admit_many` takes)."""
+
+    principal: Principal
+    reservation: Reservation
+    model: str
+    endpoint: str
+    stream: bool
+    gateway_id: str
+    lease_s: float
+    now: dt.datetime | None = None
 
 
 def admit(store: TenancyStore, principal: Principal, *, reservation: Reservation, model: str,
@@ -136,48 +159,103 @@ def admit_in(conn: Connection, principal: Principal, *, reservation: Reservation
              endpoint: str, stream: bool, gateway_id: str, lease_s: float,
              now: dt.datetime | None = None) -> float | None:
     """Check every limit and write the request's ledger row ahead, or raise 429 (having
-    written nothing).
+    written nothing): :func:`admit_many` of one request.
 
     Returns the USD left in the tenant's budget period net of this and every running
     reservation (None when the tenant has no budget)."""
-    p = principal
-    c = counters.lock(conn, p.tenant_id)
-    if c is None:  # deleted since authentication
-        raise AuthenticationError("Incorrect API key provided.")
-    now = now or utcnow()
+    (result,) = admit_many(conn, [Admission(principal, reservation, model, endpoint, stream,
+                                            gateway_id, lease_s, now)])
+    if isinstance(result, MoestackError):
+        raise result
+    return result
+
+
+def admit_many(conn: Connection, items: list[Admission]) -> list[float | None | MoestackError]:
+    """Admit ``items`` in order, each checked against the counters as the ones before it left
+    them; per item, the USD left in its tenant's budget period net of every running reservation
+    (None: no budget), or the error that refused it (a 401/429/400; a refused item writes
+    nothing). The tenants' counters rows are locked first, in tenant-id order."""
+    batch_now = utcnow()
+    tenant_ids = sorted({a.principal.tenant_id for a in items})
+    held = counters.lock_all(conn, tenant_ids)
+    windowed = sorted({a.principal.tenant_id for a in items
+                       if a.principal.requests_per_min is not None
+                       or a.principal.tokens_per_min is not None} & held.keys())
+    earliest = min((a.now or batch_now) for a in items)
+    buckets = counters.windows(conn, windowed, earliest)
+    used = {r for (r,) in conn.execute(_USED_IDS, {"ids": list(
+        {a.reservation.request_id for a in items})})}
+    results: list[float | None | MoestackError] = []
+    rows, added = [], {}
+    deltas = rollups.RollupDeltas()
+    for a in items:
+        p, now = a.principal, a.now or batch_now
+        c = held.get(p.tenant_id)
+        try:
+            if c is None:  # deleted since authentication
+                raise AuthenticationError("Incorrect API key provided.")
+            remaining = _check(a, c, buckets.get(p.tenant_id), now)
+            if a.reservation.request_id in used:
+                raise InvalidRequestError(
+                    f"request id `{a.reservation.request_id}` was already used",
+                    code="duplicate_request_id")
+        except MoestackError as exc:
+            results.append(exc)
+            continue
+        results.append(remaining)
+        r, need = a.reservation, a.reservation.nusd
+        used.add(r.request_id)
+        rows.append({"id": r.request_id, "t": p.tenant_id, "key": p.key_id, "model": a.model,
+                     "endpoint": a.endpoint, "stream": a.stream, "tokens": r.tokens,
+                     "usd": need / NUSD_PER_USD, "now": now, "gw": a.gateway_id,
+                     "lease": now + dt.timedelta(seconds=a.lease_s)})
+        c.inflight += 1
+        c.add(now, need)
+        second = counters.epoch_second(now)
+        if p.tenant_id in buckets:
+            bucket = buckets[p.tenant_id].setdefault(second, [0, 0])
+            bucket[0] += 1
+            bucket[1] += r.tokens
+        acc = added.setdefault((p.tenant_id, second), [0, 0])
+        acc[0] += 1
+        acc[1] += r.tokens
+        deltas.add(p.tenant_id, a.model, a.endpoint, now, requests=1, charged_tokens=r.tokens,
+                   charged_nusd=need)
+    if rows:
+        conn.execute(_INSERT, rows)
+        counters.write_all(conn, [held[t] for t in sorted({row["t"] for row in rows})])
+        counters.add_buckets(conn, added)
+        deltas.write(conn)
+    return results
+
+
+def _check(a: Admission, c: counters.Counters, buckets: dict[int, list[int]] | None,
+           now: dt.datetime) -> float | None:
+    """Raise the 429 that refuses ``a`` against its tenant's counters ``c`` (rolled to ``now``)
+    and window ``buckets`` (second -> [requests, tokens]); else the USD left after it."""
+    p, reservation = a.principal, a.reservation
     c.roll(now)
     if p.max_concurrent_requests is not None and c.inflight >= p.max_concurrent_requests:
         raise RateLimitError(
             f"Rate limit reached for concurrent requests: limit {p.max_concurrent_requests}, "
             f"in flight {c.inflight}.", retry_after_s=1.0)
-    if p.requests_per_min is not None or p.tokens_per_min is not None:
-        recent = counters.window(conn, p.tenant_id, now)
+    if buckets is not None:
+        after = counters.epoch_second(now) - WINDOW_S
+        recent = sorted((s, r, t) for s, (r, t) in buckets.items() if s > after)
         _check_rpm(p.requests_per_min, recent, now)
         _check_tpm(p.tokens_per_min, recent, reservation.tokens, now)
+    if p.budget_usd is None:
+        return None
     need = reservation.nusd
-    remaining = None
-    if p.budget_usd is not None:
-        spent, budget = c.spent_nusd(p.budget_period), to_nusd(p.budget_usd)
-        if spent + need > budget:
-            end = period_bounds(p.budget_period, now)[1]
-            retry = (end - now).total_seconds() if end else 86400.0
-            raise InsufficientQuotaError(
-                f"You exceeded your current quota: budget {p.budget_usd:g} USD per "
-                f"{p.budget_period}, {spent / NUSD_PER_USD:.6f} USD spent or reserved, this "
-                f"request reserves up to {need / NUSD_PER_USD:.6f} USD.", retry_after_s=retry)
-        remaining = (budget - spent - need) / NUSD_PER_USD
-    inserted = conn.execute(_INSERT, {
-        "id": reservation.request_id, "t": p.tenant_id, "key": p.key_id, "model": model,
-        "endpoint": endpoint, "stream": stream, "tokens": reservation.tokens,
-        "usd": need / NUSD_PER_USD, "now": now, "gw": gateway_id,
-        "lease": now + dt.timedelta(seconds=lease_s)}).rowcount
-    if inserted != 1:
-        raise InvalidRequestError(f"request id `{reservation.request_id}` was already used",
-                                  code="duplicate_request_id")
-    counters.reserve(conn, c, now, reservation.tokens, need)
-    rollups.add(conn, p.tenant_id, model, endpoint, now, requests=1,
-                charged_tokens=reservation.tokens, charged_nusd=need)
-    return remaining
+    spent, budget = c.spent_nusd(p.budget_period), to_nusd(p.budget_usd)
+    if spent + need > budget:
+        end = period_bounds(p.budget_period, now)[1]
+        retry = (end - now).total_seconds() if end else 86400.0
+        raise InsufficientQuotaError(
+            f"You exceeded your current quota: budget {p.budget_usd:g} USD per "
+            f"{p.budget_period}, {spent / NUSD_PER_USD:.6f} USD spent or reserved, this "
+            f"request reserves up to {need / NUSD_PER_USD:.6f} USD.", retry_after_s=retry)
+    return (budget - spent - need) / NUSD_PER_USD
 
 
 def _bucket_leaves(second: int, now: dt.datetime) -> float:

@@ -115,6 +115,54 @@ def lock_many(conn: Connection, tenant_ids) -> None:
         conn.execute(_LOCK_MANY, {"ids": ids}).all()
 
 
+_LOCK_ALL = {d: sql("SELECT tenant_id, inflight, day_start, day_nusd, month_start, month_nusd, "
+                    "total_nusd FROM tenant_counters WHERE tenant_id IN :ids ORDER BY tenant_id"
+                    + suffix, columns=("tenant_id", "inflight", "day_start", "day_nusd",
+                                       "month_start", "month_nusd", "total_nusd"),
+                    time_columns=("day_start", "month_start"), lists=("ids",))
+             for d, suffix in (("postgresql", " FOR UPDATE"), ("sqlite", ""))}
+_WINDOWS = sql("SELECT tenant_id, second, requests, tokens FROM rate_buckets WHERE tenant_id IN "
+               ":ids AND second > :after", lists=("ids",))
+_BUCKETS_ADD = sql("INSERT INTO rate_buckets (tenant_id, second, requests, tokens) VALUES "
+                   "(:t, :s, :requests, :tokens) ON CONFLICT (tenant_id, second) DO UPDATE SET "
+                   "requests = rate_buckets.requests + excluded.requests, "
+                   "tokens = rate_buckets.tokens + excluded.tokens")
+
+
+def lock_all(conn: Connection, tenant_ids: list[int]) -> dict[int, Counters]:
+    """Lock (in tenant-id order) and read several tenants' counters; tenants that do not exist
+    are missing from the result."""
+    if not tenant_ids:
+        return {}
+    stmt = _LOCK_ALL.get(conn.dialect.name, _LOCK_ALL["sqlite"])
+    return {row[0]: Counters(*row) for row in conn.execute(stmt, {"ids": sorted(tenant_ids)})}
+
+
+def windows(conn: Connection, tenant_ids: list[int], now: dt.datetime
+            ) -> dict[int, dict[int, list[int]]]:
+    """Per tenant, ``second -> [requests, tokens]`` of the buckets in the window ending at
+    ``now`` (or later), in one query."""
+    out: dict[int, dict[int, list[int]]] = {t: {} for t in tenant_ids}
+    if tenant_ids:
+        for t, second, requests, tokens in conn.execute(
+                _WINDOWS, {"ids": tenant_ids, "after": epoch_second(now) - WINDOW_S}):
+            out[t][second] = [requests, tokens]
+    return out
+
+
+def write_all(conn: Connection, held: list[Counters]) -> None:
+    """Write back counters read by :func:`lock_all` and changed in place (one statement)."""
+    if held:
+        conn.execute(_WRITE, [c.__dict__ for c in held])
+
+
+def add_buckets(conn: Connection, added: dict[tuple[int, int], list[int]]) -> None:
+    """Add ``(tenant, second) -> [requests, tokens]`` to the window buckets (one statement)."""
+    if added:
+        conn.execute(_BUCKETS_ADD, [{"t": t, "s": s, "requests": r, "tokens": k}
+                                    for (t, s), (r, k) in sorted(added.items())])
+
+
 def lock(conn: Connection, tenant_id: int) -> Counters | None:
     """Lock and read a tenant's counters (None: no such tenant)."""
     row = conn.execute(_LOCK.get(conn.dialect.name, _LOCK["sqlite"]), {"t": tenant_id}).first()

@@ -42,7 +42,7 @@ class Admission(RequestHook):
         if principal is None:  # admission runs after authentication
             raise AuthenticationError.missing_key()
         reservation = self.tenancy.reservation(facts.model, ctx.tokens, ctx.request_id,
-                                               facts.budget_field)
+                                               facts.budget_field, ctx.adapter_usd_per_1m_tokens)
         remaining = await self.tenancy.admit(principal, reservation, facts.model, ctx.endpoint,
                                              facts.stream)
         ctx.cache_salt = self.tenancy.cache_salt(principal.tenant_id)

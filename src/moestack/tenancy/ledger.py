@@ -66,6 +66,10 @@ class LedgerEntry:
     e2e_s: float | None
     started_at: dt.datetime
     finished_at: dt.datetime | None
+    adapter: str | None = None
+    """The LoRA adapter the request ran with (``model`` is its base), set when it settles."""
+    backend: str = "replica"
+    """Who answered: ``replica`` (self-hosted) or ``provider:<name>`` (overflow)."""
 
 
 def query_usage(store: TenancyStore, tenant: str | None = None, since: dt.datetime | None = None,
@@ -94,7 +98,7 @@ def _entry(r: UsageRow, tenant: str) -> LedgerEntry:
         r.request_id, tenant, r.key_id, r.model, r.endpoint, r.stream, r.state, r.status_code,
         r.error_code, r.prompt_tokens, r.cached_prompt_tokens, r.completion_tokens,
         r.charged_tokens, r.charged_usd, r.cost_usd, r.baseline_costs_usd, r.ttft_s, r.e2e_s,
-        r.started_at, r.finished_at)
+        r.started_at, r.finished_at, r.adapter, r.backend or "replica")
 
 
 @dataclass(frozen=True)
@@ -113,14 +117,17 @@ _ROWS = {d: sql("SELECT request_id, tenant_id, model, endpoint, state, started_a
                          "charged_tokens", "charged_usd"), time_columns=("started_at",),
                 lists=("ids",))
          for d, suffix in (("postgresql", " FOR UPDATE"), ("sqlite", ""))}
-_TENANTS_OF = sql("SELECT DISTINCT tenant_id FROM usage_ledger WHERE request_id IN :ids",
-                  lists=("ids",))
+_LOCK_TENANTS_OF = sql("SELECT tenant_id FROM tenant_counters WHERE tenant_id IN (SELECT "
+                       "tenant_id FROM usage_ledger WHERE request_id IN :ids) ORDER BY tenant_id "
+                       "FOR UPDATE", lists=("ids",))
+"""PostgreSQL: lock the counters of the rows' tenants, in tenant-id order (one round trip)."""
 _SETTLE = sql(
     "UPDATE usage_ledger SET state = 'settled', status_code = :status_code, error_code = "
     ":error_code, prompt_tokens = :prompt_tokens, cached_prompt_tokens = :cached_prompt_tokens, "
     "completion_tokens = :completion_tokens, charged_tokens = :charged_tokens, charged_usd = "
     ":charged_usd, cost_usd = :cost_usd, baseline_costs_usd = :baselines, ttft_s = :ttft_s, "
-    "e2e_s = :e2e_s, finished_at = :finished_at, lease_expires_at = NULL WHERE request_id = "
+    "e2e_s = :e2e_s, finished_at = :finished_at, lease_expires_at = NULL, adapter = :adapter "
+    "WHERE request_id = "
     ":id AND state IN ('pending', 'lost')", times=("finished_at",)).bindparams(
     bindparam("baselines", type_=JSON))
 
@@ -143,7 +150,7 @@ def settle_many(conn: Connection, items: list[Settlement]) -> list[bool]:
     writers' lock order). A batch costs a few statements whatever its size."""
     ids = list(dict.fromkeys(s.record.request_id for s in items))
     if conn.dialect.name == "postgresql":
-        counters.lock_many(conn, [t for (t,) in conn.execute(_TENANTS_OF, {"ids": ids})])
+        conn.execute(_LOCK_TENANTS_OF, {"ids": ids}).all()
     rows = {r.request_id: r for r in conn.execute(
         _ROWS.get(conn.dialect.name, _ROWS["sqlite"]), {"ids": ids})}
     done, updates, results = set(), [], []
@@ -168,7 +175,8 @@ def settle_many(conn: Connection, items: list[Settlement]) -> list[bool]:
             "cost_usd": None if s.cost_usd is None else to_nusd(s.cost_usd) / NUSD_PER_USD,
             "baselines": None if baselines is None else
             {b: n / NUSD_PER_USD for b, n in baselines.items()},
-            "ttft_s": rec.ttft_s, "e2e_s": rec.e2e_s, "finished_at": finished_at})
+            "ttft_s": rec.ttft_s, "e2e_s": rec.e2e_s, "finished_at": finished_at,
+            "adapter": rec.adapter})
         d_tokens = charged_tokens - row.charged_tokens
         d_nusd = charged_nusd - to_nusd(row.charged_usd)
         corrections.add(row.tenant_id, row.started_at, -1 if row.state == "pending" else 0,

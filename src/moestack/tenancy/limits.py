@@ -34,3 +34,10 @@ class TenantLimits(BaseModel):
     budget_usd: float | None = Field(None, ge=0, le=USD_MAX, description="USD per budget period.")
     budget_period: Literal["day", "month", "total"] | None = Field(
         None, description="Budget period: UTC day, UTC month, or the tenant's lifetime.")
+    overflow_policy: Literal["never", "allowed"] | None = Field(
+        None, description="`allowed`: requests may go to an external provider when the cluster "
+        "is full (data leaves the house); `never` (default): they wait.")
+    overflow_budget_usd: float | None = Field(None, ge=0, le=USD_MAX, description="USD per UTC "
+                                              "month the tenant's overflowed requests may cost "
+                                              "at the providers (null: no cap, as for "
+                                              "`budget_usd`).")

@@ -113,10 +113,13 @@ class Tenancy:
         return cache_salt(self._salt_secret, tenant_id)
 
     def reservation(self, model: str, tokens: TokenBound, request_id: str,
-                    budget_field: str | None = None) -> Reservation:
-        """What admission holds for a request: its token bound, priced at the tenant prices;
-        400 naming ``budget_field`` if one request may not hold that much."""
-        usd = self.settings.price(model).usd(tokens.prompt_tokens, tokens.completion_tokens)
+                    budget_field: str | None = None,
+                    usd_per_1m_tokens: float | None = None) -> Reservation:
+        """What admission holds for a request: its token bound, priced at the tenant prices
+        (at ``usd_per_1m_tokens``, a LoRA adapter's own price, when given); 400 naming
+        ``budget_field`` if one request may not hold that much."""
+        usd = (self.settings.price(model).usd(tokens.prompt_tokens, tokens.completion_tokens)
+               if usd_per_1m_tokens is None else tokens.total * usd_per_1m_tokens / 1e6)
         reservation = Reservation(request_id, tokens.total, usd)
         reservation.check_size(budget_field)
         return reservation
@@ -127,10 +130,9 @@ class Tenancy:
         returns), or raise 429/503. Returns the USD left in the tenant's budget net of every
         running reservation (None: no budget)."""
         self.start()
-        future = self.writer.submit(lambda conn: admission.admit_in(
-            conn, principal, reservation=reservation, model=model, endpoint=endpoint,
-            stream=stream, gateway_id=self.gateway_id, lease_s=self._row_lease_s),
-            principal.tenant_id)
+        future = self.writer.submit_batched(admission.admit_many, admission.Admission(
+            principal, reservation, model, endpoint, stream, self.gateway_id,
+            self._row_lease_s), principal.tenant_id, deferred=False)
         try:
             remaining = await asyncio.shield(asyncio.wrap_future(future))
         except StoreUnavailableError:
@@ -159,7 +161,7 @@ class Tenancy:
             self.writer.submit(_close_unsettled(record.request_id), tenant_id)
             return
         s = (Settlement(record, 0.0) if cost is None else
-             Settlement(record, cost.charged_usd, cost.self_hosted_usd, dict(cost.baseline_usd)))
+             Settlement(record, cost.charged_usd, cost.cost_usd, dict(cost.baseline_usd)))
         self.writer.submit_batched(ledger.settle_many, s, tenant_id,
                                    fallback=_close_unsettled(record.request_id))
 

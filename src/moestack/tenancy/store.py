@@ -45,7 +45,8 @@ from moestack.tenancy.tables import ApiKey, StoreVersion, Tenant, TenantCounters
 
 BUDGET_PERIODS = ("day", "month", "total")
 LIMIT_FIELDS = ("allowed_models", "priority", "weight", "requests_per_min", "tokens_per_min",
-                "max_concurrent_requests", "budget_usd", "budget_period")
+                "max_concurrent_requests", "budget_usd", "budget_period", "overflow_policy",
+                "overflow_budget_usd")
 _MIGRATION_LOCK_ID = 0x6D6F6573  # PostgreSQL advisory lock id: "moes"
 STORE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
 """Driver errors meaning the store cannot serve now (down, locked, read-only, pool exhausted)."""
@@ -92,6 +93,8 @@ class TenantInfo:
     budget_period: str
     created_at: dt.datetime
     active_key_ids: tuple[str, ...] = ()
+    overflow_policy: str = "never"
+    overflow_budget_usd: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         out = {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -104,7 +107,8 @@ class TenantInfo:
 def _info(t: Tenant, key_ids: tuple[str, ...] = ()) -> TenantInfo:
     return TenantInfo(t.name, tuple(t.allowed_models), t.priority, t.weight, t.requests_per_min,
                       t.tokens_per_min, t.max_concurrent_requests, t.budget_usd, t.budget_period,
-                      t.created_at, key_ids)
+                      t.created_at, key_ids, t.overflow_policy or "never",
+                      t.overflow_budget_usd)
 
 
 def _tenant_named(s: Session, name: str) -> Tenant:
@@ -130,8 +134,12 @@ def _make_engine(url: str, busy_timeout_s: float, immediate: bool = True) -> Eng
         if parsed.get_backend_name() == "postgresql":
             connect_args = {"connect_timeout": max(1, math.ceil(busy_timeout_s)),
                             "options": f"-c lock_timeout={ms}"}
+        # psycopg2 runs an executemany (a batch's settlements, admissions, counters) as pages
+        # of statements, one round trip each, rather than one round trip per row.
+        batch = ({"executemany_mode": "values_plus_batch"}
+                 if parsed.get_driver_name() == "psycopg2" else {})
         return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8,
-                             pool_timeout=busy_timeout_s, connect_args=connect_args)
+                             pool_timeout=busy_timeout_s, connect_args=connect_args, **batch)
     memory = parsed.database in (None, "", ":memory:")
     if not memory:
         path = Path(parsed.database).expanduser()
@@ -342,7 +350,7 @@ def period_start(period: str, now: dt.datetime) -> dt.datetime:
     return dt.datetime(1970, 1, 1)
 
 
-NOT_NULL_FIELDS = ("allowed_models", "priority", "weight", "budget_period")
+NOT_NULL_FIELDS = ("allowed_models", "priority", "weight", "budget_period", "overflow_policy")
 """Settings every tenant has; the others are limits, and None clears them."""
 
 

@@ -37,6 +37,11 @@ class Tenant(Base):
     max_concurrent_requests: Mapped[int | None] = mapped_column(Integer)
     budget_usd: Mapped[float | None] = mapped_column(Float)
     budget_period: Mapped[str] = mapped_column(String(16), nullable=False, default="month")
+    # Overflow to external providers (migration 0005_overflow): never | allowed, and the USD
+    # per UTC month the tenant's overflowed requests may cost at the providers.
+    overflow_policy: Mapped[str] = mapped_column(String(16), nullable=False, default="never",
+                                                 server_default="never")
+    overflow_budget_usd: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
 
@@ -80,7 +85,10 @@ class UsageRow(Base):
     started_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     gateway_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    backend: Mapped[str] = mapped_column(String(64), nullable=False, default="replica",
+                                         server_default="replica")  # or provider:<name>
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    adapter: Mapped[str | None] = mapped_column(String(128))  # LoRA adapter (migration 0004)
 
     __table_args__ = (
         Index("ix_usage_tenant_started", "tenant_id", "started_at"),
@@ -88,6 +96,24 @@ class UsageRow(Base):
         Index("ix_usage_gateway_state", "gateway_id", "state"),
         Index("ix_usage_started", "started_at"),
     )
+
+
+class Adapter(Base):
+    """A registered LoRA adapter over a configured model (migration 0004)."""
+
+    __tablename__ = "adapters"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    base_model: Mapped[str] = mapped_column(String(128), nullable=False)
+    path: Mapped[str] = mapped_column(String(1024), nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    rank: Mapped[int] = mapped_column(Integer, nullable=False)
+    owner_tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), nullable=False,
+                                                 index=True)
+    shared_tenant_ids: Mapped[list] = mapped_column(JSON, nullable=False, default=list)
+    """Tenants besides the owner that may use it (ids; empty: private to the owner)."""
+    usd_per_1m_tokens: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
 
 class TenantCounters(Base):
@@ -102,6 +128,18 @@ class TenantCounters(Base):
     month_start: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False)
     month_nusd: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     total_nusd: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
+class OverflowCounters(Base):
+    """What a tenant's overflowed requests cost at the providers in the current UTC month:
+    reservations while they run, the providers' figures once settled
+    (:mod:`moestack.tenancy.overflow_budget`)."""
+
+    __tablename__ = "overflow_counters"
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    month_start: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False)
+    month_nusd: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
 
 
 class RateBucket(Base):

@@ -7,8 +7,9 @@ writer follows, so gateways cannot deadlock), commits once, and then resolves ea
 future. So:
 
 * an admission's reservation is committed (durable) before its future resolves, i.e. before the
-  engine sees the request; admissions arriving together share one commit (group commit), which is
-  what lets one SQLite file take thousands of admissions a second;
+  engine sees the request; admissions arriving together share one commit (group commit) and one
+  set of statements (:func:`moestack.tenancy.admission.admit_many`, a batched operation like the
+  settlements), which is what lets one SQLite file take thousands of admissions a second;
 * settlements are *deferred*: they wait up to ``flush_interval_s`` for company (or ride along
   with the next admission), and a batch that fails on a store error is kept and retried, in
   order, until the store is back; settling is idempotent, so a retry of a batch whose commit was
@@ -104,7 +105,7 @@ class StoreWriter:
         with self._cv:
             left = len(self._deferred) + len(self._urgent)
             for op in [*self._urgent, *self._deferred]:
-                op.future.set_exception(StoreUnavailableError(UNAVAILABLE_MESSAGE))
+                _fail(op.future, StoreUnavailableError(UNAVAILABLE_MESSAGE))
             self._urgent.clear()
             self._deferred.clear()
         return left
@@ -213,17 +214,24 @@ class StoreWriter:
         """Run ``batch`` in one transaction, in tenant-id order; its results once committed."""
         results: list[tuple[Operation, Any, Exception | None]] = []
         with self.store.begin() as conn:
-            counters.lock_many(conn, [op.tenant_id for op in batch if op.tenant_id])
+            # Every operation locks its tenants' counters first; with several tenants in the
+            # batch they are all locked here first, in id order (one tenant: nothing to order).
+            tenants = {op.tenant_id for op in batch if op.tenant_id}
+            if len(tenants) > 1:
+                counters.lock_many(conn, tenants)
             ordered = sorted(batch, key=lambda o: o.tenant_id)  # stable: keeps arrival order
             grouped: dict[Callable, list[Operation]] = {}
             for op in ordered:
                 if op.batch_fn is not None:
                     grouped.setdefault(op.batch_fn, []).append(op)
-            # Batched operations (settlements) first: a request that has finished leaves the
-            # in-flight count before the admissions riding in the same batch are checked.
-            for batch_fn, ops in grouped.items():
+            # Deferred batched operations (settlements) first: a request that has finished
+            # leaves the in-flight count before the admissions in the same batch are checked.
+            # A batch function refuses one payload by returning its MoestackError (written
+            # nothing for it).
+            for batch_fn, ops in sorted(grouped.items(), key=lambda kv: not kv[1][0].deferred):
                 values = batch_fn(conn, [op.payload for op in ops])
-                results.extend((op, v, None) for op, v in zip(ops, values))
+                results.extend((op, None, v) if isinstance(v, MoestackError) else (op, v, None)
+                               for op, v in zip(ops, values))
             for op in ordered:
                 if op.batch_fn is not None:
                     continue
@@ -284,4 +292,14 @@ class StoreWriter:
                 min(self._failures, len(RETRY_BACKOFF_S) - 1)]
             self._failures += 1
         for op in urgent:
-            op.future.set_exception(StoreUnavailableError(UNAVAILABLE_MESSAGE))
+            _fail(op.future, StoreUnavailableError(UNAVAILABLE_MESSAGE))
+
+
+def _fail(future: concurrent.futures.Future, exc: Exception) -> None:
+    """Fail a queued operation's future, unless its waiter cancelled it (a queued operation
+    has not started, so its waiter may): a cancelled future must not stop the writer thread."""
+    if not future.cancelled():
+        try:
+            future.set_exception(exc)
+        except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+            pass

@@ -17,7 +17,8 @@ requests of the same salt (none counts as one salt of its own).
 LoRA adapters, with the knobs vLLM reads (``engine_args``: ``enable_lora``, ``max_loras``,
 ``max_cpu_loras``): :meth:`FakeEngine.ensure_adapter` registers an adapter and loads it into an
 LRU of ``max_cpu_loras`` (else ``max_loras``) adapters; a request naming a registered adapter
-that was evicted loads it again, as vLLM does, and every load counts in ``adapter_loads``. An
+that was evicted loads it again, as vLLM does, and every load counts in ``adapter_loads`` and
+takes ``fake.adapter_load_s`` (prefills of the replica wait meanwhile). An
 adapter's answers are its own deterministic words, ``<adapter>.tok<N>``, and name it as the
 model.
 """
@@ -105,7 +106,7 @@ class FakeEngine(Engine):
         # Batch scheduler (fake.max_num_seqs): a running slot is held while tokens are produced.
         self.scheduler = (BatchScheduler(config.fake.max_num_seqs, config.fake.preempt)
                           if config.fake.max_num_seqs else None)
-        args = config.engine_args
+        args = config.lora_engine_args()  # `lora:`, overridden by engine_args
         self.adapter_capacity = ((args.get("max_cpu_loras") or args.get("max_loras") or 1)
                                  if args.get("enable_lora") else 0)
         self.adapter_paths: dict[str, str] = {}
@@ -148,18 +149,31 @@ class FakeEngine(Engine):
         elif name in self._held_adapters:
             self._held_adapters.move_to_end(name)
             return False
-        self._load_adapter(name)
-        return True
+        return await self._load_adapter(name)
 
     async def remove_adapter(self, name: str) -> bool:
         self._held_adapters.pop(name, None)
         return self.adapter_paths.pop(name, None) is not None
 
-    def _load_adapter(self, name: str) -> None:
-        """Hold ``name`` as the most recently used adapter, evicting past the capacity."""
+    async def _load_adapter(self, name: str) -> bool:
+        """Hold ``name`` as the most recently used adapter, evicting past the capacity; returns
+        whether it had to be loaded. A load takes ``fake.adapter_load_s`` while the replica's
+        prefills wait, and evicts when it happens (loads run one at a time, in order)."""
         if name in self._held_adapters:
             self._held_adapters.move_to_end(name)
-            return
+            return False
+        if self._config.fake.adapter_load_s:
+            async with self._prefill_lock:
+                if name in self._held_adapters:  # loaded while this one waited
+                    self._held_adapters.move_to_end(name)
+                    return False
+                await asyncio.sleep(self._config.fake.adapter_load_s)
+                self._hold(name)
+            return True
+        self._hold(name)
+        return True
+
+    def _hold(self, name: str) -> None:
         self._held_adapters[name] = None
         self.adapter_loads += 1
         while len(self._held_adapters) > self.adapter_capacity:
@@ -200,7 +214,7 @@ class FakeEngine(Engine):
         self.requests_seen.append(SeenRequest(request.request_id, request.path, body,
                                               request.tenant))
         if body.get("model") in self.adapter_paths:
-            self._load_adapter(body["model"])
+            await self._load_adapter(body["model"])
         answer = self._generate(request, body, chat, prompts, max_tokens, n, stops, salt)
         try:
             async for chunk in answer:

@@ -79,7 +79,8 @@ async def _serve(server, app, engines: dict, operator_port: int | None = None) -
     operator = None
     if operator_port is not None:  # as each Gateway replica does
         operator = OperatorListener(
-            build_operator_api(app.state.config, app.state.metrics, app.state.tenancy),
+            build_operator_api(app.state.config, app.state.metrics, app.state.tenancy,
+                               app.state.relay.backend),
             "127.0.0.1", range(operator_port, operator_port + 1))
         operator.start()
     try:
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ttft-s", type=float, default=0.0, help="fake engine TTFT (no --config)")
     p.add_argument("--token-interval-s", type=float, default=0.0,
                    help="fake engine token interval (without --config)")
+    p.add_argument("--engines-down", action="store_true", help="every engine unhealthy: no "
+                   "replica takes a request (what overflow and failover see)")
     args = p.parse_args(argv)
     if args.config:
         config = load_config(args.config)
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                                         fake={"ttft_s": args.ttft_s,
                                               "token_interval_s": args.token_interval_s}))
     app, engines = build_gateway(config)
+    for engine in engines.values():
+        engine.healthy = not args.engines_down
     server = _uvicorn(app, args.port)
     asyncio.run(_serve(server, app, engines, args.operator_port))  # stops on SIGINT/SIGTERM
     return 0

@@ -47,10 +47,11 @@ async def local_stack(config: MoestackConfig, sinks=()) -> AsyncIterator[LocalSt
     engines = {m.name: build_engine(m, config.cache_dir) for m in config.models}
     for engine in engines.values():
         await engine.start()
-    app = build_api(config, LocalBackend(engines), sinks)
+    backend = LocalBackend(engines)
+    app = build_api(config, backend, sinks)
     tenancy, scheduler = app.state.tenancy, app.state.scheduler
     transport = httpx.ASGITransport(app=app)
-    operator_app = build_operator_api(config, app.state.metrics, tenancy)
+    operator_app = build_operator_api(config, app.state.metrics, tenancy, backend)
     try:
         if tenancy is not None:
             tenancy.start()

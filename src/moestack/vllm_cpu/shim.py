@@ -42,6 +42,11 @@ in it still assume a GPU or an AVX512-BF16 CPU:
    process builds V4's CPU attention layer, so DeepSeek-V4 runs on every x86 host; where the
    library has them, the native ones run and nothing is registered.
 
+4. Not a fix but an exact speed-up: ``cpu_sparse.py:DeepseekV4CPUAttention.forward_mqa``
+   hands the attention kernel fixed-width key-slot rows that are mostly ``-1`` (no key) in a
+   short context; the shim drops the columns that are ``-1`` for every token first
+   (:mod:`moestack.vllm_cpu.v4_speed`; same output, bit for bit).
+
 Drop this module (and its ``vllm.general_plugins`` entry point in pyproject.toml) when vLLM's
 CPU build fixes those files: ``v1/attention/ops/metadata.py``,
 ``v1/attention/backends/mla/sparse_swa.py`` and ``models/deepseek_v4/cpu/cpu_mla.py``, and
@@ -290,13 +295,15 @@ def _register_kernels_first(attention_cls) -> None:
     the torch kernels the loaded library lacks before it builds: before the model's first
     kernel call (its weights' ``convert_weight_packed``), and only in processes that build a
     V4 model. A module-import trigger would not do: vLLM imports the V4 CPU modules while
-    serving other models too."""
-    from moestack.vllm_cpu import v4_ops
+    serving other models too. The attention's absent-key trimming (:mod:`v4_speed`) goes in
+    at the same point, when ``cpu_sparse`` is whole."""
+    from moestack.vllm_cpu import v4_ops, v4_speed
 
     build = attention_cls.__init__
 
     def build_with_kernels(self, *args, **kwargs) -> None:
         v4_ops.register_missing()
+        v4_speed.install()
         build(self, *args, **kwargs)
 
     attention_cls.__init__ = build_with_kernels

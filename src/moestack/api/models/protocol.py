@@ -13,6 +13,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "moestack"
     max_model_len: int | None = None
+    parent: str | None = None
+    """For a LoRA adapter, the base model it runs on (as vLLM lists adapters)."""
 
 
 class ModelList(BaseModel):

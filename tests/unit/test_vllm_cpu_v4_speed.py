@@ -1,0 +1,143 @@
+"""The V4 CPU attention without absent key columns (``moestack.vllm_cpu.v4_speed``) gives the
+same output, bit for bit, as vLLM's unpatched path, on the native kernel and on the torch one.
+
+The key slots are built the way ``cpu_sparse.forward_mqa`` builds them (a causal window of
+128 per decode token, the ratio-4 layer's 512 top-k columns as the short-context fill or a
+scattered top-k, the ratio-128 layer's dense columns) and mapped through vLLM's own
+``map_local_to_global_slots_cpu``, once as vLLM does and once through the patch."""
+
+import pytest
+import torch
+
+from moestack.vllm_cpu import v4_cache as tc
+from moestack.vllm_cpu import v4_speed
+
+from tests.unit.test_vllm_cpu_v4_ops import BLOCK, HEADS, MAX_POS, _cos_sin, _mla_cache, native
+
+pytest.importorskip("vllm")
+
+__all__ = ["native"]  # the fixture, shared with the kernel tests
+
+WINDOW, TOPK, RATIO128_WIDTH = 128, 512, 16
+BLOCKS = 4
+
+
+def _map_slots():
+    from vllm.models.deepseek_v4.cpu.cpu_utils import map_local_to_global_slots_cpu
+
+    return map_local_to_global_slots_cpu
+
+
+def _window(positions: torch.Tensor) -> torch.Tensor:
+    """``forward_mqa``'s causal sliding window: local token indices, -1 where none."""
+    start = (positions - WINDOW + 1).clamp(min=0)
+    local = start.unsqueeze(-1) + torch.arange(WINDOW)
+    return torch.where(local <= positions.unsqueeze(-1), local, torch.full_like(local, -1))
+
+
+def _dense(positions: torch.Tensor, ratio: int, width: int) -> torch.Tensor:
+    """The ratio-128 layer's (and the short-context ratio-4 fill's) compressed columns."""
+    count = torch.div(positions + 1, ratio, rounding_mode="floor").clamp(max=width)
+    arange = torch.arange(width).unsqueeze(0)
+    return torch.where(arange < count.unsqueeze(-1), arange.expand(len(positions), width),
+                       torch.full((len(positions), width), -1))
+
+
+def _scattered(positions: torch.Tensor) -> torch.Tensor:
+    """A learned top-k of a long context: keys spread over the columns, -1 holes, and the
+    last columns empty for every token."""
+    local = torch.randint(0, BLOCKS * BLOCK // 4, (len(positions), TOPK))
+    local[torch.rand(local.shape) < 0.3] = -1
+    local[:, 300:] = -1
+    return local
+
+
+def _caches(writer):
+    swa, comp = _mla_cache(num_blocks=BLOCKS), _mla_cache(num_blocks=BLOCKS)
+    rows = torch.randn(BLOCKS * BLOCK, 512).to(torch.bfloat16)
+    slots = torch.arange(rows.shape[0])
+    writer(rows[:, None].clone(), rows, slots % MAX_POS, swa, slots, _cos_sin(), 1, 1e-6, BLOCK)
+    writer(rows[:, None].clone(), rows * 2, slots % MAX_POS, comp, slots, _cos_sin(), 1, 1e-6,
+           BLOCK)
+    return swa, comp
+
+
+CASES = {
+    "short decode, window-only layer": (torch.tensor([3, 9, 40, 73]), None),
+    "short decode, ratio-4 fill": (torch.tensor([3, 9, 40, 73]), lambda p: _dense(p, 4, TOPK)),
+    "ratio-128 layer, no compressed key yet": (
+        torch.tensor([5, 60, 90, 100]), lambda p: _dense(p, 128, RATIO128_WIDTH)),
+    "long decode, full windows": (
+        torch.tensor([200, 500, 700, 1000]), lambda p: _dense(p, 128, RATIO128_WIDTH)),
+    "long decode, scattered top-k": (torch.tensor([300, 600, 900, 1020]), _scattered),
+    "prefill chunk": (torch.arange(0, 260, 4), lambda p: _dense(p, 4, TOPK)),
+}
+
+
+def _attend(kernel, swa, comp, positions, compressed, map_slots):
+    req_idx = torch.arange(len(positions)) % 4
+    block_table = torch.randperm(4 * BLOCKS).view(4, BLOCKS) % BLOCKS
+    window_slots = map_slots(_window(positions), req_idx, block_table, BLOCK)
+    if compressed is None:
+        comp_slots, comp_cache = window_slots.new_full((len(positions), 0), -1), swa
+    else:
+        comp_slots = map_slots(compressed(positions), req_idx, block_table, BLOCK)
+        comp_cache = comp
+    q = torch.randn(len(positions), HEADS, 512).to(torch.bfloat16)
+    out = torch.full((len(positions), HEADS, 512), 7.0, dtype=torch.bfloat16)
+    kernel(out, q, swa, window_slots, BLOCK, comp_cache, comp_slots, BLOCK, torch.randn(HEADS),
+           512 ** -0.5)
+    return out, window_slots.shape[1], comp_slots.shape[1]
+
+
+def _assert_same_output_as_unpatched(kernel, writer):
+    full_map = _map_slots()
+    trimmed_map = v4_speed._trimming(full_map)
+    swa, comp = _caches(writer)
+    narrower = 0
+    for name, (positions, compressed) in CASES.items():
+        torch.manual_seed(1)
+        expected, full_w, full_c = _attend(kernel, swa, comp, positions, compressed, full_map)
+        torch.manual_seed(1)
+        actual, trim_w, trim_c = _attend(kernel, swa, comp, positions, compressed, trimmed_map)
+        assert torch.equal(actual, expected), name
+        narrower += (trim_w, trim_c) != (full_w, full_c)
+    assert narrower >= 4  # the trimming did happen
+
+
+def test_native_attention_over_present_columns_equals_the_unpatched_path(native):
+    _assert_same_output_as_unpatched(native.flash_mla_with_kvcache_cpu,
+                                     native.fused_qnorm_rope_kv_insert_cpu)
+
+
+def test_torch_attention_over_present_columns_equals_the_unpatched_path():
+    _assert_same_output_as_unpatched(tc.flash_mla_with_kvcache_cpu,
+                                     tc.fused_qnorm_rope_kv_insert_cpu)
+
+
+def test_trimming_drops_only_trailing_columns_without_a_key():
+    local = torch.tensor([[0, -1, 2, -1, -1], [-1, -1, -1, 3, -1]])
+    assert torch.equal(v4_speed.trim_absent_columns(local), local[:, :4])
+    kept = local[:, :4]
+    assert v4_speed.trim_absent_columns(kept) is kept
+    assert v4_speed.trim_absent_columns(torch.full((2, 6), -1)).shape == (2, 0)
+    assert v4_speed.trim_absent_columns(torch.full((0, 6), -1)).shape == (0, 0)
+    window = _window(torch.tensor([3, 9]))
+    assert v4_speed.trim_absent_columns(window).shape == (2, 10)
+
+
+def test_install_patches_only_the_attention_mapping_and_only_once():
+    from vllm.models.deepseek_v4.cpu import cpu_compressor, cpu_sparse, cpu_utils
+
+    original = cpu_sparse.map_local_to_global_slots_cpu
+    try:
+        v4_speed.install()
+        v4_speed.install()
+        patched = cpu_sparse.map_local_to_global_slots_cpu
+        assert v4_speed.installed()
+        assert patched.__wrapped__ is cpu_utils.map_local_to_global_slots_cpu
+        # the compressor gathers fixed-width state windows: never trimmed
+        unpatched = cpu_utils.map_local_to_global_slots_cpu
+        assert cpu_compressor.map_local_to_global_slots_cpu is unpatched
+    finally:
+        cpu_sparse.map_local_to_global_slots_cpu = original
