@@ -47,8 +47,9 @@ def db_url(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(providers, db_url):
     oai, claude = providers
-    os.environ.update({ADMIN_ENV: ADMIN_KEY, OPENAI_KEY_ENV: OPENAI_KEY,
-                       ANTHROPIC_KEY_ENV: ANTHROPIC_KEY})
+    keys = {ADMIN_ENV: ADMIN_KEY, OPENAI_KEY_ENV: OPENAI_KEY, ANTHROPIC_KEY_ENV: ANTHROPIC_KEY}
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)  # restored below: later tests run without an admin key
     fake = {"ttft_s": 0.01, "token_interval_s": 0.02, "max_num_seqs": 2}
     config = fake_config(
         {"name": MODEL, "engine": "fake", "max_model_len": 4096, "fake": fake},
@@ -73,6 +74,11 @@ def server(providers, db_url):
         relay._infos[CLAUDE_MODEL] = dataclasses.replace(
             info, request_fields={**info.request_fields, "/v1/messages": MESSAGES_FIELDS})
         yield s
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     for env in (ADMIN_ENV, OPENAI_KEY_ENV, ANTHROPIC_KEY_ENV):
         os.environ.pop(env, None)
 

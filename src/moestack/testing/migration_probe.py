@@ -90,6 +90,7 @@ def probe_stack(replicas: int = 2, multiprocessing: bool = False) -> Iterator[Pr
     tmp = short_temp_dir()
     marker = secrets.token_hex(8)
     db_url = f"sqlite:///{tmp / 'ledger.db'}"
+    own_admin_key = "MOESTACK_ADMIN_KEY" not in os.environ  # removed again at the end
     os.environ.setdefault("MOESTACK_ADMIN_KEY", secrets.token_urlsafe(32))
     started = time.time()
     config = fake_config(model_dict(replicas, marker, multiprocessing), storage={"url": db_url},
@@ -107,6 +108,8 @@ def probe_stack(replicas: int = 2, multiprocessing: bool = False) -> Iterator[Pr
         stack = ProbeStack(app, handle, tmp, marker, db_url, model, started=started)
         yield stack
     finally:
+        if own_admin_key:
+            os.environ.pop("MOESTACK_ADMIN_KEY", None)
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
