@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import httpx
 
@@ -119,28 +120,28 @@ class Provider:
             content=json.dumps(body, ensure_ascii=False).encode())
         self.inflight += 1
         try:
-            try:
+            with self._errors("did not answer in time", "could not be reached"):
                 response = await self._client.send(request, stream=True)
-            except httpx.TimeoutException:
-                raise ProviderTimeoutError(f"The overflow provider `{self.name}` did not answer "
-                                           "in time.") from None
-            except httpx.HTTPError:
-                raise ProviderError(f"The overflow provider `{self.name}` could not be "
-                                    "reached.") from None
             try:
-                async for chunk in self._answer(response, stream, drop_usage,
-                                                prompt_tokens_bound):
-                    yield chunk
-            except httpx.TimeoutException:
-                raise ProviderTimeoutError(f"The overflow provider `{self.name}` stopped "
-                                           "answering.") from None
-            except httpx.HTTPError:
-                raise ProviderError(f"The overflow provider `{self.name}` broke off its "
-                                    "answer.") from None
+                with self._errors("stopped answering", "broke off its answer"):
+                    async for chunk in self._answer(response, stream, drop_usage,
+                                                    prompt_tokens_bound):
+                        yield chunk
             finally:
                 await response.aclose()
         finally:
             self.inflight -= 1
+
+    @contextmanager
+    def _errors(self, timed_out: str, failed: str) -> Iterator[None]:
+        """httpx's timeouts and transport errors as the provider errors a client gets."""
+        try:
+            yield
+        except httpx.TimeoutException:
+            raise ProviderTimeoutError(f"The overflow provider `{self.name}` {timed_out}.") \
+                from None
+        except httpx.HTTPError:
+            raise ProviderError(f"The overflow provider `{self.name}` {failed}.") from None
 
     async def _answer(self, response: httpx.Response, stream: bool, drop_usage: bool,
                       prompt_bound: int) -> AsyncIterator[EngineChunk]:
