@@ -110,16 +110,23 @@ def _words(cache_2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return cache_2d
 
 
+def paged_views(cache_2d: torch.Tensor, block_size: int, row_bytes: int, scale_bytes: int,
+                word: torch.dtype):
+    """Views of a paged cache whose blocks hold ``block_size`` data rows of ``row_bytes`` and
+    then as many scale rows of ``scale_bytes``: ``[blocks, block_size, row]`` and
+    ``[blocks, block_size, scale]``, in ``word``-sized words where possible."""
+    cache = _words(cache_2d, word)
+    unit = cache.element_size()
+    data_end, row, scale = block_size * row_bytes // unit, row_bytes // unit, scale_bytes // unit
+    data = cache[:, :data_end].unflatten(1, (block_size, row))
+    scales = cache[:, data_end:data_end + block_size * scale].unflatten(1, (block_size, scale))
+    return data, scales
+
+
 def _mla_views(cache_2d: torch.Tensor, block_size: int):
     """Views of an ``fp8_ds_mla`` cache: token rows ``[blocks, block_size, 576 bytes]`` and
     scale rows ``[blocks, block_size, 8 bytes]``, in int64 words where possible."""
-    cache = _words(cache_2d, torch.int64)
-    unit = cache.element_size()
-    data_end, token, scale = (block_size * TOKEN_BYTES // unit, TOKEN_BYTES // unit,
-                              SCALE_BYTES // unit)
-    data = cache[:, :data_end].unflatten(1, (block_size, token))
-    scales = cache[:, data_end:data_end + block_size * scale].unflatten(1, (block_size, scale))
-    return data, scales
+    return paged_views(cache_2d, block_size, TOKEN_BYTES, SCALE_BYTES, torch.int64)
 
 
 def _block_and_offset(slots: torch.Tensor, block_size: int):

@@ -18,7 +18,7 @@ import torch
 from moestack.vllm_cpu.v4_cache import (FP8_MAX, ROPE_DIM, _block_and_offset,
                                             _compress_targets, _cos_sin, _pool_window,
                                             _fp8_to_float, _pow2_exponent, _rms_norm,
-                                            _rope_gptj, _to_fp8_bytes, _words)
+                                            _rope_gptj, _to_fp8_bytes, paged_views)
 
 __all__ = ["compress_norm_rope_store_indexer_cpu", "fp8_paged_mqa_logits_cpu",
            "fused_indexer_q_rope_quant_cpu", "topk_transform_512_cpu"]
@@ -32,13 +32,7 @@ _LOGIT_ELEMENTS = 1 << 24  # bound on query-head x key scores per chunk of query
 def _indexer_views(cache_2d: torch.Tensor, block_size: int):
     """Views of an indexer K cache: rows ``[blocks, block_size, 128 bytes]`` and scales
     ``[blocks, block_size, 4 bytes]``, in 4-byte words where possible."""
-    cache = _words(cache_2d, torch.int32)
-    unit = cache.element_size()
-    data_end, row, scale = (block_size * INDEXER_HEAD_DIM // unit, INDEXER_HEAD_DIM // unit,
-                            _SCALE_BYTES // unit)
-    rows = cache[:, :data_end].unflatten(1, (block_size, row))
-    scales = cache[:, data_end:data_end + block_size * scale].unflatten(1, (block_size, scale))
-    return rows, scales
+    return paged_views(cache_2d, block_size, INDEXER_HEAD_DIM, _SCALE_BYTES, torch.int32)
 
 
 # ----------------------------------------------------------------------------- compressor
