@@ -140,15 +140,16 @@ async def throughput(url: str, total: int, concurrency: int, key: str | None = N
     writer = StoreWriter(store, flush_interval_s=0.02, max_batch=500)
     auth = AuthCache(store, ttl_s=2.0)
     tag = multiprocessing.current_process().name
+    loop = asyncio.get_running_loop()
     done = 0
 
     async def one(i: int) -> None:
         nonlocal done
         p = await auth.principal(key)
         rid = f"{tag}-t-{i}"
-        await asyncio.wrap_future(writer.submit_batched(admission.admit_many, Admission(
+        await writer.submit_batched(admission.admit_many, Admission(
             p, Reservation(rid, 60, 0.0001), "m", "chat.completions", True, "bench", 60),
-            p.tenant_id, deferred=False))
+            p.tenant_id, deferred=False, loop=loop)
         s = Settlement(record(rid), 0.00005, 0.00001, {"gpt": 0.0002, "claude": 0.0003})
         writer.submit_batched(ledger.settle_many, s, p.tenant_id)
         done += 1

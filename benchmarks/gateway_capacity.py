@@ -14,7 +14,8 @@ requests, closed loop at a fixed concurrency), one after the other:
    keys, admission and the usage ledger on SQLite, one tenant without limits).
 
 Printed: sustained streaming requests/s, TTFT/E2E percentiles, CPU milliseconds the server
-processes spent per request, and the ratios moestack / LiteLLM. The load generator runs on the
+processes spent per request (for moestack also split by process: Gateway replica, ModelServer
+replica, Ray's own processes), and the ratios moestack / LiteLLM. The load generator runs on the
 same cores, so absolute figures are lower bounds of each server's capacity; the ratios compare
 like with like.
 
@@ -115,6 +116,30 @@ def moestack_config(port: int, tmp: Path, ingress: str = "proxy",
             else {"enabled": False}, "ray": {"num_cpus": 2}}
 
 
+def cpu_by_process(root_pid: int) -> dict[str, float]:
+    """CPU seconds so far of a stack's processes, by role: its Gateway and ModelServer
+    replicas, Serve's HTTP proxy, and the rest (Ray's controller, GCS, raylet, the
+    ``moestack up`` process)."""
+    import psutil
+
+    roles = {"moestack:Gateway": "Gateway", "moestack:ModelServer": "ModelServer",
+             "ProxyActor": "Serve proxy"}
+    out = dict.fromkeys((*roles.values(), "Ray and driver"), 0.0)
+    try:
+        root = psutil.Process(root_pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for p in procs:
+        try:
+            cmd, t = " ".join(p.cmdline()), p.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        role = next((r for m, r in roles.items() if m in cmd), "Ray and driver")
+        out[role] += t.user + t.system
+    return out
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or not b else f"{a / b:.2f}x"
 
@@ -173,14 +198,21 @@ def main(argv: list[str] | None = None) -> int:
             key = stack.bootstrap_key() if tenancy else None
             try:
                 measure("warm-up", warm, stack.base_url, api_key=key)
+                before = cpu_by_process(stack.proc.pid)
                 runs.append(measure(f"moestack {ingress}, tenancy {'on' if tenancy else 'off'}",
                                     scenario, stack.base_url, [stack.proc.pid], api_key=key))
+                after = cpu_by_process(stack.proc.pid)
                 stacks.append(runs[-1])
+                done = runs[-1].report["requests"]["completed"] or 1
                 print(table(runs[-1:]), flush=True)
+                print("  server CPU by process (ms/request): " + ", ".join(
+                    f"{role} {(after[role] - before[role]) * 1000 / done:.2f}"
+                    for role in after), flush=True)
             finally:
                 stack.stop()
                 shutil.rmtree(stack_tmp, ignore_errors=True)
     print("\n" + table(runs))
+    print(f"load average after the run {os.getloadavg()[0]:.1f}")
     by = {r.name.split(" ")[0]: r for r in runs}
     backend_run, li = by["backend"], by.get("LiteLLM")
     print("\nmoestack (server CPU per request: targets <= 6 ms tenancy off, <= 8 ms on; "

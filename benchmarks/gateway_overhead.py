@@ -44,11 +44,11 @@ includes CPU contention, not only extra hops.
 Run it with a short TMPDIR (Ray's socket paths must stay under 108 bytes).
 
     .venv/bin/python benchmarks/gateway_overhead.py [--rounds 3] [--requests 60] [--rate 4]
-        [--ingress proxy|direct|chart|both|all] [--smoke]
+        [--output-tokens 32] [--warmup 3] [--ingress proxy|direct|chart|both|all] [--smoke]
 
-``--smoke`` (the test suite's run): one round of a few requests per phase and target; it also
-renders the chart and prepares the ``chart`` target's Serve config (no stack: seconds), so a
-chart change that breaks that target fails the suite.
+``--smoke`` (the test suite's run): one round of a few short requests per phase and target
+(one warm-up request); it also renders the chart and prepares the ``chart`` target's Serve
+config (no stack: seconds), so a chart change that breaks that target fails the suite.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ MAX_MODEL_LEN = 1024
 ENGINE_ENV = dict(load_config().models[0].env)
 """Both targets' engine environment: the embedded default's (KV cache size, OpenMP binding and
 spin count), so moestack is measured as it ships and vLLM with the same engine settings."""
-SMOKE = {"rounds": 1, "requests": 4, "rate": 20.0, "saturate_requests": 4}
+SMOKE = {"rounds": 1, "requests": 4, "rate": 20.0, "saturate_requests": 4, "output_tokens": 8,
+         "warmup": 1}
 """``--smoke``: the smallest run that still measures both phases on both targets."""
 MODES = {"proxy": ("proxy",), "direct": ("direct",), "chart": ("chart",),
          "both": ("proxy", "direct"), "all": ("proxy", "direct", "chart")}
@@ -305,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, help="arrival rate, requests/s (default: scenario)")
     p.add_argument("--saturate-requests", type=int, default=96, help="requests of the "
                    "saturating phase")
+    p.add_argument("--output-tokens", type=int, help="output tokens of every request "
+                   "(default: scenario)")
+    p.add_argument("--warmup", type=int, help="warm-up requests per target before its "
+                   "Poisson phase (default: scenario)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each measures both targets "
                    "(alternating which goes first) and the figures merge all rounds")
     p.add_argument("--ingress", choices=tuple(MODES), default="proxy",
@@ -321,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.rate:
         scenario = scenario.replace(arrival={**scenario.arrival.model_dump(),
                                              "rate_rps": args.rate})
+    if args.output_tokens:
+        scenario = scenario.replace(output_tokens={"kind": "fixed", "mean": args.output_tokens})
+    if args.warmup is not None:
+        scenario = scenario.replace(warmup_requests=args.warmup)
     saturate = scenario.replace(name="saturate", num_requests=args.saturate_requests,
                                 warmup_requests=0, seed=scenario.seed + 1,
                                 arrival={**scenario.arrival.model_dump(), "rate_rps": None})

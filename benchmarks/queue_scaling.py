@@ -32,7 +32,7 @@ from moestack.testing.benchmark_args import parse_with_smoke
 
 MODEL = "fake-moe"
 SMOKE = {"requests": 4, "max_replicas": 2, "per_replica": 1, "max_tokens": 8,
-         "token_interval_s": 0.05}
+         "token_interval_s": 0.02}
 """``--smoke``: the smallest burst that runs both variants end to end."""
 
 

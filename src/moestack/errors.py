@@ -148,6 +148,11 @@ class EngineUnavailableError(MoestackError):
     code = "engine_unavailable"
 
 
+class ReplicaDrainingError(EngineUnavailableError):
+    """A stream's replica is draining (scale-down, rolling update): the gateway ended the
+    stream there to resume it on a live replica (:mod:`moestack.api.migration`)."""
+
+
 class StoreWriteError(MoestackError):
     """One write to the tenancy store failed on its own (a value the database refused, a bug),
     not for an outage: that request is not served (500) while the writes batched with it

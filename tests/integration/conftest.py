@@ -1,5 +1,7 @@
 """Fixtures shared by integration test files: what takes a minute to start, started once."""
 
+import json
+
 import openai
 import pytest
 
@@ -42,3 +44,15 @@ def lora_reference(lora_adapters, tmp_path_factory):
     with vllm_server(checkpoint, LORA_MODEL, args, log) as base:
         yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0,
                             timeout=120)
+
+
+@pytest.fixture(scope="session")
+def tiny_v4_avx2_smoke(tmp_path_factory):
+    """``benchmarks/tiny_v4_avx2.py --smoke --report DIR``, run once for its smoke test and the
+    AVX2 path's kernel tests: its output, and the report of each path it ran (both where the
+    CPU has avx512_bf16, else the AVX2 path's alone)."""
+    from tests.unit.test_benchmarks_smoke import run_benchmark
+
+    reports = tmp_path_factory.mktemp("tiny-v4-avx2")
+    out = run_benchmark("tiny_v4_avx2.py", "--report", str(reports), timeout_s=900)
+    return out, {p.stem: json.loads(p.read_text()) for p in reports.glob("*.json")}

@@ -322,3 +322,74 @@ async def test_postgres_stopped_and_restarted_gives_503_then_recovers_and_settle
                 "SELECT inflight, total_nusd FROM tenant_counters").one()
         assert inflight == 0
         assert total == sum(round(row.charged_usd * 1e9) for row in rows)
+
+
+def test_batched_writes_keep_every_value_exactly_whatever_the_text(url):
+    """The writer's batches go to the driver directly (one query string per phase on
+    PostgreSQL): ids, models and adapters with quotes, percent signs, semicolons, backslashes and
+    non-ASCII text, and NULL and non-NULL figures side by side, are stored exactly, and the
+    counters and rollups still equal the ledger."""
+    import asyncio
+
+    from moestack.tenancy import admission, rollups
+    from moestack.tenancy.admission import Admission
+    from moestack.tenancy.ledger import Settlement
+    from moestack.tenancy.writer import StoreWriter
+    from tests.unit.test_tenancy_counters import actual_counters, expected_counters
+
+    store = TenancyStore.open(url)
+    _, key = store.create_tenant("t", budget_usd=100.0, requests_per_min=1000,
+                                 tokens_per_min=10**6, max_concurrent_requests=100)
+    p = authenticate(store, key.plaintext)
+    texts = ["plain", "it's", "100%", "%s", "%(id)s", "a;b", "back\\slash", "ünï ✓", "$1"]
+    models = ["m", "m'; DROP TABLE usage_ledger; --", "m%"]
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        writer = StoreWriter(store, flush_interval_s=0.05)
+        admitted = await asyncio.gather(*(writer.submit_batched(
+            admission.admit_many, Admission(p, Reservation(f"r-{t}", 20 + i, 0.001 * (i + 1)),
+                                            models[i % 3], "chat.completions", bool(i % 2),
+                                            "gw'1", 60), p.tenant_id, deferred=False,
+            loop=loop) for i, t in enumerate(texts)))
+        settled = [writer.submit_batched(ledger.settle_many, Settlement(
+            RequestRecord(request_id=f"r-{t}", model=models[i % 3], endpoint="chat.completions",
+                          stream=bool(i % 2), status_code=None if i == 1 else 200,
+                          prompt_tokens=i, completion_tokens=2 * i, cached_prompt_tokens=i // 2,
+                          ttft_s=None if i % 3 == 0 else 0.25 * i, e2e_s=0.5 + i,
+                          error_code=None if i % 2 else t, adapter=None if i % 4 else t),
+            0.0001 * i, None if i % 2 else 0.00002 * i,
+            None if i % 3 == 1 else {"gpt'4": 0.0003 * i, "ü%": 0.1}), p.tenant_id)
+            for i, t in enumerate(texts)]
+        # a second admission of the same id in a batch with settlements is refused alone
+        again = writer.submit_batched(admission.admit_many, Admission(
+            p, Reservation("r-it's", 1, 0.0), "m", "chat.completions", True, "g", 60),
+            p.tenant_id, deferred=False, loop=loop)
+        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in settled), again,
+                                       return_exceptions=True)
+        writer.stop()
+        return admitted, results
+
+    admitted, results = asyncio.run(run())
+    assert all(isinstance(r, float) for r in admitted)
+    assert results[:-1] == [True] * len(texts)
+    assert getattr(results[-1], "code", None) == "duplicate_request_id"
+    rows = {r.request_id: r for r in ledger.query_usage(store, tenant="t")}
+    assert sorted(rows) == sorted(f"r-{t}" for t in texts)
+    for i, t in enumerate(texts):
+        r = rows[f"r-{t}"]
+        assert (r.model, r.stream, r.state, r.status_code, r.error_code, r.adapter) == (
+            models[i % 3], bool(i % 2), "settled", None if i == 1 else 200,
+            None if i % 2 else t, None if i % 4 else t)
+        assert (r.prompt_tokens, r.completion_tokens, r.cached_prompt_tokens,
+                r.charged_tokens) == (i, 2 * i, i // 2, 3 * i)
+        assert r.charged_usd == pytest.approx(0.0001 * i, abs=1e-12)
+        assert r.cost_usd == (None if i % 2 else pytest.approx(0.00002 * i, abs=1e-12))
+        assert r.baseline_costs_usd == (None if i % 3 == 1 else {
+            "gpt'4": pytest.approx(0.0003 * i, abs=1e-12), "ü%": pytest.approx(0.1)})
+        assert (r.ttft_s, r.e2e_s) == (None if i % 3 == 0 else 0.25 * i, 0.5 + i)
+    now = ledger.utcnow()
+    assert actual_counters(store, p.tenant_id, now) == expected_counters(store, "t", now)
+    assert actual_counters(store, p.tenant_id, now)["inflight"] == 0
+    assert rollups.query(store) == rollups.aggregate(ledger.query_usage(store))
+    store.close()

@@ -3,6 +3,7 @@ scripted backend that answers as a resumable replica does (token ids on its chun
 mid-stream as a dead replica does (:class:`EngineUnavailableError`). The real engine's half and
 the end-to-end text equality are in ``tests/integration/test_migration_vllm.py``."""
 
+import asyncio
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from moestack.api.migration import Migrator
 from moestack.engine.protocol import EngineChunk, EngineRequest
 from moestack.engine.resume import resumable
-from moestack.errors import EngineUnavailableError
+from moestack.errors import EngineUnavailableError, ReplicaDrainingError
 from moestack.testing import fake_config
 from moestack.usage import Usage
 
@@ -38,10 +39,14 @@ class Scripted:
     """Original stream: role, 'a' (10), 'b' (11), then the replica dies. Resumes answer 'c' (12),
     'd' (13, length) with the engine's usage, unless ``resume_fails``."""
 
-    def __init__(self, resume_fails: int = 0, finish_before_death: bool = False):
+    def __init__(self, resume_fails: int = 0, finish_before_death: bool = False,
+                 death: EngineUnavailableError | None = None, stall_s: float = 0.0):
         self.requests: list[EngineRequest] = []
         self.resume_fails = resume_fails
         self.finish_before_death = finish_before_death
+        self.death = death or EngineUnavailableError("the model replica failed: RayActorError")
+        self.stall_s = stall_s
+        """Before dying: how long the replica sends nothing (as a hung one does)."""
 
     async def serve(self, model, request):
         self.requests.append(request)
@@ -54,7 +59,8 @@ class Scripted:
             yield EngineChunk(sse(chat_event("a")), Usage(3, 1), token_ids=(10,))
             last = chat_event("b", "length" if self.finish_before_death else None)
             yield EngineChunk(sse(last), Usage(3, 2), token_ids=(11,))
-            raise EngineUnavailableError("the model replica failed: RayActorError")
+            await asyncio.sleep(self.stall_s)
+            raise self.death
         if self.resume_fails:
             self.resume_fails -= 1
             raise EngineUnavailableError("no replica")
@@ -82,11 +88,14 @@ async def collect(migrator, req):
     return chunks, events
 
 
-def migrator(backend, attempts=2):
-    m = Migrator(fake_config(gateway={"migration": {"max_attempts": attempts},
+def migrator(backend, attempts=2, stall_timeout_s=60.0):
+    m = Migrator(fake_config(gateway={"migration": {"max_attempts": attempts,
+                                                    "stall_timeout_s": stall_timeout_s},
                                       "first_token_timeout_s": 5}), backend)
     m.seen = []
-    m.on_migrated = lambda model, tokens: m.seen.append((model, tokens))
+    m.reasons = []
+    m.on_migrated = lambda model, tokens, reason: (m.seen.append((model, tokens)),
+                                                   m.reasons.append(reason))
     return m
 
 
@@ -108,7 +117,37 @@ async def test_resumes_a_failed_stream_in_the_original_shape_billing_each_token_
     assert resume.path == "/v1/completions" and resume.resume_prompt_tokens == 3
     assert body["prompt"] == [1, 2, 3, 10, 11] and body["max_tokens"] == 2
     assert (body["temperature"], body["seed"]) == (0, 5)
-    assert mig.migrated["m"] == 1 and mig.seen == [("m", 5)]
+    assert mig.migrated["m"] == 1 and mig.seen == [("m", 5)] and mig.reasons == ["failure"]
+
+
+async def test_a_stream_moved_off_a_draining_replica_resumes_and_counts_as_drain():
+    backend = Scripted(death=ReplicaDrainingError("the model replica is draining"))
+    mig = migrator(backend, attempts=2)
+    chunks, events = await collect(mig, request())
+    assert "".join(c["delta"].get("content") or "" for e in events for c in e["choices"]) \
+        == "abcd"
+    assert chunks[-1].usage == Usage(3, 4)
+    assert mig.reasons == ["drain"]
+    # The backend may move the first stream and the first resumption (one attempt left each
+    # time), each after the configured delay.
+    after = fake_config().gateway.migration.drain_after_s
+    assert [r.drain_after_s for r in backend.requests] == [after, after]
+
+
+async def test_the_last_allowed_resumption_is_never_moved_off_a_draining_replica():
+    backend = Scripted(death=ReplicaDrainingError("the model replica is draining"))
+    await collect(migrator(backend, attempts=1), request())
+    assert backend.requests[0].drain_after_s is not None
+    assert backend.requests[1].drain_after_s is None  # a move would fail it: it drains in place
+
+
+async def test_a_replica_that_stops_answering_mid_stream_counts_as_failed_and_is_resumed():
+    backend = Scripted(stall_s=3600)  # hangs after 'b' (it would die an hour later)
+    mig = migrator(backend, stall_timeout_s=0.2)
+    chunks, events = await asyncio.wait_for(collect(mig, request()), 10)
+    assert "".join(c["delta"].get("content") or "" for e in events for c in e["choices"]) \
+        == "abcd"
+    assert chunks[-1].usage == Usage(3, 4) and mig.reasons == ["failure"]
 
 
 async def test_a_stream_that_had_its_finish_gets_only_its_end():

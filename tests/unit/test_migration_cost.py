@@ -26,10 +26,11 @@ def test_record_migration_counts_the_resumption_its_tokens_and_their_cost():
     config = fake_config(fake_model("m"))
     metrics = GatewayMetrics(config=config, resources=lambda: _resources(config))
     metrics.record_migration("m", 1000)
-    metrics.record_migration("m", 500)
+    metrics.record_migration("m", 500, "drain")
     metrics.accrue()
     text = metrics.exposition().decode()
-    assert 'moestack_migrated_requests_total{model="m"} 2.0' in text
+    assert 'moestack_migrated_requests_total{model="m",reason="failure"} 1.0' in text
+    assert 'moestack_migrated_requests_total{model="m",reason="drain"} 1.0' in text
     assert 'moestack_migration_reprefill_tokens_total{model="m"} 1500.0' in text
     cost = metrics.cost_model.reprefill_usd("m", 1500)
     assert cost > 0

@@ -147,6 +147,19 @@ def test_completed_and_forgotten_requests_release_outstanding_tokens_and_prefixe
     assert router.outstanding_tokens("r1") == 0 and len(router.index) == 0
 
 
+def test_a_replica_that_leaves_marks_only_the_requests_routed_to_it_as_left():
+    router = Router(RoutingConfig())
+    router.routed(RoutingRequest("on-r1", estimated_tokens=5), "r1", key="k1")
+    router.routed(RoutingRequest("on-r2", estimated_tokens=5), "r2", key="k2")
+    router.reserve(RoutingRequest("queued", estimated_tokens=5), "r1", key="k3")
+    router.routed(RoutingRequest("done", estimated_tokens=5), "r1", key="k4")
+    router.completed("k4")
+    router.forget("r1")  # draining (or dead): its routed requests may move elsewhere
+    assert set(router.left) == {"on-r1"}  # not the one only reserved there, nor a finished one
+    router.forget("r2")
+    assert list(router.left) == ["on-r1", "on-r2"]  # oldest first
+
+
 def test_prefix_hashes_are_chained_so_only_a_shared_prefix_matches():
     a = block_hashes("AAAA" "BBBB" "CCCC", 4)
     b = block_hashes("AAAA" "BBBB" "DDDD", 4)

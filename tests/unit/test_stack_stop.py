@@ -36,8 +36,8 @@ WAITS_FOR_A_STOP = """
 import time
 from moestack.serve.runner import take_stop_signals
 take_stop_signals()
-print("ready", flush=True)
-try:
+try:  # "ready" inside: the signal may come before the next bytecode
+    print("ready", flush=True)
     time.sleep(60)
 except KeyboardInterrupt:
     print("stopping", flush=True)

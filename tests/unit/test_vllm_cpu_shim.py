@@ -101,6 +101,20 @@ def test_token_to_request_map_matches_the_triton_kernel(num_mapped, num_tokens):
     assert out[num_tokens:].eq(99).all()
 
 
+def test_token_to_request_map_is_reused_only_for_the_same_request_spans():
+    spans = QSL.clone()
+    first = torch.full((16,), 99, dtype=torch.int32)
+    shim.token_to_req_indices(spans, first, 8, 8)
+    again = torch.full((16,), 99, dtype=torch.int32)  # another group's buffer, same step
+    assert shim.token_to_req_indices(spans, again, 8, 8).tolist() == first[:8].tolist()
+    assert again[8:].eq(99).all()
+    spans[1:] = torch.tensor([1, 5, 8], dtype=torch.int32)  # the next step, in place
+    got = shim.token_to_req_indices(spans, again, 8, 8)
+    assert got.tolist() == _token_to_req_reference(spans.tolist(), 8, 8)
+    assert shim.token_to_req_indices(spans, again, 6, 8).tolist() == _token_to_req_reference(
+        spans.tolist(), 6, 8)
+
+
 def _compressed_slots_reference(slot_mapping, qsl, seq_lens, block_table, block_size, ratio):
     out = [-1] * len(slot_mapping)
     for b in range(block_table.shape[0]):

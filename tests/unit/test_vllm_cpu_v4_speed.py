@@ -1,10 +1,13 @@
-"""The V4 CPU attention without absent key columns (``moestack.vllm_cpu.v4_speed``) gives the
-same output, bit for bit, as vLLM's unpatched path, on the native kernel and on the torch one.
+"""The V4 CPU speed-ups (``moestack.vllm_cpu.v4_speed``) give the same output, bit for bit, as
+vLLM's unpatched path, on the native kernel and on the torch one.
 
 The key slots are built the way ``cpu_sparse.forward_mqa`` builds them (a causal window of
 128 per decode token, the ratio-4 layer's 512 top-k columns as the short-context fill or a
 scattered top-k, the ratio-128 layer's dense columns) and mapped through vLLM's own
-``map_local_to_global_slots_cpu``, once as vLLM does and once through the patch."""
+``map_local_to_global_slots_cpu``, once as vLLM does and once through the patch; the slots
+built directly at their width equal the trimmed mapping; a compressor step without a
+compressed-cache slot only saves its states, which is exact because the native compression
+kernels write nothing then."""
 
 import pytest
 import torch
@@ -126,18 +129,138 @@ def test_trimming_drops_only_trailing_columns_without_a_key():
     assert v4_speed.trim_absent_columns(window).shape == (2, 10)
 
 
-def test_install_patches_only_the_attention_mapping_and_only_once():
+def test_install_patches_attention_and_compressors_only_once():
     from vllm.models.deepseek_v4.cpu import cpu_compressor, cpu_sparse, cpu_utils
 
-    original = cpu_sparse.map_local_to_global_slots_cpu
+    attention = cpu_sparse.DeepseekV4CPUAttention
+    compressor = cpu_compressor.DeepseekV4CPUCompressor
+    originals = (cpu_sparse.map_local_to_global_slots_cpu, attention.forward_mqa,
+                 compressor.forward)
     try:
         v4_speed.install()
         v4_speed.install()
         patched = cpu_sparse.map_local_to_global_slots_cpu
         assert v4_speed.installed()
         assert patched.__wrapped__ is cpu_utils.map_local_to_global_slots_cpu
+        assert attention.forward_mqa is v4_speed.forward_mqa
+        assert compressor.forward.__wrapped__ is originals[2]  # wrapped once, not twice
         # the compressor gathers fixed-width state windows: never trimmed
         unpatched = cpu_utils.map_local_to_global_slots_cpu
         assert cpu_compressor.map_local_to_global_slots_cpu is unpatched
     finally:
-        cpu_sparse.map_local_to_global_slots_cpu = original
+        (cpu_sparse.map_local_to_global_slots_cpu, attention.forward_mqa,
+         compressor.forward) = originals
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_window_and_dense_slots_equal_the_trimmed_vllm_mapping(name):
+    positions, compressed = CASES[name]
+    trimmed_map = v4_speed._trimming(_map_slots())
+    req_idx = torch.arange(len(positions)) % 4
+    block_table = torch.randperm(4 * BLOCKS).view(4, BLOCKS).to(torch.int32)
+    expected = trimmed_map(_window(positions), req_idx, block_table, BLOCK)
+    actual = v4_speed.window_slots(positions, req_idx, block_table, BLOCK, WINDOW)
+    assert actual.dtype == expected.dtype and torch.equal(actual, expected)
+    for ratio, width in ((128, RATIO128_WIDTH), (4, TOPK)):
+        expected = trimmed_map(_dense(positions, ratio, width), req_idx, block_table, BLOCK // 4)
+        actual = v4_speed.dense_slots(positions, req_idx, block_table, BLOCK // 4, ratio, width)
+        assert actual.dtype == expected.dtype and torch.equal(actual, expected), ratio
+
+
+def test_slots_of_no_token_are_empty():
+    none = torch.empty(0, dtype=torch.int64)
+    table = torch.zeros(1, BLOCKS, dtype=torch.int32)
+    assert v4_speed.window_slots(none, none, table, BLOCK, WINDOW).shape == (0, 0)
+    assert v4_speed.dense_slots(none, none, table, BLOCK, 128, 16).shape == (0, 0)
+    early = torch.tensor([0, 5, 100])  # no ratio-128 key yet
+    slots = v4_speed.dense_slots(early, torch.zeros(3, dtype=torch.int64), table, BLOCK, 128, 16)
+    assert slots.shape == (3, 0) and slots.dtype == torch.int64
+
+
+def test_slots_are_built_once_per_step_and_again_in_the_next():
+    calls = []
+
+    def build(positions, width):
+        calls.append(width)
+        return positions * width
+
+    positions = torch.arange(4)
+    step = (object(), {})
+    first = v4_speed._shared(step, build, positions, 2)
+    assert v4_speed._shared(step, build, positions, 2) is first
+    v4_speed._shared(step, build, positions, 3)  # another width: its own entry
+    v4_speed._shared(step, build, positions.clone(), 2)  # another tensor: its own entry
+    assert calls == [2, 3, 2]
+    next_step = (object(), step[1])  # same metadata dict, new forward context: built again
+    assert v4_speed._shared(next_step, build, positions, 2) is not first
+    assert calls == [2, 3, 2, 2]
+
+
+class _Cache:
+    def __init__(self, prefix, kv_cache=None):
+        self.prefix, self.kv_cache = prefix, kv_cache
+
+
+class _Metadata:
+    def __init__(self, slot_mapping):
+        self.slot_mapping = slot_mapping
+
+
+class _Compressor:
+    """What ``compressor_forward`` reads of a ``DeepseekV4CPUCompressor``."""
+
+    coff, head_dim, k_cache_prefix = 2, 8, "k"
+
+    def __init__(self):
+        self.state_cache = _Cache("state", torch.zeros(2, 4, 32))
+        self.ape = torch.randn(4, 16)
+
+
+def _compressor_step(monkeypatch, k_slots, calls):
+    metadata = {"k": _Metadata(k_slots), "state": _Metadata(torch.tensor([0, 1, 2]))}
+    context = type("Context", (), {"attn_metadata": metadata})()
+    kernels = type("Kernels", (), {"save_partial_states_cpu": staticmethod(
+        lambda *args: calls.append(("save", args[-1])))})
+    monkeypatch.setitem(v4_speed._vllm, "get_forward_context", lambda: context)
+    monkeypatch.setitem(v4_speed._vllm, "cpu_compressor", kernels)
+    forward = v4_speed.compressor_forward(lambda *args: calls.append(("whole", args[2])))
+    positions = torch.tensor([4, 5, 6])
+    forward(_Compressor(), torch.randn(3, 32), positions, None)
+    return positions
+
+
+def test_compressor_without_a_compressed_slot_only_saves_its_states(monkeypatch):
+    calls = []
+    _compressor_step(monkeypatch, torch.full((3,), -1), calls)
+    assert len(calls) == 1 and calls[0][0] == "save"
+    assert torch.equal(calls[0][1], torch.tensor([0, 1, 2]))  # the state cache's own slots
+
+
+def test_compressor_with_a_compressed_slot_runs_vllms_forward(monkeypatch):
+    calls = []
+    positions = _compressor_step(monkeypatch, torch.tensor([-1, -1, 7]), calls)
+    assert calls == [("whole", positions)]
+
+
+@pytest.mark.parametrize("indexer", [False, True])
+def test_native_compression_writes_nothing_without_a_compressed_slot(native, indexer):
+    """What makes skipping the call exact: with every compressed slot -1 (tokens that close
+    a group included), the native kernels leave the cache untouched."""
+    ratio, width = 4, (256 if indexer else 1024)
+    head = width // 2
+    state = torch.randn(3, BLOCK, 2 * width)
+    positions = torch.arange(64)
+    local = positions.unsqueeze(-1) - 2 * ratio + 1 + torch.arange(2 * ratio)
+    gather = torch.where(local >= 0, local, -1)
+    slots = torch.full((64,), -1)
+    kernel = (native.compress_norm_rope_store_indexer_cpu if indexer
+              else native.compress_norm_rope_store_cpu)
+    cache = (torch.zeros(2, BLOCK * (128 + 4), dtype=torch.uint8) if indexer
+             else _mla_cache(num_blocks=2))
+    kernel(state, gather, positions, slots, torch.rand(head) + 0.5, 1e-6, _cos_sin(), cache,
+           BLOCK, ratio)
+    assert not cache.any()
+    slots[ratio - 1] = 0  # the control: one slot, and the kernel writes
+    kernel(state, gather, positions, slots, torch.rand(head) + 0.5, 1e-6, _cos_sin(), cache,
+           BLOCK, ratio)
+    assert cache.any()

@@ -2,12 +2,15 @@
 
 The replica marks the streams it can resume (:mod:`moestack.engine.resume`): their first chunk
 names the prompt's token ids and every chunk the ids of the tokens it carries. When such a
-stream fails after its first chunk (:class:`EngineUnavailableError`: the replica died, its
-engine failed, it was drained), :class:`Migrator` sends the prompt's ids plus the ids the client
+stream fails after its first chunk (:class:`EngineUnavailableError`: the replica died or its
+engine failed; :class:`ReplicaDrainingError`: the backend ended it on a replica that has been
+draining for ``gateway.migration.drain_after_s``, so that a scale-down or rolling update does
+not wait for it), :class:`Migrator` sends the prompt's ids plus the ids the client
 already has as the prompt of a ``/v1/completions`` stream, with the remaining completion budget
 and the request's own sampling fields (seed included), and re-shapes that stream's events into
 the original endpoint's events: same ``id``, ``created``, ``model``, choice index and fields, so
-the client reads one answer with nothing missing or repeated. The engine's incremental
+the client reads one answer with nothing missing or repeated. A replica that stops answering
+(nothing for ``gateway.migration.stall_timeout_s`` after the first chunk) counts as failed. The engine's incremental
 detokenizer starts from the prompt, so a character whose first bytes the client has not been
 sent yet (held back as incomplete) comes whole in the first resumed event.
 
@@ -35,7 +38,7 @@ from moestack.api.backend import ModelBackend
 from moestack.config.schema import MoestackConfig
 from moestack.engine.protocol import EngineChunk, EngineRequest
 from moestack.engine.resume import CHAT, COMPLETIONS, RESUMABLE_ROUTES
-from moestack.errors import EngineUnavailableError
+from moestack.errors import EngineUnavailableError, ReplicaDrainingError
 from moestack.usage import NO_USAGE, Usage
 
 log = logging.getLogger(__name__)
@@ -50,8 +53,9 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_p
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 """vLLM's default ``max_tokens`` of ``/v1/completions`` (OpenAI's too)."""
 
-OnMigrated = Callable[[str, int], None]
-"""Called with (model, re-prefilled prompt tokens) for each resumption."""
+OnMigrated = Callable[[str, int, str], None]
+"""Called with (model, re-prefilled prompt tokens, reason) for each resumption; reason is
+``failure`` (the replica failed) or ``drain`` (it was draining)."""
 
 
 @dataclass
@@ -78,6 +82,8 @@ class Migrator:
         self.backend = backend
         self.max_attempts = config.gateway.migration.max_attempts
         self.timeout_s = config.gateway.first_token_timeout_s
+        self.drain_after_s = config.gateway.migration.drain_after_s
+        self.stall_timeout_s = config.gateway.migration.stall_timeout_s
         self.on_migrated = on_migrated
         self.migrated: Counter[str] = Counter()
         """Per model: resumptions that gave output."""
@@ -86,8 +92,8 @@ class Migrator:
 
     async def serve(self, model: str, request: EngineRequest) -> AsyncIterator[EngineChunk]:
         """``backend.serve`` with mid-stream resumption (engine protocol contract)."""
-        stream = self.backend.serve(model, request)
         if self.max_attempts == 0 or request.path not in RESUMABLE_ROUTES:
+            stream = self.backend.serve(model, request)
             try:
                 async for chunk in stream:
                     yield chunk
@@ -97,10 +103,11 @@ class Migrator:
         progress: _Progress | None = None
         attempts = 0
         body: dict[str, Any] | None = None
+        stream = self.backend.serve(model, replace(request, drain_after_s=self.drain_after_s))
         try:
             while True:
                 try:
-                    async for chunk in stream:
+                    async for chunk in _watched(stream, self.stall_timeout_s, attempts > 0):
                         if progress is None:
                             if chunk.prompt_token_ids is None or chunk.status != 200:
                                 yield chunk  # not resumable: relayed as it is
@@ -138,6 +145,8 @@ class Migrator:
                                     len(progress.generated), exc.message, attempts,
                                     self.max_attempts)
                         resume = _resume_request(request, body, progress, attempts)
+                        if attempts < self.max_attempts:  # it may move once more
+                            resume = replace(resume, drain_after_s=self.drain_after_s)
                         candidate = self.backend.serve(model, resume)
                         try:
                             first = await asyncio.wait_for(anext(candidate), self.timeout_s)
@@ -156,8 +165,9 @@ class Migrator:
                     self.migrated[model] += 1
                     self.resume_delays_s.append(time.monotonic() - failed_at)
                     if self.on_migrated is not None:
+                        reason = "drain" if isinstance(exc, ReplicaDrainingError) else "failure"
                         self.on_migrated(model, len(progress.prompt_ids)
-                                         + len(progress.generated))
+                                         + len(progress.generated), reason)
                     progress.base = len(progress.generated)
                     yield self._reshaped(first, progress, body)
         finally:
@@ -197,6 +207,33 @@ class Migrator:
             progress.last_data = data
         return replace(chunk, data=data, usage=progress.usage, token_ids=(),
                        prompt_token_ids=None)
+
+
+async def _watched(stream: AsyncIterator[EngineChunk], stall_timeout_s: float | None,
+                   watch_first: bool) -> AsyncIterator[EngineChunk]:
+    """``stream``'s chunks; :class:`EngineUnavailableError` when the next one takes longer than
+    ``stall_timeout_s`` (the replica stopped answering). The first chunk is watched only if
+    ``watch_first`` (the first-token timeout bounds it otherwise). No timer runs while a chunk
+    is with the caller."""
+    if stall_timeout_s is None:
+        async for chunk in stream:
+            yield chunk
+        return
+    watch = watch_first
+    while True:
+        try:
+            if watch:
+                async with asyncio.timeout(stall_timeout_s):
+                    chunk = await anext(stream)
+            else:
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise EngineUnavailableError(f"the model replica sent nothing for "
+                                         f"{stall_timeout_s:g} s") from None
+        watch = True
+        yield chunk
 
 
 def _event(data: dict[str, Any]) -> bytes:

@@ -388,13 +388,23 @@ class ModelConfig(_Strict):
 
 
 class MigrationConfig(_Strict):
-    """Resuming a stream on another replica when its replica dies mid-stream."""
+    """Resuming a stream on another replica when its replica dies or drains mid-stream."""
 
     max_attempts: int = Field(2, ge=0, le=10, description="Most times one streamed request is "
                               "resumed on another replica after its replica failed mid-stream "
                               "(each resume must give its first output within "
                               "`first_token_timeout_s`); 0 turns migration off: such a stream "
                               "ends with an error event.")
+    drain_after_s: float | None = Field(
+        2.0, ge=0, description="A resumable stream still running this many seconds after its "
+        "replica began draining (scale-down, rolling update, a replica Serve replaces) goes on "
+        "on another live replica, so the draining replica stops without waiting out "
+        "`drain_timeout_s`; shorter streams finish where they are. Counts against "
+        "`max_attempts`. Null: streams finish on the draining replica.")
+    stall_timeout_s: float | None = Field(
+        60.0, gt=0, description="A resumable stream whose replica sends nothing for this many "
+        "seconds after its first output counts as failed (the replica stopped answering): it "
+        "goes on on another replica. Counts against `max_attempts`. Null: no bound.")
 
 
 class GatewayConfig(_Strict):

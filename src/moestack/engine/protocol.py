@@ -67,6 +67,11 @@ class EngineRequest:
     resume_prompt_tokens: int = 0
     """A resumed stream (:mod:`moestack.engine.resume`): how many of the prompt's token ids
     are the original prompt's; the rest are completion tokens the client already has."""
+    drain_after_s: float | None = None
+    """Set by the gateway where it can resume the stream elsewhere: a backend whose replica
+    begins draining may end the stream this long after with
+    :class:`~moestack.errors.ReplicaDrainingError` (the gateway resumes it on a live replica).
+    None: the stream finishes on its replica."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,6 +25,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from moestack.config.schema import ModelConfig, MoestackConfig
@@ -41,6 +42,10 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 
 ResourceSource = Callable[[], ProvisionedResources]
+TOKEN_KINDS = ("prompt", "cached_prompt", "completion")
+SERIES_CACHE_SIZE = 4096
+"""Label combinations (model, endpoint, status, tenant, backend) whose series
+:meth:`GatewayMetrics.record` keeps at hand."""
 
 
 class GatewayMetrics:
@@ -69,6 +74,7 @@ class GatewayMetrics:
         self._routing: dict[str, tuple[Callable[[], RoutingCounts | None],
                                        Callable[[], int]]] = {}
         self._fairness: dict[str, Callable[[], FairnessSource]] = {}
+        self._request_series: dict[tuple[str, ...], _RequestSeries] = {}
         self._declare(self.registry)
         self.registry.register(_RoutingCollector(self._routing))
         self.registry.register(_FairnessCollector(self._fairness))
@@ -150,8 +156,8 @@ class GatewayMetrics:
                                    "tenant by the engine work of its requests.",
                                    ["tenant", "model"], registry=r)
         self.migrated = Counter("moestack_migrated_requests", "Streams resumed on another "
-                                "replica after theirs failed mid-answer (each resumption).",
-                                ["model"], registry=r)
+                                "replica after theirs failed or was draining mid-answer (each "
+                                "resumption).", ["model", "reason"], registry=r)
         self.reprefill_tokens = Counter("moestack_migration_reprefill_tokens", "Prompt tokens "
                                         "prefilled again to resume migrated streams (operator "
                                         "overhead, billed to no tenant).", ["model"], registry=r)
@@ -176,28 +182,48 @@ class GatewayMetrics:
         when given."""
         tenant = rec.tenant or NO_TENANT
         status = str(rec.status_code)
-        self.requests.labels(rec.model, rec.endpoint, status).inc()
-        self.tenant_requests.labels(tenant, rec.model, status).inc()
-        for kind, n in (("prompt", rec.prompt_tokens), ("cached_prompt", rec.cached_prompt_tokens),
-                        ("completion", rec.completion_tokens)):
-            self.tokens.labels(rec.model, kind).inc(n)
-            self.tenant_tokens.labels(tenant, rec.model, kind).inc(n)
+        s = self._series(rec.model, rec.endpoint, status, tenant, rec.backend)
+        s.requests.inc()
+        s.tenant_requests.inc()
+        s.backend_requests.inc()
+        for n, series in zip((rec.prompt_tokens, rec.cached_prompt_tokens,
+                              rec.completion_tokens), s.tokens):
+            for child in series:  # model's, tenant's, backend's
+                child.inc(n)
         if rec.adapter is not None:
             self._record_adapter(rec, tenant, status, cost)
         if rec.ttft_s is not None:
-            self.ttft.labels(rec.model).observe(rec.ttft_s)
+            s.child("ttft", self.ttft, rec.model).observe(rec.ttft_s)
             if rec.completion_tokens > 1:
                 gap = (rec.e2e_s - rec.ttft_s) / (rec.completion_tokens - 1)
-                self.itl.labels(rec.model).observe(max(0.0, gap))
+                s.child("itl", self.itl, rec.model).observe(max(0.0, gap))
         if rec.status_code == 200:
-            self.e2e.labels(rec.model).observe(rec.e2e_s)
-        self._record_backend(rec, cost)
-        if cost is not None:
-            with self._lock:
-                self.accountant.add_work(tenant, rec.model, cost.self_hosted_usd)
-            for name, usd in cost.baseline_usd.items():
-                self.baseline_cost.labels(name, tenant).inc(usd)
-            self.tenant_charged.labels(tenant, rec.model).inc(cost.charged_usd)
+            s.child("e2e", self.e2e, rec.model).observe(rec.e2e_s)
+        if cost is None:
+            return
+        if self.cost_model is not None:
+            s.child("backend_cost", self.backend_cost, rec.backend, rec.model).inc(cost.cost_usd)
+            rule = self.cost_model.config.overflow.rule(rec.model)
+            if rule is not None and (price := self.cost_model.providers.get(rule.provider)):
+                self.overflow_alternative.labels(rec.model, rule.provider).inc(price.usd(
+                    rec.prompt_tokens, rec.cached_prompt_tokens, rec.completion_tokens))
+        with self._lock:
+            self.accountant.add_work(tenant, rec.model, cost.self_hosted_usd)
+        for name, usd in cost.baseline_usd.items():
+            s.child(("baseline", name), self.baseline_cost, name, tenant).inc(usd)
+        s.child("tenant_charged", self.tenant_charged, tenant, rec.model).inc(cost.charged_usd)
+
+    def _series(self, model: str, endpoint: str, status: str, tenant: str,
+                backend: str) -> _RequestSeries:
+        """The series one finished request counts in, looked up once per label combination
+        (a ``labels()`` call per series and request costs more than the counting)."""
+        key = (model, endpoint, status, tenant, backend)
+        found = self._request_series.get(key)
+        if found is None:
+            if len(self._request_series) >= SERIES_CACHE_SIZE:
+                self._request_series.clear()  # a bound on memory only: entries are rebuilt
+            found = self._request_series[key] = _RequestSeries(self, *key)
+        return found
 
     def _record_adapter(self, rec: RequestRecord, tenant: str, status: str,
                         cost: RequestCost | None) -> None:
@@ -209,19 +235,6 @@ class GatewayMetrics:
         if cost is not None:
             self.adapter_cost.labels(*labels).inc(cost.self_hosted_usd)
             self.adapter_charged.labels(*labels).inc(cost.charged_usd)
-
-    def _record_backend(self, rec: RequestRecord, cost: RequestCost | None) -> None:
-        self.backend_requests.labels(rec.backend, rec.model, str(rec.status_code)).inc()
-        for kind, n in (("prompt", rec.prompt_tokens), ("cached_prompt", rec.cached_prompt_tokens),
-                        ("completion", rec.completion_tokens)):
-            self.backend_tokens.labels(rec.backend, rec.model, kind).inc(n)
-        if cost is None or self.cost_model is None:
-            return
-        self.backend_cost.labels(rec.backend, rec.model).inc(cost.cost_usd)
-        rule = self.cost_model.config.overflow.rule(rec.model)
-        if rule is not None and (price := self.cost_model.providers.get(rule.provider)):
-            self.overflow_alternative.labels(rec.model, rule.provider).inc(price.usd(
-                rec.prompt_tokens, rec.cached_prompt_tokens, rec.completion_tokens))
 
     # -- hooks for other gateway components ----------------------------------------------------
 
@@ -259,9 +272,11 @@ class GatewayMetrics:
         self.model_replicas.labels(m.name).set_function(replicas)
         self.model_gpus.labels(m.name).set_function(lambda: replicas() * gpus_per_replica)
 
-    def record_migration(self, model: str, reprefilled_tokens: int) -> None:
-        """Count one resumed stream and its re-prefill, valued as operator overhead."""
-        self.migrated.labels(model).inc()
+    def record_migration(self, model: str, reprefilled_tokens: int,
+                         reason: str = "failure") -> None:
+        """Count one resumed stream and its re-prefill, valued as operator overhead; ``reason``:
+        ``failure`` (its replica failed) or ``drain`` (its replica was draining)."""
+        self.migrated.labels(model, reason).inc()
         self.reprefill_tokens.labels(model).inc(reprefilled_tokens)
         if self.cost_model is not None:
             with self._lock:
@@ -304,6 +319,33 @@ class GatewayMetrics:
     def exposition(self) -> bytes:
         self.accrue()
         return generate_latest(self.registry)
+
+
+class _RequestSeries:
+    """The children of :class:`GatewayMetrics`' per-request series for one combination of
+    model, endpoint, status, tenant and backend: those every request counts in, and the others
+    (latencies, cost) once a request first counted in them (a series appears when first used,
+    as with ``labels()``)."""
+
+    __slots__ = ("requests", "tenant_requests", "backend_requests", "tokens", "_others")
+
+    def __init__(self, m: GatewayMetrics, model: str, endpoint: str, status: str, tenant: str,
+                 backend: str):
+        self.requests = m.requests.labels(model, endpoint, status)
+        self.tenant_requests = m.tenant_requests.labels(tenant, model, status)
+        self.backend_requests = m.backend_requests.labels(backend, model, status)
+        self.tokens = tuple((m.tokens.labels(model, kind),
+                             m.tenant_tokens.labels(tenant, model, kind),
+                             m.backend_tokens.labels(backend, model, kind))
+                            for kind in TOKEN_KINDS)
+        self._others: dict[Hashable, Any] = {}
+
+    def child(self, name: Hashable, metric: MetricWrapperBase, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept under ``name``."""
+        found = self._others.get(name)
+        if found is None:
+            found = self._others[name] = metric.labels(*labels)
+        return found
 
 
 class _RoutingCollector(Collector):

@@ -38,6 +38,9 @@ ROUTERS: dict[tuple[str, str], Router] = {}
 RESERVATION_TTL_S = 60.0
 """A reservation never confirmed by routing (request cancelled while queued) expires after this."""
 
+LEFT_TTL_S = 3600.0
+"""How long :attr:`Router.left` remembers the requests of a replica that left."""
+
 
 @dataclass
 class _InFlight:
@@ -64,6 +67,10 @@ class Router:
     _in_flight: dict[str, _InFlight] = field(default_factory=dict, init=False)
     _reserved_at_s: dict[str, float] = field(default_factory=dict, init=False)
     """Keys only reserved so far (see :meth:`reserve`), oldest first, with their time."""
+    left: dict[str, float] = field(default_factory=dict, init=False)
+    """Request id -> ``time.monotonic()`` when its replica left the live set (it is draining or
+    died) while the request ran there; oldest first. Only :meth:`forget` writes it, so another
+    thread may read it (:meth:`moestack.serve.backend.ServeBackend.serve` does)."""
 
     def __post_init__(self) -> None:
         check_policy(self.config.policy)
@@ -145,10 +152,15 @@ class Router:
         self._outstanding[replica_id] = max(0, self.outstanding_tokens(replica_id) + tokens)
 
     def forget(self, replica_id: str) -> None:
-        """The replica is gone: drop its load and its prefixes."""
+        """The replica is gone (draining or dead): drop its load and its prefixes, and note
+        the requests it had under way in :attr:`left`."""
+        now = time.monotonic()
+        while self.left and next(iter(self.left.values())) < now - LEFT_TTL_S:
+            del self.left[next(iter(self.left))]
         self._outstanding.pop(replica_id, None)
         for key in [k for k, f in self._in_flight.items() if f.replica_id == replica_id]:
-            del self._in_flight[key]
-            self._reserved_at_s.pop(key, None)
+            request = self._in_flight.pop(key).request
+            if self._reserved_at_s.pop(key, None) is None:  # routed there, not just reserved
+                self.left[request.request_id] = now
         self.index.forget(replica_id)
         self.adapters.forget(replica_id)

@@ -79,11 +79,16 @@ moestack's metrics (and, with tenancy, its usage ledger), and the line cost each
 write per handle call."""
 
 
-def model_server_app(model: ModelConfig, cache_dir: str | None) -> Application:
-    """The ModelServer deployment of one model: placement, then routing, autoscaling, drain."""
+def model_server_app(model: ModelConfig, cache_dir: str | None,
+                     num_replicas: int | None = None) -> Application:
+    """The ModelServer deployment of one model: placement, then routing, autoscaling, drain.
+    ``num_replicas`` overrides the model's replica count alone, which Serve applies to the
+    running deployment without a new version (a scale-up or scale-down, not a rollout)."""
+    options = {**model_server_options(model), **scaling_options(model)}
+    if num_replicas is not None:
+        options["num_replicas"] = num_replicas
     return serve.deployment(ModelServer).options(
-        **{**model_server_options(model), **scaling_options(model)},
-        logging_config=SERVE_LOGGING,
+        **options, logging_config=SERVE_LOGGING,
     ).bind(model.model_dump(mode="json"), cache_dir)
 
 

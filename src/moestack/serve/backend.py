@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 
@@ -12,8 +13,13 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from moestack.engine.protocol import EngineChunk, EngineInfo, EngineRequest
-from moestack.errors import EngineUnavailableError, ModelNotFoundError, MoestackError
-from moestack.routing.router import ROUTERS
+from moestack.errors import (
+    EngineUnavailableError,
+    ModelNotFoundError,
+    MoestackError,
+    ReplicaDrainingError,
+)
+from moestack.routing.router import ROUTERS, Router
 from moestack.routing.types import ReplicaTarget
 
 HEALTH_TIMEOUT_S = 10.0
@@ -51,6 +57,8 @@ class ServeBackend:
         """Per model: attempts on replicas while no token has been produced (failover)."""
         self.failovers: Counter[str] = Counter()
         """Per model: requests retried on another replica after one failed before any token."""
+        self.drained: Counter[str] = Counter()
+        """Per model: streams ended on a draining replica to go on on a live one."""
 
     def _handle(self, model: str) -> DeploymentHandle:
         try:
@@ -68,7 +76,10 @@ class ServeBackend:
         """Stream from a replica; if it fails before its first chunk, retry on another one.
 
         Once a chunk was yielded a failure is final (the client has seen tokens): it becomes
-        :class:`EngineUnavailableError`, which the API turns into an error event.
+        :class:`EngineUnavailableError`, which the API turns into an error event (or which
+        the gateway's migration resumes). A resumable stream that sets
+        :attr:`EngineRequest.drain_after_s` ends with :class:`ReplicaDrainingError` that long
+        after its replica began draining, if another replica is live (:meth:`_drained`).
         """
         self._handle(model)
         handle = self._streaming[model]
@@ -76,10 +87,21 @@ class ServeBackend:
         for attempt in range(1, attempts + 1):
             stream = handle.serve.remote(request)
             finished = streamed = False
+            left: dict[str, float] = {}  # the router's Router.left, once the stream may move
+            router: Router | None = None
             try:
                 async for chunk in stream:
+                    if not streamed and request.drain_after_s is not None and (
+                            chunk.prompt_token_ids is not None or request.resume_prompt_tokens):
+                        router = ROUTERS.get((handle.app_name, model))
+                        left = router.left if router is not None else left
                     streamed = True
                     yield chunk
+                    if left and self._drained(model, request, router):
+                        finished = True
+                        stream.cancel()  # the draining replica aborts it and can stop
+                        raise ReplicaDrainingError(
+                            "the model replica is draining; resuming on another replica")
                 finished = True
                 return
             except _RAY_ERRORS as exc:
@@ -93,6 +115,19 @@ class ServeBackend:
             finally:
                 if not finished:
                     stream.cancel()  # client gone: cancels the replica's generator, which aborts
+
+    def _drained(self, model: str, request: EngineRequest, router: Router) -> bool:
+        """Whether to move ``request`` off its replica: the replica left the live set at least
+        ``request.drain_after_s`` ago, and another replica is live to resume it on."""
+        since = router.left.get(request.request_id)
+        if since is None or time.monotonic() - since < request.drain_after_s:
+            return False
+        if not router.replica_ids:
+            return False  # nowhere to go: it finishes (or fails over) as before
+        self.drained[model] += 1
+        log.info("request %s: its replica is draining; moving it to a live replica",
+                 request.request_id)
+        return True
 
     async def remove_adapter(self, model: str, name: str) -> None:
         """Unload ``name`` on every live replica of ``model``.

@@ -44,7 +44,7 @@ class Gateway:
         from ray import serve
 
         self.config = replica_config(config)
-        self.backend = ServeBackend(model_handles, {
+        self.backend = ServeBackend(serve_transport(model_handles), {
             m.name: m.routing.max_attempts_before_first_token for m in self.config.models})
         # Every replica opens the shared store (migrating it if needed) at start, so a bad
         # storage URL fails the deployment instead of the first request.
@@ -123,6 +123,23 @@ class Gateway:
         if getattr(self, "tenancy", None) is not None:
             await self.tenancy.stop()
             self.tenancy.store.close()
+
+
+def serve_transport(handles: dict[str, DeploymentHandle]) -> dict[str, DeploymentHandle]:
+    """``handles``, sending their calls over the transport Serve's settings in this process ask
+    for (``RAY_SERVE_USE_GRPC_BY_DEFAULT``: gRPC between replicas, else Ray's actor tasks).
+
+    A handle carries the transport of the process that made it. ``moestack up``'s driver
+    imports Ray Serve before it sets :data:`moestack.serve.runner.THROUGHPUT_ENV`, so the
+    handles this replica gets as arguments would send every model call as an actor task with
+    a streamed object per item: about 1.5 ms more CPU per request across the Gateway and
+    ModelServer replicas than Serve's gRPC (``benchmarks/gateway_capacity.py``). The replica
+    applies its own process's setting, whichever process made the handle.
+    """
+    from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
+
+    return {m: h.options(_by_reference=not RAY_SERVE_USE_GRPC_BY_DEFAULT)
+            for m, h in handles.items()}
 
 
 def replica_config(config: dict[str, Any]) -> MoestackConfig:

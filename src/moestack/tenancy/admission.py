@@ -39,7 +39,8 @@ from moestack.errors import (
 from moestack.hooks import Principal
 from moestack.tenancy import counters, rollups
 from moestack.tenancy.keys import parse_key, secret_matches
-from moestack.tenancy.store import TenancyStore, period_start, sql
+from moestack.tenancy.batch_sql import Statements
+from moestack.tenancy.store import TenancyStore, period_start
 from moestack.tenancy.tables import ApiKey, Tenant, utcnow
 from moestack.usage import NUSD_PER_USD, to_nusd
 
@@ -119,16 +120,18 @@ def period_bounds(period: str, now: dt.datetime) -> tuple[dt.datetime, dt.dateti
     return start, None
 
 
-_INSERT = sql(
+_INSERT = (
     "INSERT INTO usage_ledger (request_id, tenant_id, key_id, model, endpoint, stream, state, "
     "prompt_tokens, cached_prompt_tokens, completion_tokens, reserved_tokens, reserved_usd, "
-    "charged_tokens, charged_usd, started_at, gateway_id, lease_expires_at) VALUES (:id, :t, "
-    ":key, :model, :endpoint, :stream, 'pending', 0, 0, 0, :tokens, :usd, :tokens, :usd, :now, "
-    ":gw, :lease)", times=("now", "lease"))
+    "charged_tokens, charged_usd, started_at, gateway_id, lease_expires_at)",
+    "(:id, :t, :key, :model, :endpoint, :stream, 'pending', 0, 0, 0, :tokens, :usd, :tokens, "
+    ":usd, :now, :gw, :lease)")
 """No ``ON CONFLICT``: a row another gateway inserted since the duplicate check fails the batch,
 which the writer then runs one admission per transaction (each sees the committed row and
 refuses alone)."""
-_USED_IDS = sql("SELECT request_id FROM usage_ledger WHERE request_id IN :ids", lists=("ids",))
+_USED_IDS = ("SELECT 2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, request_id "
+             "FROM usage_ledger WHERE request_id IN :rids")
+"""The request ids of the batch already in the ledger (read with the counters)."""
 
 
 @dataclass(frozen=True)
@@ -174,17 +177,20 @@ def admit_many(conn: Connection, items: list[Admission]) -> list[float | None | 
     """Admit ``items`` in order, each checked against the counters as the ones before it left
     them; per item, the USD left in its tenant's budget period net of every running reservation
     (None: no budget), or the error that refused it (a 401/429/400; a refused item writes
-    nothing). The tenants' counters rows are locked first, in tenant-id order."""
+    nothing). The tenants' counters rows are locked first, in tenant-id order, and read with
+    the window buckets and the request ids already used in one round trip; the writes go in
+    another (see :mod:`moestack.tenancy.batch_sql`)."""
     batch_now = utcnow()
+    db = Statements.of(conn)
     tenant_ids = sorted({a.principal.tenant_id for a in items})
-    held = counters.lock_all(conn, tenant_ids)
     windowed = sorted({a.principal.tenant_id for a in items
                        if a.principal.requests_per_min is not None
-                       or a.principal.tokens_per_min is not None} & held.keys())
+                       or a.principal.tokens_per_min is not None})
     earliest = min((a.now or batch_now) for a in items)
-    buckets = counters.windows(conn, windowed, earliest)
-    used = {r for (r,) in conn.execute(_USED_IDS, {"ids": list(
-        {a.reservation.request_id for a in items})})}
+    held, buckets, used_rows = counters.read_locked(
+        db, tenant_ids, windowed, earliest,
+        (_USED_IDS, {"rids": list({a.reservation.request_id for a in items})}, ("rids",)))
+    used = {row[11] for row in used_rows}
     results: list[float | None | MoestackError] = []
     rows, added = [], {}
     deltas = rollups.RollupDeltas()
@@ -207,8 +213,8 @@ def admit_many(conn: Connection, items: list[Admission]) -> list[float | None | 
         used.add(r.request_id)
         rows.append({"id": r.request_id, "t": p.tenant_id, "key": p.key_id, "model": a.model,
                      "endpoint": a.endpoint, "stream": a.stream, "tokens": r.tokens,
-                     "usd": need / NUSD_PER_USD, "now": now, "gw": a.gateway_id,
-                     "lease": now + dt.timedelta(seconds=a.lease_s)})
+                     "usd": need / NUSD_PER_USD, "now": db.time(now), "gw": a.gateway_id,
+                     "lease": db.time(now + dt.timedelta(seconds=a.lease_s))})
         c.inflight += 1
         c.add(now, need)
         second = counters.epoch_second(now)
@@ -222,10 +228,11 @@ def admit_many(conn: Connection, items: list[Admission]) -> list[float | None | 
         deltas.add(p.tenant_id, a.model, a.endpoint, now, requests=1, charged_tokens=r.tokens,
                    charged_nusd=need)
     if rows:
-        conn.execute(_INSERT, rows)
-        counters.write_all(conn, [held[t] for t in sorted({row["t"] for row in rows})])
-        counters.add_buckets(conn, added)
-        deltas.write(conn)
+        db.insert(*_INSERT, rows)
+        counters.write_all(db, [held[t] for t in sorted({row["t"] for row in rows})])
+        counters.add_buckets(db, added)
+        deltas.write(db)
+        db.done()
     return results
 
 

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 from sqlalchemy.engine import Connection
 
-from moestack.tenancy.store import period_start, sql
+from moestack.tenancy.batch_sql import Statements
+from moestack.tenancy.store import sql
 
 WINDOW_S = 60
 EPOCH = dt.datetime(1970, 1, 1)
@@ -41,7 +42,13 @@ EPOCH = dt.datetime(1970, 1, 1)
 
 def epoch_second(t: dt.datetime) -> int:
     """The UTC second (since 1970) a naive UTC time falls in: its rate bucket."""
-    return int((t - EPOCH) // dt.timedelta(seconds=1))
+    d = t - EPOCH
+    return d.days * 86400 + d.seconds
+
+
+def day_and_month(t: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """Starts of the UTC day and month ``t`` is in (``period_start`` of both, cheaper)."""
+    return dt.datetime(t.year, t.month, t.day), dt.datetime(t.year, t.month, 1)
 
 
 @dataclass
@@ -60,18 +67,19 @@ class Counters:
         """Move the day and month counters forward to the periods of ``now`` (never back: a
         gateway whose clock is behind another's across a period boundary admits into the
         newer period's counters, which only makes the check stricter)."""
-        for period in ("day", "month"):
-            start = period_start(period, now)
-            if start > getattr(self, f"{period}_start"):
-                setattr(self, f"{period}_start", start)
-                setattr(self, f"{period}_nusd", 0)
+        day, month = day_and_month(now)
+        if day > self.day_start:
+            self.day_start, self.day_nusd = day, 0
+        if month > self.month_start:
+            self.month_start, self.month_nusd = month, 0
 
     def add(self, started_at: dt.datetime, nusd: int) -> None:
         """Add ``nusd`` to the counters of the periods ``started_at`` is in."""
         self.total_nusd += nusd
-        if period_start("day", started_at) == self.day_start:
+        day, month = day_and_month(started_at)
+        if day == self.day_start:
             self.day_nusd += nusd
-        if period_start("month", started_at) == self.month_start:
+        if month == self.month_start:
             self.month_nusd += nusd
 
     def spent_nusd(self, period: str) -> int:
@@ -93,13 +101,14 @@ _BUCKET_ADD = sql("INSERT INTO rate_buckets (tenant_id, second, requests, tokens
                    "(:t, :s, 1, :tokens) ON CONFLICT (tenant_id, second) DO UPDATE SET "
                    "requests = rate_buckets.requests + 1, "
                    "tokens = rate_buckets.tokens + excluded.tokens")
-_BUCKET_CORRECT = sql("UPDATE rate_buckets SET tokens = tokens + :d WHERE tenant_id = :t AND "
+_BUCKET_CORRECT_SQL = ("UPDATE rate_buckets SET tokens = tokens + :d WHERE tenant_id = :t AND "
                        "second = :s")
-_APPLY = sql("UPDATE tenant_counters SET inflight = inflight + :inflight, "
+_APPLY_SQL = ("UPDATE tenant_counters SET inflight = inflight + :inflight, "
               "total_nusd = total_nusd + :d, "
               "day_nusd = day_nusd + CASE WHEN day_start = :day THEN :d ELSE 0 END, "
               "month_nusd = month_nusd + CASE WHEN month_start = :month THEN :d ELSE 0 END "
-              "WHERE tenant_id = :t", times=("day", "month"))
+              "WHERE tenant_id = :t")
+_APPLY = sql(_APPLY_SQL, times=("day", "month"))
 _EXPIRE = sql("DELETE FROM rate_buckets WHERE second < :before")
 
 
@@ -115,52 +124,72 @@ def lock_many(conn: Connection, tenant_ids) -> None:
         conn.execute(_LOCK_MANY, {"ids": ids}).all()
 
 
-_LOCK_ALL = {d: sql("SELECT tenant_id, inflight, day_start, day_nusd, month_start, month_nusd, "
-                    "total_nusd FROM tenant_counters WHERE tenant_id IN :ids ORDER BY tenant_id"
-                    + suffix, columns=("tenant_id", "inflight", "day_start", "day_nusd",
-                                       "month_start", "month_nusd", "total_nusd"),
-                    time_columns=("day_start", "month_start"), lists=("ids",))
-             for d, suffix in (("postgresql", " FOR UPDATE"), ("sqlite", ""))}
-_WINDOWS = sql("SELECT tenant_id, second, requests, tokens FROM rate_buckets WHERE tenant_id IN "
-               ":ids AND second > :after", lists=("ids",))
-_BUCKETS_ADD = sql("INSERT INTO rate_buckets (tenant_id, second, requests, tokens) VALUES "
-                   "(:t, :s, :requests, :tokens) ON CONFLICT (tenant_id, second) DO UPDATE SET "
-                   "requests = rate_buckets.requests + excluded.requests, "
-                   "tokens = rate_buckets.tokens + excluded.tokens")
+LOCK_IDS = ("SELECT tenant_id FROM tenant_counters WHERE tenant_id IN :ids ORDER BY tenant_id "
+            "FOR UPDATE")
+"""PostgreSQL: lock the counters rows of tenants ``:ids`` in tenant-id order (SQLite's
+``BEGIN IMMEDIATE`` already holds the file's write lock)."""
+_READ_ALL = ("SELECT 0, tenant_id, inflight, day_start, day_nusd, month_start, month_nusd, "
+             "total_nusd, NULL, NULL, NULL, NULL FROM tenant_counters WHERE tenant_id IN :ids")
+_READ_WINDOWS = ("SELECT 1, tenant_id, NULL, NULL, NULL, NULL, NULL, NULL, second, requests, "
+                 "tokens, NULL FROM rate_buckets WHERE tenant_id IN :windowed AND second > :after")
+_WRITE_SQL = ("UPDATE tenant_counters SET inflight = :inflight, day_start = :day_start, "
+              "day_nusd = :day_nusd, month_start = :month_start, month_nusd = :month_nusd, "
+              "total_nusd = :total_nusd WHERE tenant_id = :tenant_id")
+_BUCKETS_ADD = ("INSERT INTO rate_buckets (tenant_id, second, requests, tokens)",
+                "(:t, :s, :requests, :tokens)",
+                "ON CONFLICT (tenant_id, second) DO UPDATE SET "
+                "requests = rate_buckets.requests + excluded.requests, "
+                "tokens = rate_buckets.tokens + excluded.tokens")
 
 
-def lock_all(conn: Connection, tenant_ids: list[int]) -> dict[int, Counters]:
-    """Lock (in tenant-id order) and read several tenants' counters; tenants that do not exist
-    are missing from the result."""
+def read_locked(db: Statements, tenant_ids: list[int], windowed: list[int], now: dt.datetime,
+                extra: tuple[str, dict, tuple[str, ...]] | None = None
+                ) -> tuple[dict[int, Counters], dict[int, dict[int, list[int]]], list[tuple]]:
+    """Lock (PostgreSQL, in tenant-id order) and read the counters of ``tenant_ids`` (tenants
+    that do not exist are missing), and the window buckets ending at ``now`` (or later) of
+    ``windowed`` (per tenant, ``second -> [requests, tokens]``), in one round trip; with
+    ``extra`` (a ``SELECT`` of 12 columns, the first a constant 2 or more, and its parameters
+    and list parameters), also that statement's rows."""
+    held: dict[int, Counters] = {}
+    buckets: dict[int, dict[int, list[int]]] = {t: {} for t in windowed}
     if not tenant_ids:
-        return {}
-    stmt = _LOCK_ALL.get(conn.dialect.name, _LOCK_ALL["sqlite"])
-    return {row[0]: Counters(*row) for row in conn.execute(stmt, {"ids": sorted(tenant_ids)})}
+        return held, buckets, []
+    statement, params, lists = _READ_ALL, {"ids": tenant_ids}, ["ids"]
+    if windowed:
+        statement += " UNION ALL " + _READ_WINDOWS
+        params.update(windowed=windowed, after=epoch_second(now) - WINDOW_S)
+        lists.append("windowed")
+    if extra is not None:
+        statement += " UNION ALL " + extra[0]
+        params.update(extra[1])
+        lists.extend(extra[2])
+    before = [(LOCK_IDS, {"ids": tenant_ids}, ("ids",))] if db.postgresql else []
+    rest = []
+    for row in db.read(statement, params, lists, before):
+        kind = row[0]
+        if kind == 0:
+            held[row[1]] = Counters(row[1], row[2], db.read_time(row[3]), row[4],
+                                    db.read_time(row[5]), row[6], row[7])
+        elif kind == 1:
+            buckets[row[1]][row[8]] = [row[9], row[10]]
+        else:
+            rest.append(row)
+    return held, buckets, rest
 
 
-def windows(conn: Connection, tenant_ids: list[int], now: dt.datetime
-            ) -> dict[int, dict[int, list[int]]]:
-    """Per tenant, ``second -> [requests, tokens]`` of the buckets in the window ending at
-    ``now`` (or later), in one query."""
-    out: dict[int, dict[int, list[int]]] = {t: {} for t in tenant_ids}
-    if tenant_ids:
-        for t, second, requests, tokens in conn.execute(
-                _WINDOWS, {"ids": tenant_ids, "after": epoch_second(now) - WINDOW_S}):
-            out[t][second] = [requests, tokens]
-    return out
+def write_all(db: Statements, held: list[Counters]) -> None:
+    """Write back counters read by :func:`read_locked` and changed in place."""
+    db.write(_WRITE_SQL, [{"inflight": c.inflight, "day_start": db.time(c.day_start),
+                           "day_nusd": c.day_nusd, "month_start": db.time(c.month_start),
+                           "month_nusd": c.month_nusd, "total_nusd": c.total_nusd,
+                           "tenant_id": c.tenant_id} for c in held])
 
 
-def write_all(conn: Connection, held: list[Counters]) -> None:
-    """Write back counters read by :func:`lock_all` and changed in place (one statement)."""
-    if held:
-        conn.execute(_WRITE, [c.__dict__ for c in held])
-
-
-def add_buckets(conn: Connection, added: dict[tuple[int, int], list[int]]) -> None:
+def add_buckets(db: Statements, added: dict[tuple[int, int], list[int]]) -> None:
     """Add ``(tenant, second) -> [requests, tokens]`` to the window buckets (one statement)."""
-    if added:
-        conn.execute(_BUCKETS_ADD, [{"t": t, "s": s, "requests": r, "tokens": k}
-                                    for (t, s), (r, k) in sorted(added.items())])
+    head, values, tail = _BUCKETS_ADD
+    db.insert(head, values, [{"t": t, "s": s, "requests": r, "tokens": k}
+                             for (t, s), (r, k) in sorted(added.items())], tail)
 
 
 def lock(conn: Connection, tenant_id: int) -> Counters | None:
@@ -195,7 +224,7 @@ class Corrections:
 
     def add(self, tenant_id: int, started_at: dt.datetime, inflight: int, d_tokens: int,
             d_nusd: int) -> None:
-        key = (tenant_id, period_start("day", started_at), period_start("month", started_at))
+        key = (tenant_id, *day_and_month(started_at))
         acc = self.periods.setdefault(key, [0, 0])
         acc[0] += inflight
         acc[1] += d_nusd
@@ -203,13 +232,12 @@ class Corrections:
             b = (tenant_id, epoch_second(started_at))
             self.buckets[b] = self.buckets.get(b, 0) + d_tokens
 
-    def write(self, conn: Connection) -> None:
-        if self.periods:
-            conn.execute(_APPLY, [{"t": t, "day": day, "month": month, "inflight": i, "d": d}
-                                  for (t, day, month), (i, d) in self.periods.items()])
-        if self.buckets:
-            conn.execute(_BUCKET_CORRECT, [{"t": t, "s": s, "d": d}
-                                           for (t, s), d in self.buckets.items()])
+    def write(self, db: Statements) -> None:
+        db.write(_APPLY_SQL, [{"t": t, "day": db.time(day), "month": db.time(month),
+                               "inflight": i, "d": d}
+                              for (t, day, month), (i, d) in sorted(self.periods.items())])
+        db.write(_BUCKET_CORRECT_SQL, [{"t": t, "s": s, "d": d}
+                                       for (t, s), d in sorted(self.buckets.items())])
 
 
 def release_lost(conn: Connection, tenant_id: int, rows: int) -> None:

@@ -22,11 +22,12 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import JSON, bindparam, delete, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.engine import Connection
 
 from moestack.tenancy import counters, rollups
-from moestack.tenancy.store import TenancyStore, sql
+from moestack.tenancy.batch_sql import Statements
+from moestack.tenancy.store import TenancyStore
 from moestack.tenancy.tables import Tenant, UsageRow, utcnow
 from moestack.usage import NUSD_PER_USD, RequestRecord, to_nusd
 
@@ -111,25 +112,37 @@ class Settlement:
     baseline_costs_usd: dict[str, float] | None = None
 
 
-_ROWS = {d: sql("SELECT request_id, tenant_id, model, endpoint, state, started_at, "
-                "charged_tokens, charged_usd FROM usage_ledger WHERE request_id IN :ids" + suffix,
-                columns=("request_id", "tenant_id", "model", "endpoint", "state", "started_at",
-                         "charged_tokens", "charged_usd"), time_columns=("started_at",),
-                lists=("ids",))
-         for d, suffix in (("postgresql", " FOR UPDATE"), ("sqlite", ""))}
-_LOCK_TENANTS_OF = sql("SELECT tenant_id FROM tenant_counters WHERE tenant_id IN (SELECT "
-                       "tenant_id FROM usage_ledger WHERE request_id IN :ids) ORDER BY tenant_id "
-                       "FOR UPDATE", lists=("ids",))
-"""PostgreSQL: lock the counters of the rows' tenants, in tenant-id order (one round trip)."""
-_SETTLE = sql(
+_LOCK_TENANTS_OF = ("SELECT tenant_id FROM tenant_counters WHERE tenant_id IN (SELECT "
+                    "tenant_id FROM usage_ledger WHERE request_id IN :ids) ORDER BY tenant_id "
+                    "FOR UPDATE")
+"""PostgreSQL: lock the counters of the rows' tenants, in tenant-id order (sent with the rows'
+read, in the same round trip)."""
+_ROWS = ("SELECT request_id, tenant_id, model, endpoint, state, started_at, charged_tokens, "
+         "charged_usd FROM usage_ledger WHERE request_id IN :ids")
+_SETTLE = (
     "UPDATE usage_ledger SET state = 'settled', status_code = :status_code, error_code = "
     ":error_code, prompt_tokens = :prompt_tokens, cached_prompt_tokens = :cached_prompt_tokens, "
     "completion_tokens = :completion_tokens, charged_tokens = :charged_tokens, charged_usd = "
     ":charged_usd, cost_usd = :cost_usd, baseline_costs_usd = :baselines, ttft_s = :ttft_s, "
     "e2e_s = :e2e_s, finished_at = :finished_at, lease_expires_at = NULL, adapter = :adapter "
-    "WHERE request_id = "
-    ":id AND state IN ('pending', 'lost')", times=("finished_at",)).bindparams(
-    bindparam("baselines", type_=JSON))
+    "WHERE request_id = :id AND state IN ('pending', 'lost')")
+_SETTLE_COLUMNS = ("id", "status_code", "error_code", "prompt_tokens", "cached_prompt_tokens",
+                   "completion_tokens", "charged_tokens", "charged_usd", "cost_usd", "baselines",
+                   "ttft_s", "e2e_s", "finished_at", "adapter")
+_SETTLE_VALUES = ("UPDATE usage_ledger AS u SET state = 'settled', "
+                  "status_code = v.status_code::integer, error_code = v.error_code::varchar, "
+                  "prompt_tokens = v.prompt_tokens::bigint, "
+                  "cached_prompt_tokens = v.cached_prompt_tokens::bigint, "
+                  "completion_tokens = v.completion_tokens::bigint, "
+                  "charged_tokens = v.charged_tokens::bigint, "
+                  "charged_usd = v.charged_usd::float8, cost_usd = v.cost_usd::float8, "
+                  "baseline_costs_usd = v.baselines::json, ttft_s = v.ttft_s::float8, "
+                  "e2e_s = v.e2e_s::float8, finished_at = v.finished_at::timestamp, "
+                  "lease_expires_at = NULL, adapter = v.adapter::varchar FROM (",
+                  "(" + ", ".join(f":{c}" for c in _SETTLE_COLUMNS) + ")",
+                  f") AS v({', '.join(_SETTLE_COLUMNS)}) WHERE u.request_id = v.id::varchar "
+                  "AND u.state IN ('pending', 'lost')")
+"""PostgreSQL: :data:`_SETTLE` of a whole batch as one statement."""
 
 
 def settle(store: TenancyStore, record: RequestRecord, charged_usd: float,
@@ -148,14 +161,16 @@ def settle_many(conn: Connection, items: list[Settlement]) -> list[bool]:
     charged; ``cost_usd`` the self-hosted cost and ``baseline_costs_usd`` the price at each
     baseline API (None: not priced). The tenants' counters are locked before the rows (the
     writers' lock order). A batch costs a few statements whatever its size."""
+    db = Statements.of(conn)
     ids = list(dict.fromkeys(s.record.request_id for s in items))
-    if conn.dialect.name == "postgresql":
-        conn.execute(_LOCK_TENANTS_OF, {"ids": ids}).all()
-    rows = {r.request_id: r for r in conn.execute(
-        _ROWS.get(conn.dialect.name, _ROWS["sqlite"]), {"ids": ids})}
+    before = [(_LOCK_TENANTS_OF, {"ids": ids}, ("ids",))] if db.postgresql else []
+    # PostgreSQL: the rows are read (and locked) by a statement after the counters' lock, so
+    # they are as the last transaction holding that lock left them.
+    rows = {r[0]: _Held(*r[:5], db.read_time(r[5]), *r[6:]) for r in db.read(
+        _ROWS + (" FOR UPDATE" if db.postgresql else ""), {"ids": ids}, ("ids",), before)}
     done, updates, results = set(), [], []
     corrections, deltas = counters.Corrections(), rollups.RollupDeltas()
-    finished_at = utcnow()
+    finished_at = db.time(utcnow())
     for s in items:
         rec, row = s.record, rows.get(s.record.request_id)
         if row is None or row.state not in ("pending", "lost") or rec.request_id in done:
@@ -173,8 +188,8 @@ def settle_many(conn: Connection, items: list[Settlement]) -> list[bool]:
             "completion_tokens": rec.completion_tokens, "charged_tokens": charged_tokens,
             "charged_usd": charged_nusd / NUSD_PER_USD,
             "cost_usd": None if s.cost_usd is None else to_nusd(s.cost_usd) / NUSD_PER_USD,
-            "baselines": None if baselines is None else
-            {b: n / NUSD_PER_USD for b, n in baselines.items()},
+            "baselines": db.json(None if baselines is None else
+                                 {b: n / NUSD_PER_USD for b, n in baselines.items()}),
             "ttft_s": rec.ttft_s, "e2e_s": rec.e2e_s, "finished_at": finished_at,
             "adapter": rec.adapter})
         d_tokens = charged_tokens - row.charged_tokens
@@ -191,10 +206,25 @@ def settle_many(conn: Connection, items: list[Settlement]) -> list[bool]:
                    completion_tokens=rec.completion_tokens, charged_tokens=d_tokens,
                    charged_nusd=d_nusd, cost_nusd=to_nusd(s.cost_usd), **unpriced)
     if updates:
-        conn.execute(_SETTLE, updates)
-        corrections.write(conn)
-        deltas.write(conn)
+        db.write_values(*_SETTLE_VALUES, updates, _SETTLE)
+        corrections.write(db)
+        deltas.write(db)
+        db.done()
     return results
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A ledger row as a settlement reads it."""
+
+    request_id: str
+    tenant_id: int
+    model: str
+    endpoint: str
+    state: str
+    started_at: dt.datetime
+    charged_tokens: int
+    charged_usd: float
 
 
 RENEW_BATCH_IDS = 1000

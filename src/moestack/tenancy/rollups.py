@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Connection
 
+from moestack.tenancy.batch_sql import Statements
 from moestack.tenancy.store import TenancyStore, sql
 from moestack.usage import NUSD_PER_USD, to_nusd
 
@@ -27,7 +28,7 @@ SUM_FIELDS = ("requests", "prompt_tokens", "cached_prompt_tokens", "completion_t
 
 
 def hour_of(t: dt.datetime) -> dt.datetime:
-    return t.replace(minute=0, second=0, microsecond=0)
+    return dt.datetime(t.year, t.month, t.day, t.hour, tzinfo=t.tzinfo)
 
 
 @dataclass
@@ -68,16 +69,19 @@ class Rollup:
                 "charged_tokens": self.charged_tokens, "charged_usd": self.charged_usd}
 
 
-_UPSERT = sql(
-    "INSERT INTO usage_rollups (tenant_id, model, endpoint, hour, " + ", ".join(SUM_FIELDS)
-    + ") VALUES (:t, :model, :endpoint, :hour, " + ", ".join(f":{f}" for f in SUM_FIELDS)
-    + ") ON CONFLICT (tenant_id, model, endpoint, hour) DO UPDATE SET "
-    + ", ".join(f"{f} = usage_rollups.{f} + excluded.{f}" for f in SUM_FIELDS), times=("hour",))
-_UPSERT_BASELINE = sql(
-    "INSERT INTO usage_rollup_baselines (tenant_id, model, endpoint, hour, baseline, nusd) "
-    "VALUES (:t, :model, :endpoint, :hour, :baseline, :nusd) ON CONFLICT "
-    "(tenant_id, model, endpoint, hour, baseline) DO UPDATE SET "
-    "nusd = usage_rollup_baselines.nusd + excluded.nusd", times=("hour",))
+_UPSERT_PARTS = (
+    "INSERT INTO usage_rollups (tenant_id, model, endpoint, hour, " + ", ".join(SUM_FIELDS) + ")",
+    "(:t, :model, :endpoint, :hour, " + ", ".join(f":{f}" for f in SUM_FIELDS) + ")",
+    "ON CONFLICT (tenant_id, model, endpoint, hour) DO UPDATE SET "
+    + ", ".join(f"{f} = usage_rollups.{f} + excluded.{f}" for f in SUM_FIELDS))
+_UPSERT_BASELINE_PARTS = (
+    "INSERT INTO usage_rollup_baselines (tenant_id, model, endpoint, hour, baseline, nusd)",
+    "(:t, :model, :endpoint, :hour, :baseline, :nusd)",
+    "ON CONFLICT (tenant_id, model, endpoint, hour, baseline) DO UPDATE SET "
+    "nusd = usage_rollup_baselines.nusd + excluded.nusd")
+_UPSERT = sql(" VALUES ".join(_UPSERT_PARTS[:2]) + " " + _UPSERT_PARTS[2], times=("hour",))
+_UPSERT_BASELINE = sql(" VALUES ".join(_UPSERT_BASELINE_PARTS[:2]) + " "
+                       + _UPSERT_BASELINE_PARTS[2], times=("hour",))
 
 
 def add(conn: Connection, tenant_id: int, model: str, endpoint: str, started_at: dt.datetime,
@@ -106,13 +110,15 @@ class RollupDeltas:
         for b, n in (baselines_nusd or {}).items():
             self.baselines[(*key, b)] = self.baselines.get((*key, b), 0) + n
 
-    def write(self, conn: Connection) -> None:
-        names = ("t", "model", "endpoint", "hour")
-        if self.sums:
-            conn.execute(_UPSERT, [{**dict(zip(names, k)), **v} for k, v in self.sums.items()])
-        if self.baselines:
-            conn.execute(_UPSERT_BASELINE, [{**dict(zip(names, k[:4])), "baseline": k[4],
-                                             "nusd": n} for k, n in self.baselines.items()])
+    def write(self, db: Statements) -> None:
+        """Queue the upserts of the sums (one statement each on PostgreSQL)."""
+        db.insert(*_UPSERT_PARTS[:2], [
+            {"t": t, "model": m, "endpoint": e, "hour": db.time(h), **v}
+            for (t, m, e, h), v in sorted(self.sums.items())], _UPSERT_PARTS[2])
+        db.insert(*_UPSERT_BASELINE_PARTS[:2], [
+            {"t": t, "model": m, "endpoint": e, "hour": db.time(h), "baseline": b, "nusd": n}
+            for (t, m, e, h, b), n in sorted(self.baselines.items())],
+            _UPSERT_BASELINE_PARTS[2])
 
 
 def query(store: TenancyStore, tenant: str | None = None, since: dt.datetime | None = None,

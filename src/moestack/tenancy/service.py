@@ -132,9 +132,10 @@ class Tenancy:
         self.start()
         future = self.writer.submit_batched(admission.admit_many, admission.Admission(
             principal, reservation, model, endpoint, stream, self.gateway_id,
-            self._row_lease_s), principal.tenant_id, deferred=False)
+            self._row_lease_s), principal.tenant_id, deferred=False,
+            loop=asyncio.get_running_loop())
         try:
-            remaining = await asyncio.shield(asyncio.wrap_future(future))
+            remaining = await asyncio.shield(future)
         except StoreUnavailableError:
             # The commit may have happened before the store failed: release the row (if any)
             # once the store is back. Settling a row that does not exist changes nothing.

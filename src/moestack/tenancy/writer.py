@@ -31,19 +31,19 @@ There is no process-wide lock: readers (authentication, usage queries) never que
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Connection
 
 from moestack.errors import MoestackError, StoreUnavailableError, StoreWriteError
-from moestack.tenancy import counters
+from moestack.tenancy import batch_sql, counters
 from moestack.tenancy.store import UNAVAILABLE_MESSAGE, TenancyStore
 
 log = logging.getLogger(__name__)
@@ -52,17 +52,32 @@ RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 """Waits between retries of deferred operations while the store is unavailable."""
 
 
-@dataclass
 class Operation:
-    fn: Callable[[Connection], Any] | None
-    tenant_id: int
-    deferred: bool
-    batch_fn: Callable[[Connection, list], list] | None = None
-    payload: Any = None
-    fallback: Callable[[Connection], Any] | None = None
-    """Run in a transaction of its own if the operation fails on its own (not an outage)."""
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    queued_at: float = field(default_factory=time.monotonic)
+    """One write: ``fn(conn)``, or ``payload`` for ``batch_fn``; its waiter's future is a
+    :class:`concurrent.futures.Future`, or an asyncio future of ``loop`` (resolved on the loop,
+    one call per batch and loop rather than one thread-safe callback per future)."""
+
+    __slots__ = ("fn", "tenant_id", "deferred", "batch_fn", "payload", "fallback", "loop",
+                 "future", "queued_at")
+
+    def __init__(self, fn: Callable[[Connection], Any] | None, tenant_id: int, deferred: bool,
+                 batch_fn: Callable[[Connection, list], list] | None = None,
+                 payload: Any = None, fallback: Callable[[Connection], Any] | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None):
+        self.fn, self.tenant_id, self.deferred = fn, tenant_id, deferred
+        self.batch_fn, self.payload = batch_fn, payload
+        self.fallback = fallback
+        """Run in a transaction of its own if the operation fails on its own (not an outage)."""
+        self.loop = loop
+        self.future: concurrent.futures.Future | asyncio.Future = (
+            concurrent.futures.Future() if loop is None else loop.create_future())
+        self.queued_at = time.monotonic()
+
+    def start(self) -> bool:
+        """Mark the operation running; False if its waiter gave up before it ran."""
+        if self.loop is not None:
+            return not self.future.cancelled()
+        return self.future.running() or self.future.set_running_or_notify_cancel()
 
 
 class StoreWriter:
@@ -104,8 +119,8 @@ class StoreWriter:
             self._thread.join(timeout_s)
         with self._cv:
             left = len(self._deferred) + len(self._urgent)
-            for op in [*self._urgent, *self._deferred]:
-                _fail(op.future, StoreUnavailableError(UNAVAILABLE_MESSAGE))
+            _deliver([(op, None, StoreUnavailableError(UNAVAILABLE_MESSAGE))
+                      for op in [*self._urgent, *self._deferred]])
             self._urgent.clear()
             self._deferred.clear()
         return left
@@ -133,16 +148,19 @@ class StoreWriter:
 
     def submit_batched(self, batch_fn: Callable[[Connection, list], list], payload: Any,
                        tenant_id: int = 0, deferred: bool = True,
-                       fallback: Callable[[Connection], Any] | None = None
-                       ) -> concurrent.futures.Future:
+                       fallback: Callable[[Connection], Any] | None = None,
+                       loop: asyncio.AbstractEventLoop | None = None
+                       ) -> concurrent.futures.Future | asyncio.Future:
         """Queue ``payload`` for ``batch_fn(conn, payloads) -> results``, called once per
         transaction with every payload of that function in the batch (settlements: a few
         statements per batch instead of a few per row). ``fallback(conn)`` runs instead if
-        this payload's write fails on its own."""
+        this payload's write fails on its own. With ``loop`` (called on that loop's thread),
+        the result is an asyncio future of the loop, cheaper to wait for than a wrapped
+        concurrent one."""
         return self._queue(Operation(None, tenant_id, deferred, batch_fn, payload,
-                                     fallback=fallback))
+                                     fallback=fallback, loop=loop))
 
-    def _queue(self, op: Operation) -> concurrent.futures.Future:
+    def _queue(self, op: Operation) -> concurrent.futures.Future | asyncio.Future:
         deferred = op.deferred
         with self._cv:
             (self._deferred if deferred else self._urgent).append(op)
@@ -185,8 +203,7 @@ class StoreWriter:
 
     def _write(self, batch: list[Operation]) -> None:
         # Skip operations whose waiter gave up before they ran (a cancelled heartbeat, say).
-        batch = [op for op in batch
-                 if op.future.running() or op.future.set_running_or_notify_cancel()]
+        batch = [op for op in batch if op.start()]
         if not batch:
             return
         try:
@@ -205,8 +222,7 @@ class StoreWriter:
             self._one_by_one(batch)
             return
         except BaseException as exc:  # interpreter shutdown: tell every waiter
-            for op in batch:
-                op.future.set_exception(exc)
+            _deliver([(op, None, exc) for op in batch])
             raise
         self._resolve(results)
 
@@ -228,10 +244,14 @@ class StoreWriter:
             # leaves the in-flight count before the admissions in the same batch are checked.
             # A batch function refuses one payload by returning its MoestackError (written
             # nothing for it).
-            for batch_fn, ops in sorted(grouped.items(), key=lambda kv: not kv[1][0].deferred):
-                values = batch_fn(conn, [op.payload for op in ops])
-                results.extend((op, None, v) if isinstance(v, MoestackError) else (op, v, None)
-                               for op, v in zip(ops, values))
+            # They share their statements (one batch function's writes go with the next one's
+            # reads, see moestack.tenancy.batch_sql), all sent before the other operations run.
+            with batch_sql.sharing(conn):
+                for batch_fn, ops in sorted(grouped.items(),
+                                            key=lambda kv: not kv[1][0].deferred):
+                    values = batch_fn(conn, [op.payload for op in ops])
+                    results.extend((op, None, v) if isinstance(v, MoestackError)
+                                   else (op, v, None) for op, v in zip(ops, values))
             for op in ordered:
                 if op.batch_fn is not None:
                     continue
@@ -244,11 +264,7 @@ class StoreWriter:
     def _resolve(self, results: list[tuple[Operation, Any, Exception | None]]) -> None:
         self.batches += 1
         self._failures = 0
-        for op, value, exc in results:
-            if exc is None:
-                op.future.set_result(value)
-            else:
-                op.future.set_exception(exc)
+        _deliver(results)
 
     def _one_by_one(self, batch: list[Operation]) -> None:
         for i, op in enumerate(batch):
@@ -275,7 +291,7 @@ class StoreWriter:
         error = StoreWriteError("The request could not be recorded in the usage ledger, so it "
                                 "was not served.")
         error.__cause__ = exc
-        op.future.set_exception(error)
+        _deliver([(op, None, error)])
 
     def _failed(self, batch: list[Operation], exc: StoreUnavailableError) -> None:
         cause = exc.__cause__
@@ -291,15 +307,41 @@ class StoreWriter:
             self._retry_at = time.monotonic() + RETRY_BACKOFF_S[
                 min(self._failures, len(RETRY_BACKOFF_S) - 1)]
             self._failures += 1
-        for op in urgent:
-            _fail(op.future, StoreUnavailableError(UNAVAILABLE_MESSAGE))
+        _deliver([(op, None, StoreUnavailableError(UNAVAILABLE_MESSAGE)) for op in urgent])
 
 
-def _fail(future: concurrent.futures.Future, exc: Exception) -> None:
-    """Fail a queued operation's future, unless its waiter cancelled it (a queued operation
-    has not started, so its waiter may): a cancelled future must not stop the writer thread."""
-    if not future.cancelled():
+def _deliver(results: list[tuple[Operation, Any, BaseException | None]]) -> None:
+    """Resolve operations' futures (a value, or the exception when not None), unless their
+    waiters cancelled them (a queued operation has not started, so its waiter may): a cancelled
+    future must not stop the writer thread. Asyncio futures are resolved on their loop, with
+    one call per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for op, value, exc in results:
+        if op.loop is not None:
+            by_loop.setdefault(op.loop, []).append((op.future, value, exc))
+            continue
+        future = op.future
+        if future.cancelled():
+            continue
         try:
-            future.set_exception(exc)
+            if exc is None:
+                future.set_result(value)
+            else:
+                future.set_exception(exc)
         except concurrent.futures.InvalidStateError:  # cancelled meanwhile
             pass
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve_on_loop, items)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+
+def _resolve_on_loop(items: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    for future, value, exc in items:
+        if future.done():  # cancelled by its waiter
+            continue
+        if exc is None:
+            future.set_result(value)
+        else:
+            future.set_exception(exc)

