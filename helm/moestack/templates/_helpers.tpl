@@ -231,6 +231,7 @@ moestack.serve.public_listener), and the header limits of Serve's HTTP servers
 - {name: RAY_SERVE_USE_GRPC_BY_DEFAULT, value: "1"}
 - {name: RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE, value: "1000"}
 - {name: RAY_SERVE_FREEZE_GC_ON_STARTUP, value: "1"}
+- {name: RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH, value: "536870912"}
 {{- end }}
 - {name: RAY_SERVE_ENABLE_DIRECT_INGRESS, value: "0"}
 - {name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, value: "moestack.serve.http_limits:serve_http_middlewares"}
