@@ -79,9 +79,22 @@ async def test_locked_store_answers_503_within_the_wait_and_recovers(stack, tmp_
     assert len(rows) == served_before + 1 and all(row.state == "settled" for row in rows)
 
 
+async def writer_idle(stack, quiet_s=0.3, timeout_s=10.0):
+    """Until the store writer has nothing queued and wrote no batch for ``quiet_s``."""
+    writer = stack.tenancy.writer
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        batches = writer.batches
+        await asyncio.sleep(quiet_s)
+        if writer.batches == batches and writer.pending() == 0:
+            return
+    raise AssertionError(f"the store writer still busy after {timeout_s:g} s")
+
+
 async def test_requests_served_while_the_store_locks_settle_once_it_is_back(tmp_path):
     async with local_stack(config(tmp_path, settle_flush_interval_ms=1000)) as stack:
         key = new_key(stack)
+        await writer_idle(stack)  # the start's beat done: its writes would take the settlement
         holder = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
         r, _ = await post_chat(stack, key)  # admitted; its settlement waits for the flush
         assert r.status_code == 200
