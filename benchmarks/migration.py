@@ -19,8 +19,8 @@ with its SQLite ledger, the official ``openai`` client with retries off).
    Prints when the draining replica stopped, when the last stream ended, errors, streams moved
    and the ledger against the answers.
 3. Rolling update: the deployment, at ``--update-replicas`` replicas, is redeployed as a new
-   version while streams keep coming; prints the errors, the streams moved off the old replica and the
-   longest stream.
+   version while streams keep coming; prints the errors, the streams moved off the old replica
+   and the longest stream.
 """
 
 from __future__ import annotations

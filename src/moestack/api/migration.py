@@ -10,9 +10,10 @@ already has as the prompt of a ``/v1/completions`` stream, with the remaining co
 and the request's own sampling fields (seed included), and re-shapes that stream's events into
 the original endpoint's events: same ``id``, ``created``, ``model``, choice index and fields, so
 the client reads one answer with nothing missing or repeated. A replica that stops answering
-(nothing for ``gateway.migration.stall_timeout_s`` after the first chunk) counts as failed. The engine's incremental
-detokenizer starts from the prompt, so a character whose first bytes the client has not been
-sent yet (held back as incomplete) comes whole in the first resumed event.
+(nothing for ``gateway.migration.stall_timeout_s`` after the first chunk) counts as failed.
+The engine's incremental detokenizer starts from the prompt, so a character whose first bytes
+the client has not been sent yet (held back as incomplete) comes whole in the first resumed
+event.
 
 Bounds: at most ``gateway.migration.max_attempts`` resumptions per request, each of which must
 give its first chunk within ``gateway.first_token_timeout_s``; past that the stream fails as

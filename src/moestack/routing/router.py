@@ -2,9 +2,10 @@
 
 A :class:`Router` owns the state every policy reads (outstanding tokens per replica, the prefix
 index, which replica holds which LoRA adapter) and keeps it current through
-:meth:`Router.routed`, :meth:`Router.completed` and :meth:`Router.forget`; it counts what it did in a :class:`~moestack.usage.RoutingCounts`. It is
-transport-free: the Ray Serve request router (:mod:`moestack.routing.ray_router`) and the
-in-process replica set (:mod:`moestack.routing.replica_set`) both drive it.
+:meth:`Router.routed`, :meth:`Router.completed` and :meth:`Router.forget`; it counts what it
+did in a :class:`~moestack.usage.RoutingCounts`. It is transport-free: the Ray Serve request
+router (:mod:`moestack.routing.ray_router`) and the in-process replica set
+(:mod:`moestack.routing.replica_set`) both drive it.
 """
 
 from __future__ import annotations
