@@ -11,7 +11,8 @@ with its SQLite ledger, the official ``openai`` client with retries off).
    client-visible errors, requests migrated, the extra time to first token of a migrated
    request (from the failure to the resumed stream's first chunk, p50/p95), ledger rows against
    answers, the tenant's tokens against prompt + completion once, how many texts equal the
-   same request run alone, and the stack's /dev/shm files left after the kill and the stop.
+   same request run alone, when the killed replica's successor ran, and the stack's /dev/shm
+   files left after the kill and the stop.
 2. Drain: ``--drain-streams`` streams of ``--drain-tokens`` tokens run on both replicas and the
    deployment is scaled down to one. With ``gateway.migration.drain_after_s`` the draining
    replica's long streams go on on the live one and it stops; with ``--in-place-baseline``, the
@@ -67,10 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--update-replicas", type=int, default=2,
                         help="replicas during the rolling update")
     args = parse_with_smoke(parser, argv, {"requests": 16, "tokens": 32, "concurrency": 4,
-                                           "drain_streams": 4, "drain_tokens": 1536,
+                                           "drain_streams": 4, "drain_tokens": 512,
                                            "in_place_baseline": False, "update_replicas": 1})
     # Engine cores in their own processes, as `moestack up` runs them (smoke: in-process, faster)
     with probe_stack(replicas=2, multiprocessing=not args.smoke) as stack:
+        print(f"Ray and 2 replicas ran {stack.ready_s:.1f} s after the start", flush=True)
+
         async def phases():
             await start_tenancy(stack)
             try:

@@ -56,3 +56,15 @@ def tiny_v4_avx2_smoke(tmp_path_factory):
     reports = tmp_path_factory.mktemp("tiny-v4-avx2")
     out = run_benchmark("tiny_v4_avx2.py", "--report", str(reports), timeout_s=900)
     return out, {p.stem: json.loads(p.read_text()) for p in reports.glob("*.json")}
+
+
+@pytest.fixture(scope="session")
+def tensor_parallel_smoke(tmp_path_factory):
+    """``benchmarks/tensor_parallel_cpu.py --smoke --report DIR``, run once for its smoke test
+    and the TP=2 ModelServer replica's tests: its output, and the TP=2 layout's report (the
+    replica's placement group, its vLLM worker processes, each answer)."""
+    from tests.unit.test_benchmarks_smoke import run_benchmark
+
+    reports = tmp_path_factory.mktemp("tensor-parallel")
+    out = run_benchmark("tensor_parallel_cpu.py", "--report", str(reports), timeout_s=600)
+    return out, json.loads((reports / "tp2-0_1.json").read_text())

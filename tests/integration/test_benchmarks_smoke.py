@@ -65,6 +65,7 @@ FIGURES = {
         rf"^\s+median of rounds \(proxy\): throughput {NUM}x, CPU {NUM}x, added TTFT p50 {MS}"],
     # Run by the suite's migration probe (tests/integration/test_migration_replicas.py).
     "migration.py": [
+        rf"^Ray and 2 replicas ran {NUM} s after the start$",
         r"^streams \d+, client-visible errors \d+$",
         rf"^requests migrated \d+; extra TTFT of a migrated request .* p50 ({NUM}|None) s",
         r"^ledger rows \d+ for \d+ answers; tenant tokens prompt \d+ \(expected \d+\), "
@@ -75,6 +76,7 @@ FIGURES = {
         rf"streams moved \d+$",
         rf"^rolling update took {NUM} s; streams \d+, client-visible errors \d+, migrated \d+ "
         rf"\(moved off a draining replica \d+\), longest stream {NUM} s$",
+        rf"^the killed replica's successor ran ({NUM}|-) s after the kill$",
         r"^/dev/shm files of the stack left unused after the kill: \d+$",
         r"^/dev/shm files of the stack left after the stop: \d+$"],
 }
@@ -104,8 +106,8 @@ def test_engine_token_cost_smoke_prints_both_costs_and_the_config_snippet():
     assert_figures("engine_token_cost.py", out, FIGURES["engine_token_cost.py"])
 
 
-def test_tensor_parallel_cpu_smoke_times_tensor_parallel_2():
-    out = run_benchmark("tensor_parallel_cpu.py", timeout_s=600)
+def test_tensor_parallel_cpu_smoke_times_tensor_parallel_2(tensor_parallel_smoke):
+    out = tensor_parallel_smoke[0]  # the replica's checks: test_tensor_parallel_cpu.py
     assert_figures("tensor_parallel_cpu.py", out, FIGURES["tensor_parallel_cpu.py"])
 
 

@@ -34,6 +34,7 @@ def test_streams_survive_a_replica_kill_a_scale_down_and_a_rolling_update_billed
         rf"^ledger rows {STREAMS} for {STREAMS} answers; tenant tokens prompt (\d+) "
         rf"\(expected \1\), completion {STREAMS * TOKENS} \(expected {STREAMS * TOKENS}\)$",
         rf"^killed replica pid \d+ at {NUM} s of the load$",
+        rf"^the killed replica's successor ran {NUM} s after the kill$",
         r"^/dev/shm files of the stack left unused after the kill: 0$",
         rf"^ledger rows {DRAIN_STREAMS} for {DRAIN_STREAMS} answers; tenant tokens \(prompt, "
         r"completion\) \((\d+), (\d+)\), expected \(\1, \2\)$",

@@ -82,8 +82,10 @@ write per handle call."""
 def model_server_app(model: ModelConfig, cache_dir: str | None,
                      num_replicas: int | None = None) -> Application:
     """The ModelServer deployment of one model: placement, then routing, autoscaling, drain.
-    ``num_replicas`` overrides the model's replica count alone, which Serve applies to the
-    running deployment without a new version (a scale-up or scale-down, not a rollout)."""
+    ``num_replicas`` overrides the model's replica count alone. Serve scales a running
+    deployment without a rollout only if the version is unchanged: Python's ``serve.run``
+    gives an unversioned deployment a new random version each time, so a caller that wants a
+    scale-down sets one (see :func:`moestack.testing.migration_probe.model_server`)."""
     options = {**model_server_options(model), **scaling_options(model)}
     if num_replicas is not None:
         options["num_replicas"] = num_replicas

@@ -11,12 +11,13 @@ is SIGKILLed. Every client-visible error counts.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import secrets
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ class ProbeStack:
     """``time.time()`` at the start: shared-memory files changed since are the stack's."""
     shm_left_after_stop: list[str] | None = None
     """The engines' /dev/shm files of this run no process uses, after the stop's cleanup."""
+    ready_s: float = 0.0
+    """Seconds from the start until Ray and the deployment's replicas ran."""
 
     def replica_processes(self) -> list:
         """This probe's live ModelServer replica processes (``psutil.Process``), oldest first."""
@@ -83,7 +86,6 @@ def probe_stack(replicas: int = 2, multiprocessing: bool = False) -> Iterator[Pr
 
     from moestack.api.app import build_api
     from moestack.engine.source import resolve_checkpoint
-    from moestack.serve.app import model_server_app
     from moestack.serve.backend import ServeBackend
     from moestack.serve.shm import clean_orphans, orphans
     from moestack.testing import fake_config
@@ -104,10 +106,10 @@ def probe_stack(replicas: int = 2, multiprocessing: bool = False) -> Iterator[Pr
              logging_level="WARNING")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-        handle = serve.run(model_server_app(model, None), name=APP_NAME,
-                           route_prefix=None)
+        handle = serve.run(model_server(model), name=APP_NAME, route_prefix=None)
         app = build_api(config, ServeBackend({MODEL: handle}))
-        stack = ProbeStack(app, handle, tmp, marker, db_url, model, started=started)
+        stack = ProbeStack(app, handle, tmp, marker, db_url, model, started=started,
+                           ready_s=time.time() - started)
         yield stack
     finally:
         if own_admin_key:
@@ -146,6 +148,8 @@ class KillFigures:
     killed_at_s: float | None = None
     """Seconds from the start of the load to the kill."""
     kill_error: str | None = None
+    replaced_s: float | None = None
+    """Seconds from the kill until the killed replica's successor ran."""
     shm_orphans_after_kill: list[str] = field(default_factory=list)
     """The engines' /dev/shm files of this run that no process uses, once the killed
     replica's successor runs."""
@@ -174,6 +178,8 @@ class KillFigures:
             f"{self.longest_stream_s:.1f} s",
             f"killed replica pid {self.killed_pid} at {self.killed_at_s} s of the load"
             + (f" (kill failed: {self.kill_error})" if self.kill_error else ""),
+            f"the killed replica's successor ran "
+            f"{'-' if self.replaced_s is None else round(self.replaced_s, 1)} s after the kill",
             f"/dev/shm files of the stack left unused after the kill: "
             f"{len(self.shm_orphans_after_kill)}",
         ]
@@ -268,6 +274,19 @@ async def _stream(client, prompt: str, max_tokens: int, on_text) -> StreamResult
     return r
 
 
+def _streams_with_text(count: int) -> tuple[asyncio.Event, Callable[[], None]]:
+    """An event set once ``count`` streams have text, and the ``on_text`` callback of
+    :func:`_stream` that counts them."""
+    event, seen = asyncio.Event(), [0]
+
+    def on_text() -> None:
+        seen[0] += 1
+        if seen[0] >= count:
+            event.set()
+
+    return event, on_text
+
+
 async def unfailed_texts(stack: ProbeStack, max_tokens: int) -> dict[str, tuple[str, int]]:
     """Per prompt: the text and prompt tokens of the request run alone, nothing failing."""
     client = _client(stack)
@@ -288,13 +307,7 @@ async def kill_probe(stack: ProbeStack, requests: int, max_tokens: int,
     tenant = f"probe-{secrets.token_hex(4)}"  # its own tenant: its ledger rows are the run's
     store = stack.app.state.tenancy.store
     client = _client(stack, store.create_tenant(tenant)[1].plaintext)
-    with_text = asyncio.Event()
-    counted = [0]
-
-    def on_text() -> None:
-        counted[0] += 1
-        if counted[0] >= 1:
-            with_text.set()
+    with_text, on_text = _streams_with_text(1)
 
     async def killer() -> None:
         await with_text.wait()
@@ -328,7 +341,11 @@ async def kill_probe(stack: ProbeStack, requests: int, max_tokens: int,
     if kill:
         from moestack.serve.shm import orphans
 
-        await asyncio.to_thread(wait_replaced, stack, figures.killed_pid)
+        # The killed replica's successor cleans /dev/shm as it starts.
+        await asyncio.to_thread(wait_replicas, stack, stack.model.num_replicas,
+                                figures.killed_pid)
+        if figures.killed_at_s is not None:
+            figures.replaced_s = time.monotonic() - started - figures.killed_at_s
         figures.shm_orphans_after_kill = [p.name for p in orphans(since=stack.started,
                                                                   min_age_s=0)]
     return figures
@@ -380,15 +397,26 @@ class DrainFigures:
                 f"(prompt, completion) {self.ledger_tokens}, expected {self.expected_tokens}"]
 
 
+def model_server(model: Any, num_replicas: int | None = None) -> Any:
+    """The probe's ModelServer application of ``model``, its deployment versioned by the
+    model's config: deployed again with only ``num_replicas`` changed, Serve scales the running
+    deployment; a changed model is a new version, a rolling update. (Unversioned, Python's
+    ``serve.run`` gives every deploy a new random version: each one would be a rollout.)"""
+    from ray.serve import Application
+
+    from moestack.serve.app import model_server_app
+
+    deployment = model_server_app(model, None, num_replicas)._bound_deployment
+    version = hashlib.sha256(model.model_dump_json().encode()).hexdigest()[:16]
+    return Application(deployment.options(version=version, _internal=True))
+
+
 def _deploy(stack: ProbeStack, num_replicas: int | None = None) -> None:
     """(Re)deploy the probe's ModelServer as ``stack.model`` (with ``num_replicas``: scaled
     only, no new version), until the application runs."""
     from ray import serve
 
-    from moestack.serve.app import model_server_app
-
-    serve.run(model_server_app(stack.model, None, num_replicas), name=APP_NAME,
-              route_prefix=None)
+    serve.run(model_server(stack.model, num_replicas), name=APP_NAME, route_prefix=None)
     wait_running()
 
 
@@ -400,20 +428,14 @@ async def drain_probe(stack: ProbeStack, streams: int, max_tokens: int,
     migrator = stack.app.state.relay.migrator
     backend = migrator.backend
     await asyncio.to_thread(_deploy, stack, 2)
-    await asyncio.to_thread(_wait_replicas, stack, 2)
+    await asyncio.to_thread(wait_replicas, stack, 2)
     figures = DrainFigures(streams, drain_after_s)
     tenant = f"drain-{secrets.token_hex(4)}"
     store = stack.app.state.tenancy.store
     client = _client(stack, store.create_tenant(tenant)[1].plaintext)
     configured, migrator.drain_after_s = migrator.drain_after_s, drain_after_s
     moved_before = backend.drained[MODEL]
-    with_text = [0]
-    all_text = asyncio.Event()
-
-    def on_text() -> None:
-        with_text[0] += 1
-        if with_text[0] == streams:
-            all_text.set()
+    all_text, on_text = _streams_with_text(streams)
 
     before = {p.pid for p in await asyncio.to_thread(stack.replica_processes)}
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(streams)]
@@ -453,14 +475,6 @@ async def drain_probe(stack: ProbeStack, streams: int, max_tokens: int,
     return figures
 
 
-def _wait_replicas(stack: ProbeStack, count: int, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while len(stack.replica_processes()) != count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not {count} replicas after {timeout_s:g} s")
-        time.sleep(0.5)
-
-
 @dataclass
 class UpdateFigures:
     streams: int = 0
@@ -490,13 +504,18 @@ def wait_running(app_name: str = APP_NAME, timeout_s: float = 300.0) -> None:
     raise TimeoutError(f"{app_name} not RUNNING after {timeout_s:g} s")
 
 
-def wait_replaced(stack: ProbeStack, killed_pid: int | None, timeout_s: float = 300.0) -> None:
-    """Until the killed replica's successor runs (it cleans /dev/shm as it starts)."""
+def wait_replicas(stack: ProbeStack, count: int, gone_pid: int | None = None,
+                  timeout_s: float = 300.0) -> None:
+    """Until ``count`` replica processes of the probe run, ``gone_pid`` (a killed replica) not
+    among them, and the application is RUNNING."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while True:
         pids = [p.pid for p in stack.replica_processes()]
-        if killed_pid not in pids and len(pids) >= stack.model.num_replicas:
+        if len(pids) == count and gone_pid not in pids:
             break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not {count} replicas (without {gone_pid}) after "
+                               f"{timeout_s:g} s: {pids}")
         time.sleep(0.5)
     wait_running(timeout_s=max(1.0, deadline - time.monotonic()))
 
@@ -506,7 +525,7 @@ async def rolling_update_probe(stack: ProbeStack, concurrency: int, max_tokens: 
     """Redeploy the ModelServer, at ``replicas`` replicas, as a new version while
     ``concurrency`` streams keep coming."""
     await asyncio.to_thread(_deploy, stack, replicas)
-    await asyncio.to_thread(_wait_replicas, stack, replicas)
+    await asyncio.to_thread(wait_replicas, stack, replicas)
     migrator = stack.app.state.relay.migrator
     migrated_before, moved_before = migrator.migrated[MODEL], migrator.backend.drained[MODEL]
     figures = UpdateFigures()
