@@ -72,6 +72,7 @@ import yaml
 
 from moestack.config import load_config, parse_config
 from moestack.engine.tiny import TinySpec, ensure_tiny_model
+from moestack.engine.vllm_engine import IN_CORE_WORKER_ENV
 from moestack.loadtest import load_scenario
 from moestack.loadtest.compare import (
     TargetRun,
@@ -93,7 +94,9 @@ MODEL = "tiny-deepseek-v3"
 MAX_MODEL_LEN = 1024
 ENGINE_ENV = dict(load_config().models[0].env)
 """Both targets' engine environment: the embedded default's (KV cache size, OpenMP binding and
-spin count), so moestack is measured as it ships and vLLM with the same engine settings."""
+spin count), so moestack is measured as it ships and vLLM with the same engine settings; vLLM's
+server also runs its one CPU worker in the engine-core process, as moestack's replicas do
+(``IN_CORE_WORKER_ENV``)."""
 SMOKE = {"rounds": 1, "requests": 4, "rate": 20.0, "saturate_requests": 4, "output_tokens": 8,
          "warmup": 1}
 """``--smoke``: the smallest run that still measures both phases on both targets."""
@@ -107,7 +110,8 @@ def start_vllm(checkpoint: Path, tmp: Path) -> tuple[subprocess.Popen, int]:
         "vLLM", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
                  str(checkpoint), "--served-model-name", MODEL, "--host", "127.0.0.1", "--port",
                  str(port), "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager"],
-        {**os.environ, **ENGINE_ENV, "TMPDIR": str(tmp)}, f"http://127.0.0.1:{port}/health",
+        {**os.environ, **IN_CORE_WORKER_ENV, **ENGINE_ENV, "TMPDIR": str(tmp)},
+        f"http://127.0.0.1:{port}/health",
         tmp / "vllm.log", timeout_s=600)
     return proc, port
 

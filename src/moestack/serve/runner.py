@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 Say = Callable[[str], None]
 
 DEPLOY_TIMEOUT_S = 900.0
-POLL_INTERVAL_S = 2.0
+POLL_INTERVAL_S = 0.25
+"""How often the deploy loop asks Serve's controller for the app's status (one cheap call): the
+stack is reported ready at most this long after Serve has it running."""
 STOP_TIMEOUT_S = 90.0
 """Longest a stop may take: Serve's shutdown waits up to 30 s for replicas to drain, then Ray's
 takes seconds; past this the process exits anyway, saying so (a stop must never hang)."""

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from moestack.engine.vllm_engine import IN_CORE_WORKER_ENV
 from moestack.loadtest.compare import wait_http_ok
 from moestack.net import free_port
 
@@ -25,11 +26,14 @@ def vllm_server(model: Path | str, served_name: str, args: Sequence[str], log_pa
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
              "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
              *args],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ}, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # One CPU worker inside the engine-core process, as moestack's CPU engines run it
+            # (moestack.engine.vllm_engine.IN_CORE_WORKER_ENV): no third process importing vLLM.
+            env={**IN_CORE_WORKER_ENV, **os.environ})
         base = f"http://127.0.0.1:{port}"
         try:
             try:
-                wait_http_ok(f"{base}/health", timeout_s=start_timeout_s, interval_s=1.0,
+                wait_http_ok(f"{base}/health", timeout_s=start_timeout_s, interval_s=0.25,
                              proc=proc)
             except TimeoutError as exc:
                 log.seek(0)
