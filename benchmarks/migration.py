@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_with_smoke(parser, argv, {"requests": 16, "tokens": 32, "concurrency": 4,
                                            "drain_streams": 4, "drain_tokens": 512,
                                            "in_place_baseline": False, "update_replicas": 1})
-    # Engine cores in their own processes, as `moestack up` runs them (smoke: in-process, faster)
-    with probe_stack(replicas=2, multiprocessing=not args.smoke) as stack:
+    with probe_stack(replicas=2) as stack:
         print(f"Ray and 2 replicas ran {stack.ready_s:.1f} s after the start", flush=True)
 
         async def phases():

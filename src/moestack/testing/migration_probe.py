@@ -66,10 +66,10 @@ class ProbeStack:
         return sorted(found, key=lambda p: p.create_time())
 
 
-def model_dict(replicas: int, marker: str, multiprocessing: bool = False) -> dict[str, Any]:
+def model_dict(replicas: int, marker: str) -> dict[str, Any]:
+    """The probe's model: its engines laid out as ``moestack up`` runs them (the engine core
+    in a process of its own, its one worker in it: moestack.engine.vllm_engine.engine_env)."""
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1", MARKER_ENV: marker}
-    if not multiprocessing:  # the engine core in the replica's process: faster to start
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return {"name": MODEL, "tiny": {"arch": "deepseek-v3", "seed": 0},
             "architecture": "DeepseekV3ForCausalLM", "max_model_len": 2048,
             "num_replicas": replicas,
@@ -78,7 +78,7 @@ def model_dict(replicas: int, marker: str, multiprocessing: bool = False) -> dic
 
 
 @contextmanager
-def probe_stack(replicas: int = 2, multiprocessing: bool = False) -> Iterator[ProbeStack]:
+def probe_stack(replicas: int = 2) -> Iterator[ProbeStack]:
     """Ray, the ModelServer deployment and the gateway app over it (not yet started: run
     :func:`start_tenancy` inside the event loop that drives it)."""
     import ray
@@ -97,7 +97,7 @@ def probe_stack(replicas: int = 2, multiprocessing: bool = False) -> Iterator[Pr
     own_admin_key = "MOESTACK_ADMIN_KEY" not in os.environ  # removed again at the end
     os.environ.setdefault("MOESTACK_ADMIN_KEY", secrets.token_urlsafe(32))
     started = time.time()
-    config = fake_config(model_dict(replicas, marker, multiprocessing), storage={"url": db_url},
+    config = fake_config(model_dict(replicas, marker), storage={"url": db_url},
                          tenancy={"enabled": True, "auth_cache_ttl_s": 0},
                          gateway={"first_token_timeout_s": 120})
     model = config.models[0]
