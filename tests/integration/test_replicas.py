@@ -142,14 +142,27 @@ class Deployed:
                 if a["name"].startswith(f"SERVE_REPLICA::{self.app}#")]
 
     async def reports(self, expected: int) -> dict[str, dict]:
-        """Each replica's report; calls at random replicas until all ``expected`` answered."""
-        found = {}
-        for _ in range(60):
-            report = await self.handle.replica_report.remote()
+        """Each live replica's report, once this process's router knows ``expected`` of them.
+
+        One call through the handle (it starts the router, which Serve keeps told of the live
+        replicas), then one pinned to each other replica: calls left to Serve go to the replica
+        with the shortest cached queue, which skips a replica whose cached length is stale."""
+        from moestack.routing.types import ReplicaTarget
+
+        first = await self.handle.replica_report.remote()
+        await wait_until(lambda: len(self._replica_ids()) >= expected, 30,
+                         f"the router to know {expected} replicas")
+        found = {first["replica"]: first}
+        for rid in sorted(self._replica_ids() - found.keys()):
+            report = await self.handle.replica_report.remote(ReplicaTarget(rid))
             found[report["replica"]] = report
-            if len(found) == expected:
-                break
         return found
+
+    def _replica_ids(self) -> frozenset[str]:
+        from moestack.routing.router import ROUTERS
+
+        router = ROUTERS.get((self.handle.app_name, MODEL))
+        return router.replica_ids if router is not None else frozenset()
 
     async def complete(self, prompt: str = "hello there", max_tokens: int = 4,
                        stream: bool = False) -> Answer:

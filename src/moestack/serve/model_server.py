@@ -64,9 +64,10 @@ class ModelServer:
         """What the engine serves: routes and their fields, context length, priority mode."""
         return self.engine.info
 
-    def replica_report(self) -> dict[str, Any]:
+    def replica_report(self, target: ReplicaTarget | None = None) -> dict[str, Any]:
         """Which replica this is, what it served (requests, prompt and cached tokens), the
-        adapter loads it made and the adapters it holds."""
+        adapter loads it made and the adapters it holds; ``target`` pins the call to one
+        replica (the request router reads it)."""
         from ray import serve
 
         return {"replica": serve.get_replica_context().replica_id.unique_id, **self.served,
