@@ -132,8 +132,9 @@ def test_admission_and_settle_never_read_the_ledger(store):
                                  max_concurrent_requests=10, budget_usd=100.0)
     p = authenticate(store, key.plaintext)
     seen = []
-    event.listen(store.engine, "before_cursor_execute",
-                 lambda conn, cur, statement, *a: seen.append(" ".join(statement.split())))
+    # Every statement SQLite runs, including those sent on the sqlite3 cursor itself.
+    event.listen(store.engine, "checkout", lambda dbapi_conn, *a: dbapi_conn.set_trace_callback(
+        lambda statement: seen.append(" ".join(statement.split()))))
     go(store, p, "r1")
     ledger.settle(store, record("r1"), charged_usd=0.001)
     on_ledger = [s for s in seen if "usage_ledger" in s]

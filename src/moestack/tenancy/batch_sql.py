@@ -9,8 +9,9 @@ gateways wait for the same counters row. :class:`Statements` sends a phase's sta
 to the driver, still through SQLAlchemy's connection (so driver errors are SQLAlchemy's, and a store
 failure is a 503 as anywhere else):
 
-* SQLite: one ``executemany`` per statement on the sqlite3 cursor, times written as SQLAlchemy
-  writes them (text, so comparisons with stored times hold);
+* SQLite: one ``executemany`` per statement on the sqlite3 cursor itself (SQLAlchemy's execution
+  context costs more than the statement; driver errors are wrapped as SQLAlchemy wraps them),
+  times written as SQLAlchemy writes them (text, so comparisons with stored times hold);
 * PostgreSQL with psycopg2: every statement of a phase rendered with its values (``mogrify``,
   the driver's own quoting) into one query string, multi-row ``INSERT`` as one statement, sent in
   one round trip. PostgreSQL runs the statements of one query in order, each with a fresh
@@ -34,6 +35,7 @@ from contextlib import contextmanager
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 _NAME = re.compile(r"(?<![:\w]):(\w+)")
 _NO_PARAMS = {"no_parameters": True}
@@ -139,7 +141,7 @@ class Statements:
             self._send_rendered(None)
         for statement, rows in self._queued:
             if self.kind == "sqlite":
-                self.conn.exec_driver_sql(statement, rows if len(rows) > 1 else rows[0])
+                self._sqlite(statement, rows if len(rows) > 1 else rows[0], many=len(rows) > 1)
             else:
                 self.conn.execute(text(statement), rows)
         self._queued.clear()
@@ -167,6 +169,20 @@ class Statements:
             self._cursor = self.conn.connection.driver_connection.cursor()
         return self._cursor
 
+    def _sqlite(self, statement: str, params, many: bool = False) -> list[tuple]:
+        """``statement`` on the sqlite3 cursor (``executemany`` of ``params`` if ``many``); a
+        driver error raised as SQLAlchemy would raise it (a locked store: ``OperationalError``)."""
+        error = self.conn.dialect.loaded_dbapi.Error
+        try:
+            cur = self._raw_cursor()
+            if many:
+                cur.executemany(statement, params)
+                return []
+            return cur.execute(statement, params).fetchall()
+        except error as exc:
+            raise DBAPIError.instance(statement, params, exc, error,
+                                      dialect=self.conn.dialect) from exc
+
     def _send_rendered(self, rows: bool | None) -> list[tuple] | None:
         from psycopg2.extensions import encodings  # the psycopg2 path only
 
@@ -187,7 +203,7 @@ class Statements:
                 flat.update(zip(names, values))
                 statement = re.sub(rf":{name}\b", "(" + ", ".join(f":{n}" for n in names) + ")",
                                    statement)
-            return [tuple(r) for r in self.conn.exec_driver_sql(statement, flat)]
+            return self._sqlite(statement, flat)
         clause = text(statement)
         if lists:
             clause = clause.bindparams(*[bindparam(n, expanding=True) for n in lists])
