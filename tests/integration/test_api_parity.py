@@ -1,6 +1,7 @@
 """API parity with vLLM's own server, through the whole stack with tenancy on.
 
-`moestack up` on the tiny DeepSeek-V3 model, driven with the official `openai` and `anthropic`
+`moestack up` on the embedded default's tiny model (or the one ``MOESTACK_TEST_TINY_ARCH`` names, as
+in tests/integration/test_stack.py), driven with the official `openai` and `anthropic`
 clients: every parameter vLLM's server honours must work the same through moestack, usage must be
 vLLM's own count, and every request leaves exactly one ledger row naming its endpoint.
 """
@@ -15,11 +16,13 @@ import openai
 import pytest
 from sqlalchemy import create_engine, text
 
+from moestack.testing.configs import default_tiny_arch, tiny_model
 from moestack.testing.stack_process import free_port, short_temp_dir, start_stack
 
 pytestmark = pytest.mark.integration
 
-MODEL = "tiny-deepseek-v3"
+ARCH = default_tiny_arch()
+MODEL = f"tiny-{ARCH}"
 HELLO = [{"role": "user", "content": "Hello there"}]
 
 
@@ -27,13 +30,10 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 def stack():
     tmp = short_temp_dir()
     config = {
-        "models": [{
-            "name": MODEL, "tiny": {"arch": "deepseek-v3", "seed": 0},
-            "architecture": "DeepseekV3ForCausalLM", "max_model_len": 1024,
-            "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
-            "serving": {"tool_call_parser": "hermes"},
-            "engine_args": {"enforce_eager": True},
-        }],
+        "models": [tiny_model(
+            ARCH, max_model_len=2048,  # as the embedded default: a whitespace-padded tool call fits
+            env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
+            serving={"tool_call_parser": "hermes"}, engine_args={"enforce_eager": True})],
         # Direct ingress, as the embedded default runs (tests/integration/test_stack.py: the proxy)
         "gateway": {"host": "127.0.0.1", "port": free_port(), "first_token_timeout_s": 120,
                     "ingress": "direct"},

@@ -1,8 +1,9 @@
 """The real local stack (`moestack up`: Ray Serve + vLLM on a tiny model), driven with the
 official `openai` client. One stack per module; the last test stops it.
 
-The tiny model is DeepSeek-V3-shaped unless ``MOESTACK_TEST_TINY_ARCH`` names another tiny
-architecture (``deepseek-v4``, ``mixtral``): the same suite then runs on that model.
+The tiny model is the embedded default's (``deploy/local.yaml``) unless ``MOESTACK_TEST_TINY_ARCH``
+names another tiny architecture (``deepseek-v4``, ``mixtral``): the same suite then runs on that
+model.
 """
 
 import asyncio
@@ -18,13 +19,12 @@ import openai
 import pytest
 
 from moestack.vllm_cpu.libraries import unsupported_reason
+from moestack.testing.configs import default_tiny_arch, tiny_model
 from moestack.testing.stack_process import free_port, short_temp_dir, start_stack
 
 pytestmark = pytest.mark.integration
 
-ARCH = os.environ.get("MOESTACK_TEST_TINY_ARCH", "deepseek-v3")
-ARCHITECTURES = {"deepseek-v4": "DeepseekV4ForCausalLM", "deepseek-v3": "DeepseekV3ForCausalLM",
-                 "mixtral": "MixtralForCausalLM"}
+ARCH = default_tiny_arch()
 MODEL = f"tiny-{ARCH}"
 
 
@@ -35,12 +35,10 @@ def stack():
     shm_before = set(os.listdir("/dev/shm"))
     tmp = short_temp_dir()
     config = {
-        "models": [{
-            "name": MODEL, "tiny": {"arch": ARCH, "seed": 0},
-            "architecture": ARCHITECTURES[ARCH], "max_model_len": 512,
-            "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
-            "engine_args": {"enforce_eager": True},
-        }],
+        "models": [tiny_model(
+            ARCH, max_model_len=512,
+            env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"},
+            engine_args={"enforce_eager": True})],
         "gateway": {"host": "127.0.0.1", "port": free_port(), "max_body_bytes": 65536,
                     "first_token_timeout_s": 120},
         "storage": {"url": f"sqlite:///{tmp / 'moestack.db'}"},

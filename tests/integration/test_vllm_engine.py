@@ -1,4 +1,5 @@
-"""vLLM's own serving layer inside the engine protocol, in-process, on tiny DeepSeek-V3.
+"""vLLM's own serving layer inside the engine protocol, in-process, on the embedded default's tiny
+model (or the one ``MOESTACK_TEST_TINY_ARCH`` names, as in tests/integration/test_stack.py).
 
 The usage the engine meters must equal the usage vLLM reports, on every endpoint, and closing a
 stream must abort the request in the engine.
@@ -14,18 +15,18 @@ from moestack.config.schema import ModelConfig
 from moestack.engine import build_engine
 from moestack.engine.asgi import carries_output
 from moestack.errors import ConfigError
+from moestack.testing.configs import default_tiny_arch, tiny_model
 from moestack.testing.requests import engine_request
 
 pytestmark = pytest.mark.integration
 
-MODEL = "tiny-v3"
+ARCH = default_tiny_arch()
+MODEL = f"tiny-{ARCH}"
 
 
 def model_config(**overrides) -> ModelConfig:
-    return ModelConfig.model_validate({
-        "name": MODEL, "tiny": {"arch": "deepseek-v3", "seed": 0},
-        "architecture": "DeepseekV3ForCausalLM", "max_model_len": 512,
-        "engine_args": {"enforce_eager": True}, **overrides})
+    return ModelConfig.model_validate(tiny_model(
+        ARCH, **{"max_model_len": 512, "engine_args": {"enforce_eager": True}, **overrides}))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

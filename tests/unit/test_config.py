@@ -31,6 +31,20 @@ def test_deepseek_v4_local_config_is_the_default_with_the_tiny_v4_model():
     assert v3.model_copy(update={"models": v4.models}) == v4
 
 
+def test_tests_of_the_default_model_run_on_the_embedded_default_unless_told(monkeypatch):
+    from moestack.testing.configs import default_tiny_arch, tiny_model
+
+    monkeypatch.delenv("MOESTACK_TEST_TINY_ARCH", raising=False)
+    (model,) = load_config().models
+    assert default_tiny_arch() == model.tiny.arch
+    entry = tiny_model(default_tiny_arch())
+    assert (entry["name"], entry["architecture"]) == (model.name, model.architecture)
+    monkeypatch.setenv("MOESTACK_TEST_TINY_ARCH", "deepseek-v4")
+    (v4,) = load_config(REPO / "deploy" / "local-deepseek-v4.yaml").models
+    entry = tiny_model(default_tiny_arch())
+    assert (entry["name"], entry["architecture"]) == (v4.name, v4.architecture)
+
+
 def test_error_names_every_bad_field_and_why(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("models:\n  - name: m\n    tiny: {arch: gpt2}\n"

@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from moestack.config import MoestackConfig, parse_config
+from moestack.config import MoestackConfig, load_config, parse_config
+
+TINY_ARCHITECTURES = {"deepseek-v3": "DeepseekV3ForCausalLM",
+                      "deepseek-v4": "DeepseekV4ForCausalLM",
+                      "mixtral": "MixtralForCausalLM", "llama": "LlamaForCausalLM"}
+"""Each tiny architecture's ``architectures[0]`` (:mod:`moestack.engine.tiny`)."""
+
+
+def default_tiny_arch() -> str:
+    """The tiny architecture the tests of the embedded default's model run on: the one
+    ``MOESTACK_TEST_TINY_ARCH`` names, else the embedded default's (``deploy/local.yaml``)."""
+    return os.environ.get("MOESTACK_TEST_TINY_ARCH") or load_config().models[0].tiny.arch
+
+
+def tiny_model(arch: str, **overrides: Any) -> dict[str, Any]:
+    """A raw vLLM model entry serving the tiny ``arch`` checkpoint as ``tiny-<arch>``."""
+    return {"name": f"tiny-{arch}", "tiny": {"arch": arch, "seed": 0},
+            "architecture": TINY_ARCHITECTURES[arch], **overrides}
 
 
 def fake_model(name: str = "fake-moe", **overrides: Any) -> dict[str, Any]:
