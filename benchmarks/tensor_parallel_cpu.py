@@ -141,11 +141,11 @@ def run_layout(tp: int, bind: str, prompts: int, max_tokens: int) -> dict:
 
 
 def run(tp: int, bind: str, prompts: int, max_tokens: int) -> dict:
-    """One layout in a fresh process (``--layout``): its run."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND=bind)
+    """One layout in a fresh process (``--layout``): its run. The engine's settings travel in
+    the layout's model env (:func:`layout_model`), which the replica's runtime env applies."""
     out = subprocess.run([sys.executable, __file__, "--layout", f"{tp}:{bind}", "--prompts",
                           str(prompts), "--max-tokens", str(max_tokens)],
-                         env=env, capture_output=True, text=True)
+                         capture_output=True, text=True)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if out.returncode != 0 or line is None:
         raise RuntimeError(f"TP={tp} on {bind} failed (exit {out.returncode}):\n"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 
-__all__ = ["install", "installed", "plan"]
+__all__ = ["install", "installed", "marked", "plan"]
 
 _MARK = "_moestack_one_pass"
 _PLAN = "_moestack_plan"
@@ -117,7 +117,7 @@ def _remove_skipped_blocks(original):
                                               num_prompt_tokens)
         return None
 
-    return _marked(remove_skipped_blocks, original)
+    return marked(remove_skipped_blocks, original)
 
 
 def _get_num_blocks_to_allocate(original):
@@ -148,7 +148,7 @@ def _get_num_blocks_to_allocate(original):
             total += max(required - max(skipped // block_size, held), 0)
         return total
 
-    return _marked(get_num_blocks_to_allocate, original)
+    return marked(get_num_blocks_to_allocate, original)
 
 
 def _allocate_new_blocks(original):
@@ -170,11 +170,13 @@ def _allocate_new_blocks(original):
                 out.append([])  # the manager's answer when it holds enough blocks
         return tuple(out)
 
-    return _marked(allocate_new_blocks, original)
+    return marked(allocate_new_blocks, original)
 
 
-def _marked(fn, original):
-    setattr(fn, _MARK, True)
+def marked(fn, original, mark: str = _MARK):
+    """``fn``, a patch of ``original``, flagged with ``mark`` (so a second install skips it)
+    and with ``original`` as its ``__wrapped__``."""
+    setattr(fn, mark, True)
     fn.__wrapped__ = original
     return fn
 

@@ -68,6 +68,8 @@ import dataclasses
 
 import torch
 
+from moestack.vllm_cpu.v4_sched import marked
+
 __all__ = ["build_attention_metadata", "compressed_slots_once", "compressor_forward",
            "compute_slot_mapping", "dense_slots", "forward_mqa", "install", "installed",
            "swa_update_block_table", "trim_absent_columns", "window_slots"]
@@ -187,21 +189,17 @@ def compressor_forward(original):
                 return
         original(self, kv_score, positions, rotary_emb)
 
-    setattr(forward, _MARK, True)
-    forward.__wrapped__ = original
-    return forward
+    return marked(forward, original, _MARK)
 
 
 def _trimming(map_slots):
     def map_present_slots(local_indices, req_idx, block_table, block_size: int):
         return map_slots(trim_absent_columns(local_indices), req_idx, block_table, block_size)
 
-    setattr(map_present_slots, _MARK, True)
-    map_present_slots.__wrapped__ = map_slots
     map_present_slots.__doc__ = (f"{map_slots.__doc__ or ''}\n\nmoestack: trailing columns "
                                  "without a key are dropped first (see moestack.vllm_cpu."
                                  "v4_speed).")
-    return map_present_slots
+    return marked(map_present_slots, map_slots, _MARK)
 
 
 def build_attention_metadata(original):
@@ -217,9 +215,7 @@ def build_attention_metadata(original):
         finally:
             _build_memo = outer
 
-    setattr(build, _MARK, True)
-    build.__wrapped__ = original
-    return build
+    return marked(build, original, _MARK)
 
 
 def compressed_slots_once(kernel):
@@ -259,9 +255,7 @@ def compressed_slots_once(kernel):
         memo[key] = (out.clone(), block_table)
         return None
 
-    setattr(compressed_slot_mapping, _MARK, True)
-    compressed_slot_mapping.__wrapped__ = kernel
-    return compressed_slot_mapping
+    return marked(compressed_slot_mapping, kernel, _MARK)
 
 
 def compute_slot_mapping(original):
@@ -280,9 +274,7 @@ def compute_slot_mapping(original):
                self.block_size)
         return None
 
-    setattr(compute, _MARK, True)
-    compute.__wrapped__ = original
-    return compute
+    return marked(compute, original, _MARK)
 
 
 def swa_update_block_table(self, metadata, blk_table, slot_mapping):
